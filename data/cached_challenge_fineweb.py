@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Download the official Parameter Golf data (pre-tokenized FineWeb shards + tokenizer).
+
+    python data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80
+
+Source: the Hugging Face dataset repo willdepueoai/parameter-golf (override with the
+environment variable MATCHED_FINEWEB_REPO_ID). Local layout, identical to the challenge's:
+
+    <data-dir>/manifest.json
+    <data-dir>/datasets/fineweb10B_spN/fineweb_{val,train}_NNNNNN.bin
+    <data-dir>/tokenizers/fineweb_N_bpe.{model,vocab}
+
+<data-dir> defaults to the folder holding this script, so running it from the repo root
+fills ./data/. All validation shards are always fetched (val_bpb is scored on all of
+them); --train-shards picks how many of the ~100M-token train shards (0 = none).
+Files already present and valid (shard header + exact size) are skipped, so an
+interrupted run can simply be restarted.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+from pathlib import Path
+
+REPO_ID = os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf")
+REMOTE_ROOT = "datasets"  # every challenge file lives under this folder of the repo
+STAGING = ".hf_download"  # hf_hub_download's working folder, next to the final files
+MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 1024
+
+
+def fetch(remote_path: str, dest: Path) -> None:
+    """Download one repo file to ``dest``: the script's only network access.
+
+    Raises FileNotFoundError when the repo has no such file (used to discover how many
+    val shards exist). Tests replace this function with a local stand-in. The caller
+    passes a temporary ``dest`` and renames it only after validation."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        sys.exit("huggingface_hub is not installed: pip install huggingface_hub")
+    try:
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    # local_dir on the same filesystem: no second copy in ~/.cache, and a cheap rename.
+    staging = Path(dest).parent / STAGING
+    try:
+        got = Path(hf_hub_download(REPO_ID, remote_path, repo_type="dataset", local_dir=staging))
+    except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError, but means "offline"
+        raise ConnectionError(f"cannot reach the Hugging Face Hub for {remote_path}: {e}") from e
+    except EntryNotFoundError as e:
+        raise FileNotFoundError(f"{REPO_ID} has no file {remote_path}") from e
+    if got.is_symlink():  # old huggingface_hub versions may link into their cache
+        shutil.copyfile(got.resolve(), dest)
+    else:
+        os.replace(got, dest)
+
+
+def shard_tokens(path: Path) -> int | None:
+    """Token count of a valid challenge shard, or None when it is missing, truncated or
+    not a shard (such a file is then downloaded again)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic, version, count = struct.unpack("<3i", f.read(12))
+    except (OSError, struct.error):
+        return None
+    ok = magic == MAGIC and version == VERSION and count >= 0 and size == HEADER_BYTES + 2 * count
+    return count if ok else None
+
+
+def nonempty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def shard_counts(manifest, folder: str) -> tuple[int | None, int | None]:
+    """(train, val) shard counts for ``folder`` from the manifest, or None where unknown.
+
+    Reads the known schema ({"datasets": [{"name", "stats": {"files_train", "files_val"}}]})
+    and otherwise counts shard file names mentioned anywhere in the JSON, so a changed
+    schema degrades to probing instead of failing."""
+    counts = {"train": None, "val": None}
+    try:
+        entry = next(d for d in manifest["datasets"] if d.get("name") == folder)
+        counts = {s: int(entry["stats"][f"files_{s}"]) for s in counts}
+    except (KeyError, TypeError, ValueError, StopIteration, AttributeError):
+        pattern = re.compile(rf"{re.escape(folder)}/fineweb_(train|val)_(\d{{6}})\.bin")
+        stack = [manifest]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, dict):
+                stack += list(x.keys()) + list(x.values())
+            elif isinstance(x, list):
+                stack += x
+            elif isinstance(x, str) and (m := pattern.search(x)):
+                counts[m[1]] = max(counts[m[1]] or 0, int(m[2]) + 1)
+    return counts["train"], counts["val"]
+
+
+class Downloader:
+    """Fetches files into the challenge layout: skip valid ones, write atomically, retry."""
+
+    def __init__(self, retries: int = 3, log=print):
+        self.retries, self.log = retries, log
+        self.downloaded: list[str] = []
+        self.skipped: list[str] = []
+
+    def get(self, remote: str, local: Path, valid, label: str) -> None:
+        if valid(local):
+            self.skipped.append(str(local))
+            self.log(f"{label} {local.name}: present ({local.stat().st_size:,} bytes), skipped")
+            return
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f"{local.name}.part{os.getpid()}")
+        t0 = time.time()
+        try:
+            for attempt in range(1, self.retries + 1):
+                try:
+                    fetch(remote, tmp)
+                    break
+                except FileNotFoundError:
+                    raise
+                except Exception as e:  # network hiccup: retry with backoff
+                    tmp.unlink(missing_ok=True)
+                    if attempt == self.retries:
+                        raise RuntimeError(f"failed to download {remote} after {attempt} tries: {e!r}") from e
+                    self.log(f"{label} {local.name}: attempt {attempt} failed ({e!r}), retrying")
+                    time.sleep(min(2 ** attempt, 30))
+            if not valid(tmp):
+                raise RuntimeError(f"downloaded {remote} is invalid (empty file, or bad shard header or size); "
+                                   "run again to re-download")
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+        size, dt = local.stat().st_size, time.time() - t0
+        self.downloaded.append(str(local))
+        self.log(f"{label} {local.name}: downloaded {size:,} bytes in {dt:.1f}s ({size / 1e6 / max(dt, 1e-6):.1f} MB/s)")
+
+
+def load_manifest(data_dir: Path, log=print):
+    """Refresh <data_dir>/manifest.json (atomically, so a failed fetch keeps the old copy);
+    fall back to the local copy, or None: the manifest only tells how many shards exist."""
+    path = data_dir / "manifest.json"
+    tmp = path.with_name(f"manifest.json.part{os.getpid()}")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fetch(f"{REMOTE_ROOT}/manifest.json", tmp)
+        os.replace(tmp, path)
+    except Exception as e:  # any failure: the manifest is only a hint
+        log(f"[manifest] could not fetch manifest.json ({e}); " +
+               ("using the local copy" if path.is_file() else "falling back to probing file names"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download(variant: str = "sp1024", train_shards: int = 80, data_dir=None, retries: int = 3, log=print) -> dict:
+    """Download tokenizer, all val shards and ``train_shards`` train shards; return a summary."""
+    m = re.fullmatch(r"sp(\d+)", variant)
+    if not m:
+        raise ValueError(f"unsupported variant {variant!r}; expected sp<VOCAB>, e.g. sp1024")
+    if train_shards < 0:
+        raise ValueError("--train-shards must be >= 0")
+    vocab = int(m[1])
+    folder, tok = f"fineweb10B_{variant}", f"fineweb_{vocab}_bpe"
+    data_dir = Path(data_dir) if data_dir else Path(__file__).resolve().parent
+    ds_dir, tok_dir = data_dir / "datasets" / folder, data_dir / "tokenizers"
+    remote_ds = f"{REMOTE_ROOT}/datasets/{folder}"
+    dl = Downloader(retries, log)
+    log(f"repo {REPO_ID} variant {variant} -> {ds_dir}")
+
+    n_train, n_val = shard_counts(load_manifest(data_dir, log), folder)
+    if n_train is not None and train_shards > n_train:
+        log(f"warning: {folder} has only {n_train} train shards; downloading {n_train}")
+        train_shards = n_train
+    total = "?" if n_val is None else str(2 + n_val + train_shards)
+    done = itertools.count(1)
+    label = lambda: f"[{next(done)}/{total}]"  # noqa: E731
+
+    try:
+        for ext in ("model", "vocab"):
+            dl.get(f"{REMOTE_ROOT}/tokenizers/{tok}.{ext}", tok_dir / f"{tok}.{ext}", nonempty, label())
+        val_count = 0
+        for i in (range(n_val) if n_val is not None else itertools.count()):
+            name = f"fineweb_val_{i:06d}.bin"
+            try:
+                dl.get(f"{remote_ds}/{name}", ds_dir / name, shard_tokens, label())
+            except FileNotFoundError:
+                if n_val is not None or i == 0:
+                    raise
+                break  # probing without a manifest: the first missing index ends the val split
+            val_count += 1
+        train_count = 0
+        for i in range(train_shards):
+            name = f"fineweb_train_{i:06d}.bin"
+            try:
+                dl.get(f"{remote_ds}/{name}", ds_dir / name, shard_tokens, label())
+            except FileNotFoundError:
+                if n_train is not None:
+                    raise
+                log(f"warning: {REPO_ID} has only {i} train shards for {folder}")
+                break
+            train_count += 1
+    finally:
+        for d in (data_dir, tok_dir, ds_dir):
+            shutil.rmtree(d / STAGING, ignore_errors=True)
+    log(f"done: {len(dl.downloaded)} downloaded, {len(dl.skipped)} already present; "
+        f"{val_count} val + {train_count} train shards in {ds_dir}")
+    return {"dataset_dir": str(ds_dir), "tokenizer": str(tok_dir / f"{tok}.model"),
+            "val_shards": val_count, "train_shards": train_count,
+            "downloaded": dl.downloaded, "skipped": dl.skipped}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="sp1024", help="tokenizer variant spN (vocab N), default sp1024")
+    p.add_argument("--train-shards", type=int, default=80,
+                   help="number of train shards (~100M tokens each), default 80; 0 = val + tokenizer only")
+    p.add_argument("--data-dir", default=None, help="root of the local layout (default: this script's folder)")
+    p.add_argument("--retries", type=int, default=3, help="attempts per file on network errors (default 3)")
+    a = p.parse_args(argv)
+    try:
+        return download(a.variant, a.train_shards, a.data_dir, max(1, a.retries),
+                        log=lambda msg: print(msg, flush=True))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Shared fixtures: challenge shards built once per session from the real FineWeb sample
+(../shared/fineweb_sample) when present, else from generated text with a tiny tokenizer."""
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "fineweb_sample"
+sys.path.insert(0, str(ROOT))
+
+
+def load_script(rel: str):
+    spec = importlib.util.spec_from_file_location(Path(rel).stem, ROOT / rel)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def generated_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "and", "then",
+             "slept", "under", "warm", "sun", "while", "birds", "sang", "songs", "of", "spring"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(40, 400))).capitalize() + "."
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """{'data_path', 'tokenizer', 'vocab_size', 'real'}: 50 val docs, the rest train."""
+    bs = load_script("data/build_shards.py")
+    out = tmp_path_factory.mktemp("shards")
+    if (SAMPLE / "docs_200.jsonl").exists():
+        docs, tok, train_vocab, real = SAMPLE / "docs_200.jsonl", SAMPLE / "fineweb_1024_bpe.model", None, True
+    else:
+        docs = out / "docs.jsonl"
+        docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in generated_docs(200)))
+        tok, train_vocab, real = out / "tok.model", 320, False
+    summary = bs.build_shards(docs, tok, out / "ds", val_docs=50, train_tokenizer_vocab=train_vocab,
+                              log=lambda *_: None)
+    return dict(data_path=str(out / "ds"), tokenizer=str(tok), vocab_size=summary["vocab_size"], real=real)
+
+
+def tiny_env(data, tmp_path, **over) -> dict:
+    """Environment for a tiny, fast CPU run."""
+    env = dict(DATA_PATH=data["data_path"], TOKENIZER_PATH=data["tokenizer"], VOCAB_SIZE=str(data["vocab_size"]),
+               OUT_DIR=str(tmp_path), RUN_ID="tiny", ITERATIONS="20", TRAIN_BATCH_TOKENS="1024",
+               TRAIN_SEQ_LEN="64", GRAD_ACCUM_STEPS="1", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4",
+               NUM_KV_HEADS="2", VAL_MAX_TOKENS="4096", WARMUP_STEPS="1", WARMDOWN_ITERS="5",
+               TRAIN_LOG_EVERY="1", MAX_WALLCLOCK_SECONDS="0", VAL_BATCH_SIZE="4096")
+    env.update({k: str(v) for k, v in over.items()})
+    return env

@@ -1,0 +1,337 @@
+"""Tests for data/build_shards.py and data/cached_challenge_fineweb.py.
+
+data/ is not a package, so the scripts are imported by path. The download script is
+tested offline: its single network function `fetch` is replaced by a stand-in that
+serves files from a temporary "remote" folder laid out like the Hugging Face repo.
+"""
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "fineweb_sample"
+HAVE_SAMPLE = (SAMPLE / "docs_200.jsonl").is_file() and (SAMPLE / "fineweb_1024_bpe.model").is_file()
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"_{name}_under_test", REPO / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bs = load_script("build_shards")
+dl = load_script("cached_challenge_fineweb")
+
+
+def leftovers(folder: Path):
+    """Temporary/partial files that an atomic writer must never leave behind."""
+    return [p for p in folder.rglob("*") if ".part" in p.name or ".tmp" in p.name or p.name == dl.STAGING]
+
+
+# ----------------------------------------------------------------------------- shard format
+def test_shard_round_trip(tmp_path):
+    tokens = np.array([0, 1, 2, 1023, 65535, 7, 7], dtype=np.uint16)
+    path = tmp_path / "fineweb_train_000000.bin"
+    bs.write_shard(path, tokens)
+    assert path.stat().st_size == 1024 + 2 * len(tokens)
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert header[:3].tolist() == [20240520, 1, len(tokens)] and not header[3:].any()
+    out = bs.read_shard(path)
+    assert out.dtype == np.uint16 and np.array_equal(out, tokens)
+    assert dl.shard_tokens(path) == len(tokens)  # the downloader's validator agrees
+    bs.write_shard(tmp_path / "empty.bin", np.array([], dtype=np.uint16))
+    assert len(bs.read_shard(tmp_path / "empty.bin")) == 0
+    assert leftovers(tmp_path) == []
+
+
+def test_corrupt_shards_raise_value_error(tmp_path):
+    good = tmp_path / "good.bin"
+    bs.write_shard(good, np.arange(100, dtype=np.uint16))
+    raw = good.read_bytes()
+
+    def variant(name, data):
+        p = tmp_path / name
+        p.write_bytes(data)
+        return p
+
+    bad_magic = bytearray(raw)
+    bad_magic[0] ^= 0xFF
+    bad_version = bytearray(raw)
+    bad_version[4] = 2
+    cases = {
+        variant("magic.bin", bytes(bad_magic)): "magic",
+        variant("version.bin", bytes(bad_version)): "version",
+        variant("truncated.bin", raw[:-1]): "size mismatch",
+        variant("extra.bin", raw + b"\0\0"): "size mismatch",
+        variant("short.bin", raw[:100]): "shorter than",
+    }
+    for path, problem in cases.items():
+        with pytest.raises(ValueError, match=problem) as err:
+            bs.read_shard(path)
+        assert path.name in str(err.value)
+        assert dl.shard_tokens(path) is None
+    with pytest.raises(ValueError, match="uint16"):
+        bs.write_shard(tmp_path / "big.bin", np.array([70000]))
+    with pytest.raises(ValueError, match="uint16"):
+        bs.write_shard(tmp_path / "neg.bin", np.array([-1]))
+
+
+# ----------------------------------------------------------------------------- build_shards
+def check_build(summary, texts, sp, val_docs, shard_tokens):
+    """Per split: doc counts, token counts = encoded lengths + one BOS per doc, every
+    document starts with BOS exactly where expected, full shards except the last."""
+    bos = sp.bos_id()
+    assert bos == 1
+    for split, docs in (("val", texts[:val_docs]), ("train", texts[val_docs:])):
+        lengths = [len(ids) for ids in sp.encode(docs, out_type=int)]
+        assert summary["docs"][split] == len(docs)
+        assert summary["tokens"][split] == sum(lengths) + len(docs)
+        files = summary["files"][split]
+        assert [Path(f).name for f in files] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(files))]
+        shards = [bs.read_shard(f) for f in files]
+        assert all(len(s) == shard_tokens for s in shards[:-1]) and 0 < len(shards[-1]) <= shard_tokens
+        stream = np.concatenate(shards)
+        starts = np.cumsum([0] + [n + 1 for n in lengths[:-1]])
+        assert np.array_equal(np.flatnonzero(stream == bos), starts)  # BOS opens each doc, never inside
+        assert np.array_equal(stream[1:lengths[0] + 1], sp.encode(docs[0], out_type=int))
+
+
+@pytest.mark.skipif(not HAVE_SAMPLE, reason="fineweb sample not available")
+def test_build_shards_on_sample(tmp_path):
+    import sentencepiece as spm
+
+    lines = (SAMPLE / "docs_200.jsonl").read_text(encoding="utf-8").splitlines()[:20]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    texts = [json.loads(line)["text"] for line in lines]
+    tok = SAMPLE / "fineweb_1024_bpe.model"
+    out = tmp_path / "shards"
+    summary = bs.build_shards(docs, tok, out, val_docs=5, shard_tokens=10_000, log=lambda m: None)
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    check_build(summary, texts, sp, 5, 10_000)
+    assert len(summary["files"]["train"]) > 1
+    assert leftovers(tmp_path) == []
+
+    with pytest.raises(FileExistsError):  # never mixes with shards of an earlier run
+        bs.build_shards(docs, tok, out, val_docs=5, log=lambda m: None)
+    summary = bs.main(["--docs", str(docs), "--tokenizer", str(tok), "--out", str(out),
+                       "--val-docs", "3", "--max-docs", "8", "--overwrite"])
+    check_build(summary, texts[:8], sp, 3, 100_000_000)
+    assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+
+
+def generated_docs(n, seed=0):
+    """Multi-line pseudo-English documents with digits, accents and an emoji (byte fallback)."""
+    rng = random.Random(seed)
+    words = ["the", "model", "golf", "token", "shard", "learns", "bytes", "über", "naïve", "parameter",
+             "tiny", "train", "val", "loss", "2026", "x7", "émoji🙂", "and", "of", "to"]
+    return ["\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) for _ in range(2))
+            for _ in range(n)]
+
+
+def test_train_tokenizer_and_build_generated(tmp_path):
+    import sentencepiece as spm
+
+    texts = generated_docs(120)
+    docs = tmp_path / "docs.txt"  # .txt: documents separated by blank lines
+    docs.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+    tok = tmp_path / "tok" / "gen_300_bpe.model"
+    summary = bs.main(["--docs", str(docs), "--tokenizer", str(tok), "--out", str(tmp_path / "out"),
+                       "--val-docs", "10", "--shard-tokens", "2000", "--train-tokenizer", "300"])
+    assert tok.is_file() and tok.with_suffix(".vocab").is_file()
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert sp.get_piece_size() == 300 == summary["vocab_size"]
+    assert sp.piece_to_id("<0xF0>") != sp.unk_id()  # byte fallback pieces exist
+    assert sp.unk_id() not in sp.encode("émoji🙂 ☃", out_type=int)
+    check_build(summary, texts, sp, 10, 2000)
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- download
+FOLDER = "fineweb10B_sp1024"
+N_VAL, N_TRAIN = 2, 3
+
+
+class CallLog(list):
+    """Remote paths requested from the stand-in `fetch`, in order; .root is the fake repo."""
+    root: Path
+
+
+def make_remote(tmp_path, monkeypatch) -> CallLog:
+    """Build a fake repo under tmp_path/remote and replace `fetch` by a stand-in serving it."""
+    root = tmp_path / "remote"
+    ds = root / "datasets" / "datasets" / FOLDER
+    rng = np.random.default_rng(0)
+    for split, n in (("val", N_VAL), ("train", N_TRAIN)):
+        for i in range(n):
+            bs.write_shard(ds / f"fineweb_{split}_{i:06d}.bin", rng.integers(0, 1024, 50 + 10 * i, dtype=np.uint16))
+    (root / "datasets" / "tokenizers").mkdir(parents=True)
+    for ext in ("model", "vocab"):
+        (root / "datasets" / "tokenizers" / f"fineweb_1024_bpe.{ext}").write_bytes(b"fake " + ext.encode())
+    manifest = {"datasets": [{"name": FOLDER, "tokenizer_name": "sp_bpe_1024",
+                              "stats": {"files_train": N_TRAIN, "files_val": N_VAL}}],
+                "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model"}]}
+    (root / "datasets" / "manifest.json").write_text(json.dumps(manifest))
+    calls = CallLog()
+    calls.root = root
+
+    def fake_fetch(remote_path, dest):
+        calls.append(remote_path)
+        src = root / remote_path
+        if not src.is_file():
+            raise FileNotFoundError(remote_path)
+        Path(dest).write_bytes(src.read_bytes())
+
+    monkeypatch.setattr(dl, "fetch", fake_fetch)
+    monkeypatch.setattr(dl.time, "sleep", lambda s: None)  # no retry backoff in tests
+    return calls
+
+
+def run_download(local, *args):
+    return dl.main(["--variant", "sp1024", "--data-dir", str(local), *args])
+
+
+def expected_files(n_train):
+    names = [f"fineweb_val_{i:06d}.bin" for i in range(N_VAL)]
+    names += [f"fineweb_train_{i:06d}.bin" for i in range(n_train)]
+    return [f"datasets/{FOLDER}/{n}" for n in names] + [f"tokenizers/fineweb_1024_bpe.{e}" for e in ("model", "vocab")]
+
+
+def test_download_layout_train_shards_and_skip(tmp_path, monkeypatch):
+    calls = make_remote(tmp_path, monkeypatch)
+    local = tmp_path / "data"
+    summary = run_download(local, "--train-shards", "2")
+    files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert files == sorted(expected_files(2) + ["manifest.json"])
+    for rel in expected_files(2):
+        assert (local / rel).read_bytes() == (calls.root / "datasets" / rel).read_bytes()
+    assert (summary["val_shards"], summary["train_shards"]) == (N_VAL, 2)
+    assert len(calls) == 1 + 2 + N_VAL + 2  # manifest, tokenizer, val, train
+
+    calls.clear()  # second run: everything valid locally, only the manifest is refreshed
+    summary = run_download(local, "--train-shards", "2")
+    assert calls == ["datasets/manifest.json"] and summary["downloaded"] == []
+    assert len(summary["skipped"]) == 2 + N_VAL + 2
+
+    victim = local / "datasets" / FOLDER / "fineweb_train_000001.bin"
+    victim.write_bytes(victim.read_bytes()[:-2])  # truncated: must be fetched again
+    calls.clear()
+    summary = run_download(local, "--train-shards", "3")
+    assert calls == ["datasets/manifest.json", f"datasets/datasets/{FOLDER}/fineweb_train_000001.bin",
+                     f"datasets/datasets/{FOLDER}/fineweb_train_000002.bin"]
+    assert bs.read_shard(victim).size and summary["train_shards"] == 3
+
+    calls.clear()
+    summary = run_download(local, "--train-shards", "0")  # val + tokenizer only
+    assert calls == ["datasets/manifest.json"] and summary["train_shards"] == 0
+    assert leftovers(local) == []
+
+
+@pytest.mark.parametrize("manifest", ["names-only", "garbage", "missing"])
+def test_download_without_usable_manifest(tmp_path, monkeypatch, manifest):
+    """Unknown schemas fall back to file names in the JSON, or to probing val indices."""
+    calls = make_remote(tmp_path, monkeypatch)
+    path = calls.root / "datasets" / "manifest.json"
+    if manifest == "names-only":
+        path.write_text(json.dumps({"files": [f"datasets/{FOLDER}/fineweb_val_{i:06d}.bin" for i in range(N_VAL)]
+                                    + [f"datasets/{FOLDER}/fineweb_train_{i:06d}.bin" for i in range(N_TRAIN)]}))
+    elif manifest == "garbage":
+        path.write_text("{not json")
+    else:
+        path.unlink()
+    local = tmp_path / "data"
+    summary = run_download(local, "--train-shards", "5")  # more than exist: capped with a warning
+    assert (summary["val_shards"], summary["train_shards"]) == (N_VAL, N_TRAIN)
+    assert sorted(str(p.relative_to(local)) for p in (local / "datasets").rglob("*.bin")) == \
+        sorted(f for f in expected_files(N_TRAIN) if f.endswith(".bin"))
+    calls.clear()
+    summary = run_download(local, "--train-shards", "1")
+    assert summary["downloaded"] == [] and summary["val_shards"] == N_VAL
+    probe = [f"datasets/datasets/{FOLDER}/fineweb_val_{N_VAL:06d}.bin"]
+    assert calls == ["datasets/manifest.json"] + ([] if manifest == "names-only" else probe)
+    assert leftovers(local) == []
+
+
+def test_download_never_leaves_partial_files(tmp_path, monkeypatch):
+    calls = make_remote(tmp_path, monkeypatch)
+    serve = dl.fetch
+    broken = f"datasets/datasets/{FOLDER}/fineweb_train_000001.bin"
+
+    def flaky_fetch(remote_path, dest):
+        if remote_path == broken:  # connection drops half-way through, every time
+            calls.append(remote_path)
+            data = (calls.root / remote_path).read_bytes()
+            Path(dest).write_bytes(data[:len(data) // 2])
+            raise ConnectionError("connection reset")
+        serve(remote_path, dest)
+
+    monkeypatch.setattr(dl, "fetch", flaky_fetch)
+    local = tmp_path / "data"
+    with pytest.raises(SystemExit, match="after 2 tries"):
+        run_download(local, "--train-shards", "3", "--retries", "2")
+    assert calls.count(broken) == 2
+    shard_dir = local / "datasets" / FOLDER
+    assert (shard_dir / "fineweb_train_000000.bin").is_file()
+    assert not (shard_dir / "fineweb_train_000001.bin").exists()
+    assert leftovers(local) == []
+
+    def corrupt_fetch(remote_path, dest):  # the server hands back a truncated shard
+        serve(remote_path, dest)
+        if remote_path == broken:
+            Path(dest).write_bytes(Path(dest).read_bytes()[:-2])
+
+    monkeypatch.setattr(dl, "fetch", corrupt_fetch)
+    with pytest.raises(SystemExit, match="invalid"):
+        run_download(local, "--train-shards", "3")
+    assert not (shard_dir / "fineweb_train_000001.bin").exists()
+    assert leftovers(local) == []
+
+    monkeypatch.setattr(dl, "fetch", serve)  # the next run completes the set
+    assert run_download(local, "--train-shards", "3")["train_shards"] == 3
+
+
+def test_shard_counts_reads_known_schema():
+    manifest = {"datasets": [{"name": "other", "stats": {"files_train": 9, "files_val": 9}},
+                             {"name": FOLDER, "stats": {"files_train": 80, "files_val": 1}}]}
+    assert dl.shard_counts(manifest, FOLDER) == (80, 1)
+    assert dl.shard_counts(None, FOLDER) == (None, None)
+    assert dl.shard_counts({"x": [1, "a"]}, FOLDER) == (None, None)
+    with pytest.raises(SystemExit):
+        dl.main(["--variant", "byte999"])
+
+
+def test_fetch_wraps_hf_hub_download(tmp_path, monkeypatch):
+    """The real `fetch`, with hf_hub_download faked: file moved to dest, errors mapped."""
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    seen = {}
+
+    def fake_download(repo_id, filename, repo_type=None, local_dir=None):
+        seen.update(repo_id=repo_id, repo_type=repo_type)
+        if filename.endswith("missing.bin"):
+            raise EntryNotFoundError("404")
+        if filename.endswith("offline.bin"):
+            raise LocalEntryNotFoundError("no connection")
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"payload")
+        return str(target)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    dest = tmp_path / "x.part"
+    dl.fetch("datasets/tokenizers/fineweb_1024_bpe.vocab", dest)
+    assert dest.read_bytes() == b"payload"
+    assert seen == {"repo_id": dl.REPO_ID, "repo_type": "dataset"}
+    with pytest.raises(FileNotFoundError):
+        dl.fetch("datasets/missing.bin", tmp_path / "y.part")
+    with pytest.raises(ConnectionError):  # offline must not look like "no more shards"
+        dl.fetch("datasets/offline.bin", tmp_path / "z.part")
