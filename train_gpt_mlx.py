@@ -93,6 +93,21 @@ class Hyperparameters:
     grad_clip_norm: float = _env("GRAD_CLIP_NORM", 0.0, float, 0.0)
     # artifact
     quant_bits: int = _env("QUANT_BITS", 6, int, choices=(6, 8))
+    # moonshot stack, training side (every piece off by default)
+    engram_lite_enabled: bool = _env("ENGRAM_LITE_ENABLED", False, bool)
+    engram_mode: str = _env("ENGRAM_MODE", "input", str, choices=("input", "logit"))
+    engram_hash_size: int = _env("ENGRAM_HASH_SIZE", 4096, int, 1, 2**20)
+    engram_dim: int = _env("ENGRAM_DIM", 128, int, 1, 4096)
+    engram_heads: int = _env("ENGRAM_HEADS", 2, int, 1, 16)
+    skipgram_hash_size: int = _env("SKIPGRAM_HASH_SIZE", 0, int, 0, 2**20)
+    skipgram_dim: int = _env("SKIPGRAM_DIM", 32, int, 1, 4096)
+    skipgram_patterns: str = _env("SKIPGRAM_PATTERNS", "-1,-3;-1,-5;-2,-4", str)
+    hash_proj_optimizer: str = _env("HASH_PROJ_OPTIMIZER", "muon", str, choices=("muon", "adam"))
+    complement_alpha: float = _env("COMPLEMENT_ALPHA", 0.0, float, 0.0, 1.0)
+    complement_floor: float = _env("COMPLEMENT_FLOOR", 0.1, float, 0.0, 1.0)
+    complement_max_tokens: int = _env("COMPLEMENT_MAX_TOKENS", 100_000_000, int, 1)
+    ema_decay: float = _env("EMA_DECAY", 0.0, float, 0.0, 0.999999)
+    qat_start_frac: float = _env("QAT_START_FRAC", 1.0, float, 0.0, 1.0)
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -126,6 +141,10 @@ class Hyperparameters:
         if self.train_batch_tokens % self.train_seq_len:
             errs.append(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of "
                         f"TRAIN_SEQ_LEN={self.train_seq_len}")
+        try:
+            parse_patterns(self.skipgram_patterns)
+        except ValueError as e:
+            errs.append(f"SKIPGRAM_PATTERNS={self.skipgram_patterns!r}: {e}")
         if self.eval_only and not self.load_artifact:
             errs.append("EVAL_ONLY=1 needs LOAD_ARTIFACT=path/to/artifact")
         if errs:
@@ -135,6 +154,14 @@ class Hyperparameters:
         if self.compute_dtype == "auto":  # bf16 matmul is ~30x slower than fp32 on CPU
             return mx.bfloat16 if mx.default_device().type == mx.DeviceType.gpu else mx.float32
         return getattr(mx, self.compute_dtype)
+
+
+def parse_patterns(text: str) -> tuple:
+    """'-1,-3;-2,-4' -> ((-1, -3), (-2, -4)); offsets are relative to the predicted token."""
+    pats = tuple(tuple(int(o) for o in p.split(",")) for p in text.replace(" ", "").split(";") if p)
+    if not pats or any(len(p) < 2 or not all(-64 <= o <= -1 for o in p) for p in pats):
+        raise ValueError("expected ';'-separated patterns of >= 2 comma-separated offsets in [-64, -1]")
+    return pats
 
 
 def _parse(raw: str, m: dict):
@@ -326,6 +353,70 @@ class MLP(nn.Module):
         return self.proj(h * h)  # relu^2
 
 
+_HASH_MULT = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C)
+
+
+def hash_ids(cols: list, seed: int, size: int) -> mx.array:
+    """Hash aligned int token arrays into [0, size). uint32 multiply/xor-shift wraps mod 2^32
+    by definition, so no V or size can overflow it."""
+    h = mx.full(cols[0].shape, (seed * 0x61C88647 + 0x7F4A7C15) & 0xFFFFFFFF, dtype=mx.uint32)
+    for i, c in enumerate(cols):
+        h = (h ^ c.astype(mx.uint32)) * mx.array(_HASH_MULT[i % len(_HASH_MULT)], mx.uint32)
+        h = h ^ (h >> 13)
+    return (h % size).astype(mx.int32)
+
+
+def shift_right(ids, d: int):
+    """ids[:, t - d] at position t (0 where t < d): a token d places back, never ahead."""
+    return ids if d == 0 else mx.concatenate([mx.zeros_like(ids[:, :d]), ids[:, :-d]], axis=1)
+
+
+def history_mask(T: int, d: int, dtype):
+    """[T, 1]: 1 where position t has d tokens of history inside the window."""
+    return (mx.arange(T) >= d).astype(dtype)[:, None]
+
+
+class EngramLite(nn.Module):
+    """Gated multi-head hashed bigram (t-1, t) and trigram (t-2, t-1, t) features of the
+    input tokens. Each order averages `heads` independent hashes into its table, so one
+    head's collision is outvoted; a per-order gate starts suppressed (sigmoid(-2) ~ 0.12)."""
+
+    def __init__(self, hash_size, dim, heads, out_dim):
+        super().__init__()
+        self.size, self.heads = hash_size, heads
+        self.tables = [mx.random.normal((hash_size, dim)) * 0.02 for _ in (2, 3)]
+        self.gates = mx.full((2,), -2.0)
+        self.proj = Linear(dim, out_dim, zero_init=True)
+
+    def __call__(self, ids, dtype):
+        T, out = ids.shape[1], 0.0
+        for k, order in enumerate((2, 3)):
+            cols = [shift_right(ids, order - 1 - j) for j in range(order)]
+            e = sum(self.tables[k][hash_ids(cols, 16 * k + h, self.size)] for h in range(self.heads))
+            out = out + mx.sigmoid(self.gates[k]) / self.heads * e * history_mask(T, order - 1, e.dtype)
+        return self.proj(out.astype(dtype))
+
+
+class SkipGramHash(nn.Module):
+    """Hashed non-adjacent token pairs as an additive logit bias. Offsets count back from the
+    predicted token: at position t (predicting t+1), -1 is input token t, -3 is input t-2.
+    Narrow tables (one per pattern) share one zero-initialised projection to the vocabulary."""
+
+    def __init__(self, hash_size, dim, patterns, vocab):
+        super().__init__()
+        self.size, self.patterns = hash_size, patterns
+        self.tables = [mx.random.normal((hash_size, dim)) * 0.02 for _ in patterns]
+        self.proj = Linear(dim, vocab, zero_init=True)
+
+    def __call__(self, ids, dtype):
+        T, out = ids.shape[1], 0.0
+        for k, pat in enumerate(self.patterns):
+            back = [-o - 1 for o in pat]
+            e = self.tables[k][hash_ids([shift_right(ids, d) for d in back], 101 + k, self.size)]
+            out = out + e * history_mask(T, max(back), e.dtype)
+        return self.proj(out.astype(dtype))
+
+
 class Block(nn.Module):
     """Pre-norm block with learned output scales and a learned mix with the embedding x0."""
 
@@ -361,6 +452,14 @@ class ModelConfig:
     logit_softcap: float = 30.0
     rope_base: float = 10000.0
     qk_gain_init: float = 1.5
+    engram_lite_enabled: bool = False
+    engram_mode: str = "input"
+    engram_hash_size: int = 4096
+    engram_dim: int = 128
+    engram_heads: int = 2
+    skipgram_hash_size: int = 0
+    skipgram_dim: int = 32
+    skipgram_patterns: str = "-1,-3;-1,-5;-2,-4"
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
@@ -384,10 +483,20 @@ class GPT(nn.Module):
             self.skip_weights = mx.ones((n_skip, d))
         if not cfg.tie_embeddings:
             self.lm_head = Linear(d, cfg.vocab_size, zero_init=True)
+        if cfg.engram_lite_enabled:
+            out = d if cfg.engram_mode == "input" else cfg.vocab_size
+            self.engram = EngramLite(cfg.engram_hash_size, cfg.engram_dim, cfg.engram_heads, out)
+        if cfg.skipgram_hash_size:
+            self.skipgram = SkipGramHash(cfg.skipgram_hash_size, cfg.skipgram_dim,
+                                         parse_patterns(cfg.skipgram_patterns), cfg.vocab_size)
 
     def __call__(self, ids):
         """Logits [B, T, V] in float32, softcapped."""
-        x = rms_norm(self.tok_emb(ids).astype(self.dtype))
+        cfg = self.cfg
+        e = self.tok_emb(ids).astype(self.dtype)
+        if cfg.engram_lite_enabled and cfg.engram_mode == "input":
+            e = e + self.engram(ids, self.dtype)
+        x = rms_norm(e)
         x0, skips = x, []
         for i, block in enumerate(self.blocks):
             if i >= self.n_enc and skips:  # decoder half: add encoder outputs in reverse order
@@ -397,8 +506,13 @@ class GPT(nn.Module):
                 skips.append(x)
         x = rms_norm(x)
         w = self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
-        logits = (x @ w.astype(x.dtype).T).astype(mx.float32)
-        c = self.cfg.logit_softcap
+        logits = x @ w.astype(x.dtype).T
+        if cfg.engram_lite_enabled and cfg.engram_mode == "logit":
+            logits = logits + self.engram(ids, self.dtype)
+        if cfg.skipgram_hash_size:
+            logits = logits + self.skipgram(ids, self.dtype)
+        logits = logits.astype(mx.float32)
+        c = cfg.logit_softcap
         return c * mx.tanh(logits / c) if c > 0 else logits
 
     def token_nll(self, ids, targets):
@@ -413,12 +527,16 @@ class GPT(nn.Module):
 # =============================================================================
 # Optimizers: Muon for the blocks' matrices, Adam for everything else
 # =============================================================================
-def param_group(name: str, p: mx.array) -> str:
-    """Which optimizer owns a parameter: 'muon', 'embed', 'head' or 'scalar' (Adam)."""
+def param_group(name: str, p: mx.array, hash_proj_optimizer: str = "muon") -> str:
+    """Which optimizer owns a parameter: 'muon', or Adam's 'embed', 'table', 'head', 'scalar'."""
     if name == "tok_emb.weight":
         return "embed"
     if name == "lm_head.weight":
         return "head"
+    if ".tables." in name:  # hashed n-gram embeddings
+        return "table"
+    if name in ("engram.proj.weight", "skipgram.proj.weight"):
+        return "muon" if hash_proj_optimizer == "muon" else "head"
     if p.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight"):
         return "muon"
     return "scalar"
@@ -447,16 +565,18 @@ class Optimizers:
     def __init__(self, model: GPT, hp: Hyperparameters):
         self.hp = hp
         params = dict(tree_flatten(model.trainable_parameters()))
-        self.group = {n: param_group(n, p) for n, p in params.items()}
-        self.lr = {"muon": hp.matrix_lr, "scalar": hp.scalar_lr, "head": hp.head_lr,
+        self.group = {n: param_group(n, p, hp.hash_proj_optimizer) for n, p in params.items()}
+        self.lr = {"muon": hp.matrix_lr, "scalar": hp.scalar_lr, "head": hp.head_lr, "table": hp.tied_embed_lr,
                    "embed": hp.tied_embed_lr if model.cfg.tie_embeddings else hp.embed_lr}
-        self.state = {"t": None, "m": {}, "v": {}, "buf": {}}
+        self.state = {"t": None, "m": {}, "v": {}, "buf": {}, "ema": {}}
         self.reset(params)
 
     def reset(self, params: dict):
         st = self.state
         st["t"] = mx.array(0.0)
         for n, p in params.items():
+            if self.hp.ema_decay > 0:  # EMA of weights, updated inside the compiled step
+                st["ema"][n] = p
             if self.group[n] == "muon":
                 st["buf"][n] = mx.zeros_like(p)
             else:
@@ -486,6 +606,8 @@ class Optimizers:
                 v = hp.beta2 * st["v"][n] + (1 - hp.beta2) * (g * g)
                 st["m"][n], st["v"][n] = m, v
                 out[n] = p - lr * (m / c1) / (mx.sqrt(v / c2) + hp.adam_eps)
+            if hp.ema_decay > 0:
+                st["ema"][n] = hp.ema_decay * st["ema"][n] + (1 - hp.ema_decay) * out[n]
         return out
 
 
@@ -540,6 +662,15 @@ def quantize_rows(w: np.ndarray, bits: int):
 
 def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale.astype(np.float32)[:, None]
+
+
+def fake_quant(w: mx.array, bits: int) -> mx.array:
+    """QAT: forward = exactly dequantize_rows(quantize_rows(w)); gradient = identity (STE)."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = mx.max(mx.abs(w), axis=1, keepdims=True)
+    scale = mx.maximum(amax / qmax, 2.0 ** -24).astype(mx.float16).astype(mx.float32)
+    deq = mx.clip(mx.round(w / scale), -qmax, qmax) * scale
+    return mx.stop_gradient(deq) + (w - mx.stop_gradient(w))
 
 
 def pack_state(flat: dict, bits: int):
@@ -669,16 +800,60 @@ def summarize_nll(nll: np.ndarray, tokens: np.ndarray, tables):
 
 
 # =============================================================================
+# Complementary training: a bigram model of the training data sets per-token loss weights
+# =============================================================================
+def bigram_table(files: list[str], vocab: int, max_tokens: int) -> np.ndarray:
+    """P(next | prev) with Laplace smoothing, flat [V*V] float32, from train shards only."""
+    counts, seen = np.zeros(vocab * vocab, np.int64), 0
+    for f in files:
+        toks = load_data_shard(f)[: max_tokens - seen]
+        for lo in range(0, max(toks.size - 1, 0), 1 << 24):  # bounded temporaries
+            chunk = toks[lo:lo + (1 << 24) + 1].astype(np.int64)
+            counts += np.bincount(chunk[:-1] * vocab + chunk[1:], minlength=vocab * vocab)
+        seen += toks.size
+        if seen >= max_tokens:
+            break
+    counts = counts.reshape(vocab, vocab) + 1.0
+    return (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32).reshape(-1)
+
+
+def complement_weights(x, y, table, alpha: float, floor: float, vocab: int):
+    """clip(1 - alpha * P_bigram(y | x), floor, 1), renormalised to mean 1 over the batch."""
+    w = mx.clip(1.0 - alpha * mx.take(table, x * vocab + y), floor, 1.0)
+    return w / mx.mean(w)
+
+
+# =============================================================================
 # Compiled functions: one builder for all of them
 # =============================================================================
 class Compiled:
-    """Every compiled function, built in one place so a change of mode (e.g. enabling a
-    feature, restoring weights) can never leave a stale graph behind."""
+    """Every compiled function, built in one place so a change of mode (QAT switched on,
+    a feature enabled, weights restored) can never leave a stale graph behind: the caller
+    builds a new Compiled instead of mutating a flag a traced graph has baked in."""
 
-    def __init__(self, model: GPT, opt: Optimizers, compile_fns: bool = True):
+    def __init__(self, model: GPT, opt: Optimizers, compile_fns: bool = True, qat_bits: int = 0,
+                 complement: mx.array | None = None):
         c = mx.compile if compile_fns else (lambda f, **kw: f)
-        state = [model.state, opt.state]
-        loss_and_grad = nn.value_and_grad(model, model.loss)
+        hp, state, vocab = opt.hp, [model.state, opt.state], model.cfg.vocab_size
+
+        def train_loss(params, x, y):
+            if qat_bits:  # forward through the artifact's quantizer, straight-through gradient
+                params = tree_unflatten([(n, fake_quant(p, qat_bits) if is_quantized(n, p.shape) else p)
+                                         for n, p in tree_flatten(params)])
+            model.update(params)
+            nll = model.token_nll(x, y)
+            if complement is None:
+                return nll.mean()
+            w = complement_weights(x, y, complement, hp.complement_alpha, hp.complement_floor, vocab)
+            return mx.mean(mx.stop_gradient(w) * nll)
+
+        value_and_grad = mx.value_and_grad(train_loss)
+
+        def loss_and_grad(x, y):
+            params = model.trainable_parameters()
+            loss, grads = value_and_grad(params, x, y)
+            model.update(params)  # back to the real (unquantized) weights
+            return loss, grads
 
         def apply(grads, lr_mul, momentum):
             params = dict(tree_flatten(model.trainable_parameters()))
@@ -695,7 +870,7 @@ class Compiled:
             return mx.array(0.0)
 
         self.step = c(step, inputs=state, outputs=state)
-        self.grads = c(loss_and_grad, inputs=state, outputs=state)  # value_and_grad rebinds params
+        self.grads = c(loss_and_grad, inputs=state, outputs=state)
         self.update = c(update, inputs=state, outputs=state)
         self.token_nll = c(model.token_nll, inputs=state)
 
@@ -779,15 +954,33 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
         model = GPT(cfg, dtype)
     tables = build_byte_tables(sp, cfg.vocab_size)
     val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
-    log(f"val_tokens:{val_tokens.size} params:{count_params(model)}")
+    log(f"val_tokens:{val_tokens.size} params:{count_params(model)} " + " ".join(
+        f"params_{k}:{count_params(getattr(model, k))}" for k in ("engram", "skipgram") if k in model))
     opt = Optimizers(model, hp)
-    fns = Compiled(model, opt)
+    complement = None
+    if hp.complement_alpha > 0 and not hp.eval_only:
+        t0 = time.perf_counter()
+        complement = mx.array(bigram_table(shard_files(hp.data_path, "train"), cfg.vocab_size,
+                                           hp.complement_max_tokens))
+        log(f"complement: bigram table from <= {hp.complement_max_tokens} train tokens in "
+            f"{time.perf_counter() - t0:.1f}s (alpha:{hp.complement_alpha} floor:{hp.complement_floor})")
+
+    def build(qat: bool) -> Compiled:  # the only place compiled functions are (re)built
+        return Compiled(model, opt, qat_bits=hp.quant_bits if qat else 0, complement=complement)
+
+    fns, qat_on = build(False), False
     seq = hp.train_seq_len
     bseqs = min(eval_batch_seqs(hp, seq), -(-(val_tokens.size - 1) // seq))
 
     def run_eval(label):
-        t0 = time.perf_counter()
+        """Evaluate the weights that would be saved: the EMA when it is on."""
+        t0, raw = time.perf_counter(), None
+        if opt.state["ema"] and label == "val":
+            raw = model.trainable_parameters()
+            model.update(tree_unflatten(list(opt.state["ema"].items())))
         loss, bpb, _ = evaluate(fns.token_nll, val_tokens, seq, bseqs, tables, log, label)
+        if raw is not None:
+            model.update(raw)
         return loss, bpb, (time.perf_counter() - t0) * 1000
 
     if hp.eval_only:
@@ -830,6 +1023,10 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
             t_last = time.perf_counter()
         if last:
             break
+        progress = max(step / max(hp.iterations, 1), train_ms / max_ms if max_ms > 0 else 0.0)
+        if not qat_on and hp.qat_start_frac < 1.0 and progress >= hp.qat_start_frac:
+            fns, qat_on = build(True), True
+            log(f"qat:on step:{step} (int{hp.quant_bits} fake quantization, straight-through)")
         try:
             x, y = stream.next_batch(hp.train_batch_tokens, seq)
             loss = train_step(fns, x, y, micro_seqs, lr_multiplier(step, train_ms, hp), muon_momentum_at(step, hp))
@@ -854,6 +1051,9 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
     if stop_at is not None and stop_at < hp.iterations:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{hp.iterations}")
     log(f"peak_memory:{mx.get_peak_memory() / 2**20:.0f}MiB")
+    if opt.state["ema"]:
+        model.update(tree_unflatten(list(opt.state["ema"].items())))
+        log(f"ema: saving the EMA weights (decay {hp.ema_decay})")
 
     # Artifact: quantize + compress, then prove it by reloading and evaluating it again.
     path = os.path.join(hp.out_dir, f"{run_id}_model.int{hp.quant_bits}.ptz")
