@@ -108,6 +108,17 @@ class Hyperparameters:
     complement_max_tokens: int = _env("COMPLEMENT_MAX_TOKENS", 100_000_000, int, 1)
     ema_decay: float = _env("EMA_DECAY", 0.0, float, 0.0, 0.999999)
     qat_start_frac: float = _env("QAT_START_FRAC", 1.0, float, 0.0, 1.0)
+    # moonshot stack, evaluation side
+    eval_seq_len: int = _env("EVAL_SEQ_LEN", 0, int, 0)
+    eval_stride: int = _env("EVAL_STRIDE", 0, int, 0)
+    eval_batch_seqs: int = _env("EVAL_BATCH_SEQS", 0, int, 0)
+    eval_token_nll_path: str = _env("EVAL_TOKEN_NLL_PATH", "", str)
+    ngram_mixer_enabled: bool = _env("NGRAM_MIXER_ENABLED", False, bool)
+    ngram_max_order: int = _env("NGRAM_MAX_ORDER", 4, int, 1, 16)
+    ngram_alpha: float = _env("NGRAM_ALPHA", 0.3, float, 0.0, 0.99)
+    ngram_alpha_mode: str = _env("NGRAM_ALPHA_MODE", "entropy", str, choices=("fixed", "entropy"))
+    ngram_buckets: int = _env("NGRAM_BUCKETS", 16384, int, 1, 2**20)
+    ngram_chunk: int = _env("NGRAM_CHUNK", 2048, int, 1)
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -145,6 +156,11 @@ class Hyperparameters:
             parse_patterns(self.skipgram_patterns)
         except ValueError as e:
             errs.append(f"SKIPGRAM_PATTERNS={self.skipgram_patterns!r}: {e}")
+        if self.eval_stride > (self.eval_seq_len or self.train_seq_len):
+            errs.append(f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN "
+                        f"({self.eval_seq_len or self.train_seq_len})")
+        if self.ngram_mixer_enabled and max(self.ngram_buckets, self.vocab_size) * self.vocab_size >= 2**31:
+            errs.append(f"NGRAM_BUCKETS={self.ngram_buckets} x VOCAB_SIZE={self.vocab_size} must stay below 2^31")
         if self.eval_only and not self.load_artifact:
             errs.append("EVAL_ONLY=1 needs LOAD_ARTIFACT=path/to/artifact")
         if errs:
@@ -520,6 +536,14 @@ class GPT(nn.Module):
         logits = self(ids)
         return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], -1)[..., 0]
 
+    def token_stats(self, ids, targets):
+        """(NLL, entropy of the model's distribution), both [B, T] float32 nats."""
+        logits = self(ids)
+        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+        logp = logits - lse
+        ent = -mx.sum(mx.exp(logp) * logp, axis=-1)
+        return -mx.take_along_axis(logp, targets[..., None], -1)[..., 0], ent
+
     def loss(self, ids, targets):
         return self.token_nll(ids, targets).mean()
 
@@ -633,6 +657,30 @@ def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
         return hp.muon_momentum
     f = min(step / hp.muon_momentum_warmup_steps, 1.0)
     return (1 - f) * hp.muon_momentum_warmup_start + f * hp.muon_momentum
+
+
+# =============================================================================
+# Complementary training: a bigram model of the training data sets per-token loss weights
+# =============================================================================
+def bigram_table(files: list[str], vocab: int, max_tokens: int) -> np.ndarray:
+    """P(next | prev) with Laplace smoothing, flat [V*V] float32, from train shards only."""
+    counts, seen = np.zeros(vocab * vocab, np.int64), 0
+    for f in files:
+        toks = load_data_shard(f)[: max_tokens - seen]
+        for lo in range(0, max(toks.size - 1, 0), 1 << 24):  # bounded temporaries
+            chunk = toks[lo:lo + (1 << 24) + 1].astype(np.int64)
+            counts += np.bincount(chunk[:-1] * vocab + chunk[1:], minlength=vocab * vocab)
+        seen += toks.size
+        if seen >= max_tokens:
+            break
+    counts = counts.reshape(vocab, vocab) + 1.0
+    return (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32).reshape(-1)
+
+
+def complement_weights(x, y, table, alpha: float, floor: float, vocab: int):
+    """clip(1 - alpha * P_bigram(y | x), floor, 1), renormalised to mean 1 over the batch."""
+    w = mx.clip(1.0 - alpha * mx.take(table, x * vocab + y), floor, 1.0)
+    return w / mx.mean(w)
 
 
 # =============================================================================
@@ -767,27 +815,59 @@ def load_flat_into(model: GPT, flat: dict):
 # =============================================================================
 # Evaluation: exact val_bpb over the validation split, streamed in batches
 # =============================================================================
-def evaluate(nll_fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, log=None, label="val"):
-    """Score every target of `tokens` once (the last short sequence too) in padded batches of
-    [batch_seqs, seq_len] (one compiled shape). Returns (val_loss, val_bpb, per-token NLL)."""
-    n_tgt = tokens.size - 1
-    n_seqs = -(-n_tgt // seq_len)
-    batch_seqs = min(batch_seqs, n_seqs)
-    nll_out = np.empty(n_tgt, np.float32)
-    t0, last_print = time.perf_counter(), time.perf_counter()
-    n_batches = -(-n_seqs // batch_seqs)
+def eval_windows(n_tgt: int, seq_len: int, stride: int):
+    """Sliding windows over targets 1..n_tgt: (window starts, first scored offset in each).
+
+    A window starting at w reads tokens[w:w+L] and predicts targets w+1..w+L. Every target is
+    scored exactly once, by the first window that reaches it, so all but the first L targets get
+    at least L - stride tokens of context; the last window is aligned to end at the final target
+    so the tail is scored once too. stride == L is the standard non-overlapping evaluation."""
+    L = seq_len
+    if n_tgt <= L:
+        return np.zeros(1, np.int64), np.zeros(1, np.int64)
+    starts = np.arange(0, n_tgt - L + 1, stride, dtype=np.int64)
+    if starts[-1] + L < n_tgt:
+        starts = np.append(starts, n_tgt - L)
+    covered = np.concatenate([[0], starts[:-1] + L])  # targets already scored before each window
+    return starts, covered - starts
+
+
+def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stride: int = 0,
+             mixer=None, log=None, label="val"):
+    """Score every target of `tokens` exactly once, in order, through the compiled model `fn`
+    (returning per-position NLL, or (NLL, entropy) for the entropy-weighted mixer) in batches of
+    [batch_seqs, seq_len] windows (one compiled shape), optionally mixed with the n-gram cache.
+    Returns (val_loss, val_bpb, per-target NLL in nats, float32)."""
+    n_tgt, L = tokens.size - 1, seq_len
+    starts, offsets = eval_windows(n_tgt, L, stride or L)
+    batch_seqs = min(batch_seqs, starts.size)
+    nll_out, done = np.empty(n_tgt, np.float32), 0
+    t0 = last_print = time.perf_counter()
+    n_batches = -(-starts.size // batch_seqs)
+    pos = np.arange(L)
     for bi in range(n_batches):
-        lo = bi * batch_seqs * seq_len
-        hi = min(lo + batch_seqs * seq_len, n_tgt)
-        x = np.zeros(batch_seqs * seq_len, np.int32)
-        y = np.zeros(batch_seqs * seq_len, np.int32)
-        x[:hi - lo], y[:hi - lo] = tokens[lo:hi], tokens[lo + 1:hi + 1]
-        nll = nll_fn(mx.array(x.reshape(batch_seqs, seq_len)), mx.array(y.reshape(batch_seqs, seq_len)))
-        nll_out[lo:hi] = np.array(nll).reshape(-1)[:hi - lo]
+        st = starts[bi * batch_seqs:(bi + 1) * batch_seqs]
+        off = offsets[bi * batch_seqs:(bi + 1) * batch_seqs]
+        idx = np.minimum(st[:, None] + pos, n_tgt - 1)  # only a split shorter than L is clipped
+        keep = (pos >= off[:, None]) & (st[:, None] + pos < n_tgt)
+        x = np.zeros((batch_seqs, L), np.int32)
+        y = np.zeros((batch_seqs, L), np.int32)
+        x[:st.size], y[:st.size] = tokens[idx], tokens[idx + 1]
+        out = fn(mx.array(x), mx.array(y))
+        nll, ent = out if isinstance(out, tuple) else (out, None)
+        flat = mx.array(np.flatnonzero(keep).astype(np.int32))  # scored positions, in target order
+        nll = mx.take(nll.reshape(-1), flat)
+        if mixer is not None:
+            ent = mx.take(ent.reshape(-1), flat) if ent is not None else mx.zeros_like(nll)
+            nll = mixer.nll(tokens, done + 1, -nll, ent)
+        nll = np.array(nll)
+        nll_out[done:done + nll.size] = nll
+        done += nll.size
         if log and time.perf_counter() - last_print > 30 and bi + 1 < n_batches:
             last_print = time.perf_counter()
             el = last_print - t0
             log(f"{label}_progress: {bi + 1}/{n_batches} batches eta:{el / (bi + 1) * (n_batches - bi - 1):.0f}s")
+    assert done == n_tgt, (done, n_tgt)
     return summarize_nll(nll_out, tokens, tables)
 
 
@@ -799,28 +879,116 @@ def summarize_nll(nll: np.ndarray, tokens: np.ndarray, tables):
     return total_nll / n, total_nll / math.log(2) / max(total_bytes, 1), nll
 
 
-# =============================================================================
-# Complementary training: a bigram model of the training data sets per-token loss weights
-# =============================================================================
-def bigram_table(files: list[str], vocab: int, max_tokens: int) -> np.ndarray:
-    """P(next | prev) with Laplace smoothing, flat [V*V] float32, from train shards only."""
-    counts, seen = np.zeros(vocab * vocab, np.int64), 0
-    for f in files:
-        toks = load_data_shard(f)[: max_tokens - seen]
-        for lo in range(0, max(toks.size - 1, 0), 1 << 24):  # bounded temporaries
-            chunk = toks[lo:lo + (1 << 24) + 1].astype(np.int64)
-            counts += np.bincount(chunk[:-1] * vocab + chunk[1:], minlength=vocab * vocab)
-        seen += toks.size
-        if seen >= max_tokens:
-            break
-    counts = counts.reshape(vocab, vocab) + 1.0
-    return (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32).reshape(-1)
 
 
-def complement_weights(x, y, table, alpha: float, floor: float, vocab: int):
-    """clip(1 - alpha * P_bigram(y | x), floor, 1), renormalised to mean 1 over the batch."""
-    w = mx.clip(1.0 - alpha * mx.take(table, x * vocab + y), floor, 1.0)
-    return w / mx.mean(w)
+class BackoffNgramMixer:
+    """Interpolated Witten-Bell backoff n-gram cache, mixed into the model's distribution.
+
+    Legal by construction: a count row is chosen by the context alone (never the target), so every
+    order's distribution sums to 1 and so does the mix (C2); the weight depends only on H and the
+    context's counts (C1); each chunk is scored before its events enter the cache (C3), once (C4).
+    Memory is fixed at construction; work per token does not depend on how many tokens were seen."""
+
+    def __init__(self, vocab_size: int, max_order: int, buckets: int, alpha: float,
+                 alpha_mode: str = "fixed", chunk: int = 2048):
+        assert alpha_mode in ("fixed", "entropy") and 0.0 <= alpha < 1.0 and max_order >= 1
+        self.V, self.K, self.B, self.alpha, self.mode, self.chunk = (
+            vocab_size, max_order, buckets, alpha, alpha_mode, chunk)
+        rows = [vocab_size] + [buckets] * (max_order - 1)  # order 1 is exact: row = previous token
+        assert max(rows) * vocab_size < 2**31, "sort keys row*V+v must fit int32"
+        self.counts = [mx.zeros((r, vocab_size), mx.int32) for r in rows]  # c_k[row, v]
+        self.C = [mx.zeros((r,), mx.int32) for r in rows]  # row totals, kept so scoring never reads a row
+        self.T = [mx.zeros((r,), mx.int32) for r in rows]  # distinct v per row (Witten-Bell mass)
+        self.u, self.U = mx.zeros((vocab_size,), mx.int32), 0  # unigram counts of scored targets
+        self.next = None  # the target the next nll call must start at
+        mx.eval(self.counts, self.C, self.T, self.u)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.counts + self.C + self.T) + self.u.nbytes
+
+    @staticmethod
+    def _window(tokens, a: int, b: int) -> mx.array:
+        """tokens[a:b] as int32, zero-padded on the left where a < 0 (those orders are masked)."""
+        pad, a = max(0, -a), max(a, 0)
+        w = tokens[a:b]
+        w = w.astype(mx.int32) if isinstance(w, mx.array) else mx.array(np.asarray(w, dtype=np.int32))
+        return mx.concatenate([mx.zeros((pad,), mx.int32), w]) if pad else w
+
+    def _rows(self, tokens, s: int, e: int) -> list:
+        """Count row of each order for targets s..e-1, from the k context tokens alone (never the
+        target): order 1 is the previous token itself, orders >= 2 hash_ids of the context."""
+        K, n = self.K, e - s
+        w = self._window(tokens, s - K, e)  # w[K + (j - s) - i] == tokens[j - i]
+        ctx = [w[K - i:K - i + n] for i in range(1, K + 1)]
+        return [ctx[0]] + [hash_ids(ctx[:k], 200 + k, self.B) for k in range(2, K + 1)]
+
+    def _mix(self, gathered, u_t, H):
+        """p_ngram and a_eff from per-order (c, C, T) gathers; shared by scoring and distribution().
+
+        a_eff = a * C/(C+T) at the highest order with history (U/(U+V) with unigrams only): a
+        context never seen does not dilute the model. It reads only counts of the context, not the
+        target, so it is legal."""
+        p = (u_t.astype(mx.float32) + 1.0) / float(self.U + self.V)
+        conf = mx.array(self.U / (self.U + self.V), mx.float32)
+        for c, C, T in gathered:
+            c, C, T = (x.astype(mx.float32) for x in (c, C, T))
+            seen, d = C > 0, mx.maximum(C + T, 1.0)
+            p = mx.where(seen, (c + T * p) / d, p)
+            conf = mx.where(seen, C / d, conf)
+        a = self.alpha
+        if self.mode == "entropy":
+            a = a * mx.minimum(1.0, H.astype(mx.float32) / math.log(self.V))
+        return p, a * conf
+
+    def nll(self, tokens, start: int, lp: mx.array, H: mx.array) -> mx.array:
+        """Mixed NLL (nats) float32 [M] of targets start..start+M-1, given the model's log-prob of
+        each target (lp) and entropy (H). Calls must continue exactly where the last one ended."""
+        assert self.next is None or start == self.next, f"expected start {self.next}, got {start}"
+        assert start >= 1 and lp.shape == H.shape and lp.ndim == 1
+        M, out = lp.shape[0], []
+        for s in range(start, start + M, self.chunk):
+            e = min(s + self.chunk, start + M)
+            out.append(self._chunk(tokens, s, e, lp[s - start:e - start], H[s - start:e - start]))
+        self.next = start + M
+        return mx.concatenate(out) if out else mx.zeros((0,), mx.float32)
+
+    def _chunk(self, tokens, s: int, e: int, lp, H) -> mx.array:
+        """Score targets s..e-1 with the cache as it stands, then add their events (score first)."""
+        y, rows, jpos = self._window(tokens, s, e), self._rows(tokens, s, e), mx.arange(s, e)
+        cb = [self.counts[k][rows[k], y] for k in range(self.K)]  # counts before this chunk
+        g = [(cb[k], mx.where(jpos > k, self.C[k][rows[k]], 0), self.T[k][rows[k]])
+             for k in range(self.K)]  # j < k+1: too little history, C := 0 skips the order
+        p, a = self._mix(g, self.u[y], H)
+        lp = lp.astype(mx.float32)
+        mixed = -mx.logaddexp(mx.log1p(-a) + lp, mx.log(a) + mx.log(p))
+        out = mx.where(a > 0, mixed, -lp)  # alpha = 0 (or no history yet) is exactly -lp
+        mx.eval(out, cb)  # scores are fixed now; also leaves the tables free for in-place scatter
+        for k in range(self.K):
+            lo = max(0, k + 1 - s)
+            if lo >= e - s:
+                continue
+            r, v, c0 = rows[k][lo:], y[lo:], cb[k][lo:]
+            self.counts[k] = self.counts[k].at[r, v].add(1)
+            self.C[k] = self.C[k].at[r].add(1)
+            # (row, v) becomes distinct once: at its first occurrence in the chunk, if unseen before.
+            order = mx.argsort(r * self.V + v)
+            key = (r * self.V + v)[order]
+            first = mx.concatenate([mx.array([True]), key[1:] != key[:-1]])
+            self.T[k] = self.T[k].at[r[order]].add((first & (c0[order] == 0)).astype(mx.int32))
+        self.u, self.U = self.u.at[y].add(1), self.U + (e - s)
+        mx.eval(self.counts, self.C, self.T, self.u)
+        return out
+
+    def distribution(self, tokens, j: int, p_model: mx.array) -> mx.array:
+        """Full mixed distribution [V] for target j from the current cache state (for tests)."""
+        rows = [r[0] for r in self._rows(tokens, j, j + 1)]
+        g = [(self.counts[k][rows[k]], self.C[k][rows[k]] if j > k else mx.array(0),
+              self.T[k][rows[k]]) for k in range(self.K)]
+        p_model = p_model.astype(mx.float32)
+        H = -(p_model * mx.log(mx.maximum(p_model, 1e-30))).sum()
+        p, a = self._mix(g, self.u, H)
+        return (1.0 - a) * p_model + a * p
 
 
 # =============================================================================
@@ -873,6 +1041,7 @@ class Compiled:
         self.grads = c(loss_and_grad, inputs=state, outputs=state)
         self.update = c(update, inputs=state, outputs=state)
         self.token_nll = c(model.token_nll, inputs=state)
+        self.token_stats = c(model.token_stats, inputs=state)
 
 
 def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_mul: float, momentum: float):
@@ -970,17 +1139,36 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
 
     fns, qat_on = build(False), False
     seq = hp.train_seq_len
-    bseqs = min(eval_batch_seqs(hp, seq), -(-(val_tokens.size - 1) // seq))
+    bseqs = eval_batch_seqs(hp, seq)
+    eval_seq = hp.eval_seq_len or seq
+    log(f"final_eval: seq_len:{eval_seq} stride:{hp.eval_stride or eval_seq} "
+        f"batch_seqs:{hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq)} mixer:" + (
+            f"order{hp.ngram_max_order}/{hp.ngram_alpha_mode}/alpha{hp.ngram_alpha}/buckets{hp.ngram_buckets}"
+            if hp.ngram_mixer_enabled else "off"))
 
-    def run_eval(label):
-        """Evaluate the weights that would be saved: the EMA when it is on."""
+    def run_eval(label, final=True):
+        """Evaluate the weights that would be saved (the EMA when it is on). Final evaluations use
+        the configured sliding window and n-gram mixer; periodic ones the cheap standard eval."""
         t0, raw = time.perf_counter(), None
         if opt.state["ema"] and label == "val":
             raw = model.trainable_parameters()
             model.update(tree_unflatten(list(opt.state["ema"].items())))
-        loss, bpb, _ = evaluate(fns.token_nll, val_tokens, seq, bseqs, tables, log, label)
+        mixer, fn, kw = None, fns.token_nll, dict(seq_len=seq, batch_seqs=bseqs)
+        if final:
+            kw = dict(seq_len=eval_seq, stride=hp.eval_stride,
+                      batch_seqs=hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq))
+            if hp.ngram_mixer_enabled:
+                mixer = BackoffNgramMixer(cfg.vocab_size, hp.ngram_max_order, hp.ngram_buckets, hp.ngram_alpha,
+                                          hp.ngram_alpha_mode, hp.ngram_chunk)
+                fn = fns.token_stats if hp.ngram_alpha_mode == "entropy" else fn
+        loss, bpb, nll = evaluate(fn, val_tokens, tables=tables, mixer=mixer, log=log, label=label, **kw)
         if raw is not None:
             model.update(raw)
+        if hp.eval_token_nll_path and label != "val":
+            tmp = f"{hp.eval_token_nll_path}.tmp{os.getpid()}"
+            nll.astype("<f4").tofile(tmp)
+            os.replace(tmp, hp.eval_token_nll_path)
+            log(f"per-token NLL (float32 nats, {nll.size} targets in order) written to {hp.eval_token_nll_path}")
         return loss, bpb, (time.perf_counter() - t0) * 1000
 
     if hp.eval_only:
@@ -1005,7 +1193,7 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
                                muon_momentum_at(0, hp)))
         model.update(tree_unflatten(list(init_params.items())))
         opt.reset(dict(tree_flatten(model.trainable_parameters())))
-        mx.eval(fns.token_nll(mx.zeros((bseqs, seq), mx.int32), mx.zeros((bseqs, seq), mx.int32)))
+        mx.eval(fns.token_nll(*[mx.zeros((min(bseqs, 64), seq), mx.int32)] * 2))
         log(f"warmup:{hp.warmup_steps} steps {time.perf_counter() - t0:.1f}s (compile; state restored)")
     stream = TokenStream(stream_files, cfg.vocab_size)
 
@@ -1017,7 +1205,7 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
         last = step == hp.iterations or (stop_at is not None and step >= stop_at) or interrupted
         if last or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
             train_ms += (time.perf_counter() - t_last) * 1000
-            loss, bpb, _ = run_eval("val")
+            loss, bpb, _ = run_eval("val", final=last)
             log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             t_last = time.perf_counter()

@@ -6,6 +6,8 @@ trip, its change vs the baseline, ms/step, parameters and artifact bytes.
     python tests/bench_ablation.py [--seeds 1337 1338] [--steps 100] [--only baseline full]
 """
 import argparse
+import contextlib
+import io
 import re
 import statistics
 import sys
@@ -49,7 +51,8 @@ def make_data(tmp: Path) -> dict:
 
 def run_one(base: dict, over: dict, seed: int, out: Path, rid: str) -> dict:
     env = dict(base, **{k: str(v) for k, v in over.items()}, SEED=str(seed), RUN_ID=rid, OUT_DIR=str(out))
-    assert T.main(env) == 0, f"run {rid} failed"
+    with contextlib.redirect_stdout(io.StringIO()):  # the run's log goes to its file only
+        assert T.main(env) == 0, f"run {rid} failed"
     log = (out / f"{rid}.txt").read_text()
     steps = re.findall(r"^step:(\d+)/\d+ train_loss:[\d.]+ train_time:(\d+)ms", log, re.M)
     (s0, t0), (s1, t1) = steps[4], steps[-1]  # skip the first steps (QAT switch recompiles later)

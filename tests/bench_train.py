@@ -16,7 +16,7 @@ import train_gpt_mlx as T  # noqa: E402
 
 
 def setup(a, compiled):
-    env = dict(VOCAB_SIZE="1024", NUM_LAYERS=str(a.layers), MODEL_DIM=str(a.dim), NUM_HEADS=str(a.heads),
+    env = dict(VOCAB_SIZE=str(a.vocab), NUM_LAYERS=str(a.layers), MODEL_DIM=str(a.dim), NUM_HEADS=str(a.heads),
                NUM_KV_HEADS=str(a.heads // 2), TRAIN_SEQ_LEN=str(a.seq), **dict(kv.split("=", 1) for kv in a.env))
     hp = T.Hyperparameters.from_env(env)
     mx.random.seed(0)
@@ -27,7 +27,7 @@ def setup(a, compiled):
 def bench_train(a, compiled):
     hp, model, fns = setup(a, compiled)
     rng = np.random.default_rng(0)
-    batches = [(rng.integers(0, 1024, (a.batch_tokens // a.seq, a.seq)).astype(np.int32),) * 2 for _ in range(2)]
+    batches = [(rng.integers(0, a.vocab, (a.batch_tokens // a.seq, a.seq)).astype(np.int32),) * 2 for _ in range(2)]
     micro = max(1, a.micro_tokens // a.seq)
     for i in range(2):  # warmup / compile
         mx.eval(T.train_step(fns, *batches[i % 2], micro, 1.0, 0.95))
@@ -41,8 +41,8 @@ def bench_train(a, compiled):
 
 def bench_eval(a):
     hp, model, fns = setup(a, True)
-    toks = np.random.default_rng(1).integers(0, 1024, a.eval_tokens + 1).astype(np.uint16)
-    tables = (np.ones(1024, np.int64), np.zeros(1024, bool), np.zeros(1024, bool))
+    toks = np.random.default_rng(1).integers(0, a.vocab, a.eval_tokens + 1).astype(np.uint16)
+    tables = (np.ones(a.vocab, np.int64), np.zeros(a.vocab, bool), np.zeros(a.vocab, bool))
     bseqs = max(1, a.micro_tokens // a.seq)
     T.evaluate(fns.token_nll, toks[: bseqs * a.seq + 1], a.seq, bseqs, tables)  # compile
     mx.reset_peak_memory()
@@ -55,6 +55,7 @@ def bench_eval(a):
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
@@ -65,7 +66,7 @@ def main():
     p.add_argument("--eval-tokens", type=int, default=65536)
     p.add_argument("--env", nargs="*", default=[], help="extra KEY=VALUE hyperparameters")
     a = p.parse_args()
-    print(f"device:{mx.default_device()} mlx:{mx.__version__} config: layers={a.layers} dim={a.dim} "
+    print(f"device:{mx.default_device()} mlx:{mx.__version__} config: vocab={a.vocab} layers={a.layers} dim={a.dim} "
           f"seq={a.seq} batch_tokens={a.batch_tokens} micro_tokens={a.micro_tokens} {' '.join(a.env)}")
     res = {True: [], False: []}
     for _ in range(a.reps):  # interleaved, median: this machine's load drifts

@@ -1,0 +1,52 @@
+"""Artifact-size estimate (prints numbers; not a test) for the default 9x512 model with and without
+the moonshot stack. Untrained weights compress too well (zero-initialised projections), so every
+2-D weight is replaced by a Gaussian of its layer's init scale, a pessimistic stand-in for trained
+weights (heavy-tailed trained rows quantize to fewer distinct int6 levels and compress better).
+
+    python tests/bench_artifact_size.py [KEY=VALUE ...]   # extra env for every configuration
+"""
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt_mlx as T  # noqa: E402
+
+FULL = dict(ENGRAM_LITE_ENABLED="1", SKIPGRAM_HASH_SIZE="4096")
+CONFIGS = {"baseline (9x512)": {}, "engram (defaults)": dict(ENGRAM_LITE_ENABLED="1"),
+           "skipgram 4096x32": dict(SKIPGRAM_HASH_SIZE="4096"), "full stack": FULL,
+           "full stack, engram logit": dict(FULL, ENGRAM_MODE="logit"),
+           "full stack, MLP_MULT=3": dict(FULL, MLP_MULT="3")}
+
+
+def main():
+    extra = dict(kv.split("=", 1) for kv in sys.argv[1:])
+    code = os.path.getsize(T.__file__)
+    rng = np.random.default_rng(0)
+    print(f"code_bytes: {code:,} (train_gpt_mlx.py)\n")
+    print("| config | params | model bytes | total bytes | fits 16,000,000 |\n|---|---|---|---|---|")
+    for name, over in CONFIGS.items():
+        hp = T.Hyperparameters.from_env(dict(over, **extra))
+        mx.random.seed(0)
+        cfg = T.ModelConfig.from_hparams(hp)
+        flat = T.flat_numpy(T.GPT(cfg))
+        for n, w in flat.items():
+            if T.is_quantized(n, w.shape):
+                flat[n] = (rng.standard_normal(w.shape) / np.sqrt(w.shape[1])).astype(np.float32)
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.time()
+            nbytes = T.write_artifact(os.path.join(tmp, "a.ptz"), flat, cfg, hp.quant_bits)
+        n_params = sum(w.size for w in flat.values())
+        total = code + nbytes
+        print(f"| {name} | {n_params:,} | {nbytes:,} | {total:,} | {'yes' if total <= 16_000_000 else 'NO'} |",
+              flush=True)
+        print(f"#   {name}: compressed in {time.time() - t:.0f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
