@@ -95,14 +95,15 @@ class Hyperparameters:
     quant_bits: int = _env("QUANT_BITS", 6, int, choices=(6, 8))
     # moonshot stack, training side (every piece off by default)
     engram_lite_enabled: bool = _env("ENGRAM_LITE_ENABLED", False, bool)
-    engram_mode: str = _env("ENGRAM_MODE", "input", str, choices=("input", "logit"))
+    engram_mode: str = _env("ENGRAM_MODE", "logit", str, choices=("logit", "input"))
     engram_hash_size: int = _env("ENGRAM_HASH_SIZE", 4096, int, 1, 2**20)
     engram_dim: int = _env("ENGRAM_DIM", 128, int, 1, 4096)
     engram_heads: int = _env("ENGRAM_HEADS", 2, int, 1, 16)
     skipgram_hash_size: int = _env("SKIPGRAM_HASH_SIZE", 0, int, 0, 2**20)
     skipgram_dim: int = _env("SKIPGRAM_DIM", 32, int, 1, 4096)
     skipgram_patterns: str = _env("SKIPGRAM_PATTERNS", "-1,-3;-1,-5;-2,-4", str)
-    hash_proj_optimizer: str = _env("HASH_PROJ_OPTIMIZER", "muon", str, choices=("muon", "adam"))
+    engram_proj_optimizer: str = _env("ENGRAM_PROJ_OPTIMIZER", "muon", str, choices=("muon", "adam"))
+    skipgram_proj_optimizer: str = _env("SKIPGRAM_PROJ_OPTIMIZER", "adam", str, choices=("muon", "adam"))
     complement_alpha: float = _env("COMPLEMENT_ALPHA", 0.0, float, 0.0, 1.0)
     complement_floor: float = _env("COMPLEMENT_FLOOR", 0.1, float, 0.0, 1.0)
     complement_max_tokens: int = _env("COMPLEMENT_MAX_TOKENS", 100_000_000, int, 1)
@@ -469,7 +470,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     qk_gain_init: float = 1.5
     engram_lite_enabled: bool = False
-    engram_mode: str = "input"
+    engram_mode: str = "logit"
     engram_hash_size: int = 4096
     engram_dim: int = 128
     engram_heads: int = 2
@@ -551,8 +552,10 @@ class GPT(nn.Module):
 # =============================================================================
 # Optimizers: Muon for the blocks' matrices, Adam for everything else
 # =============================================================================
-def param_group(name: str, p: mx.array, hash_proj_optimizer: str = "muon") -> str:
-    """Which optimizer owns a parameter: 'muon', or Adam's 'embed', 'table', 'head', 'scalar'."""
+def param_group(name: str, p: mx.array, proj_optimizer: dict | None = None) -> str:
+    """Which optimizer owns a parameter: 'muon', or Adam's 'embed', 'table', 'head', 'scalar'.
+    proj_optimizer maps the hashed features' projections to 'muon' or 'adam' (by measurement:
+    the bench_ablation table in README.md)."""
     if name == "tok_emb.weight":
         return "embed"
     if name == "lm_head.weight":
@@ -560,7 +563,7 @@ def param_group(name: str, p: mx.array, hash_proj_optimizer: str = "muon") -> st
     if ".tables." in name:  # hashed n-gram embeddings
         return "table"
     if name in ("engram.proj.weight", "skipgram.proj.weight"):
-        return "muon" if hash_proj_optimizer == "muon" else "head"
+        return "muon" if (proj_optimizer or {}).get(name.split(".")[0], "muon") == "muon" else "head"
     if p.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight"):
         return "muon"
     return "scalar"
@@ -589,7 +592,8 @@ class Optimizers:
     def __init__(self, model: GPT, hp: Hyperparameters):
         self.hp = hp
         params = dict(tree_flatten(model.trainable_parameters()))
-        self.group = {n: param_group(n, p, hp.hash_proj_optimizer) for n, p in params.items()}
+        proj = dict(engram=hp.engram_proj_optimizer, skipgram=hp.skipgram_proj_optimizer)
+        self.group = {n: param_group(n, p, proj) for n, p in params.items()}
         self.lr = {"muon": hp.matrix_lr, "scalar": hp.scalar_lr, "head": hp.head_lr, "table": hp.tied_embed_lr,
                    "embed": hp.tied_embed_lr if model.cfg.tie_embeddings else hp.embed_lr}
         self.state = {"t": None, "m": {}, "v": {}, "buf": {}, "ema": {}}
@@ -1134,10 +1138,11 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
         log(f"complement: bigram table from <= {hp.complement_max_tokens} train tokens in "
             f"{time.perf_counter() - t0:.1f}s (alpha:{hp.complement_alpha} floor:{hp.complement_floor})")
 
-    def build(qat: bool) -> Compiled:  # the only place compiled functions are (re)built
-        return Compiled(model, opt, qat_bits=hp.quant_bits if qat else 0, complement=complement)
-
-    fns, qat_on = build(False), False
+    # The only place compiled functions are built: one complete set per training mode, so
+    # switching QAT on swaps whole graph sets instead of touching a flag a graph has baked in.
+    graphs = {qat: Compiled(model, opt, qat_bits=hp.quant_bits if qat else 0, complement=complement)
+              for qat in ((False, True) if hp.qat_start_frac < 1.0 and not hp.eval_only else (False,))}
+    fns, qat_on = graphs[False], False
     seq = hp.train_seq_len
     bseqs = eval_batch_seqs(hp, seq)
     eval_seq = hp.eval_seq_len or seq
@@ -1189,7 +1194,8 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
         stream = TokenStream(stream_files, cfg.vocab_size)
         t0 = time.perf_counter()
         for i in range(hp.warmup_steps):
-            mx.eval(train_step(fns, *stream.next_batch(hp.train_batch_tokens, seq), micro_seqs, 1.0,
+            g = graphs[0 < i == hp.warmup_steps - 1 and len(graphs) == 2]  # last one primes the QAT graphs
+            mx.eval(train_step(g, *stream.next_batch(hp.train_batch_tokens, seq), micro_seqs, 1.0,
                                muon_momentum_at(0, hp)))
         model.update(tree_unflatten(list(init_params.items())))
         opt.reset(dict(tree_flatten(model.trainable_parameters())))
@@ -1213,7 +1219,7 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
             break
         progress = max(step / max(hp.iterations, 1), train_ms / max_ms if max_ms > 0 else 0.0)
         if not qat_on and hp.qat_start_frac < 1.0 and progress >= hp.qat_start_frac:
-            fns, qat_on = build(True), True
+            fns, qat_on = graphs[True], True
             log(f"qat:on step:{step} (int{hp.quant_bits} fake quantization, straight-through)")
         try:
             x, y = stream.next_batch(hp.train_batch_tokens, seq)

@@ -23,17 +23,19 @@ from conftest import SAMPLE, generated_docs, load_script  # noqa: E402
 
 ENGRAM = dict(ENGRAM_LITE_ENABLED=1, ENGRAM_HASH_SIZE=2048, ENGRAM_DIM=32, ENGRAM_HEADS=2)
 SKIPGRAM = dict(SKIPGRAM_HASH_SIZE=2048, SKIPGRAM_DIM=16)
-CONFIGS = {
+FULL = dict(ENGRAM, **SKIPGRAM, EMA_DECAY=0.95, QAT_START_FRAC=0.7)
+CONFIGS = {  # defaults: engram in logit form with a Muon projection, skipgram with an Adam projection
     "baseline": {},
+    "engram (logit)": dict(ENGRAM),
     "engram (input)": dict(ENGRAM, ENGRAM_MODE="input"),
-    "engram (logit)": dict(ENGRAM, ENGRAM_MODE="logit"),
-    "engram (input, adam proj)": dict(ENGRAM, ENGRAM_MODE="input", HASH_PROJ_OPTIMIZER="adam"),
+    "engram (logit, adam proj)": dict(ENGRAM, ENGRAM_PROJ_OPTIMIZER="adam"),
     "skipgram": dict(SKIPGRAM),
-    "skipgram (adam proj)": dict(SKIPGRAM, HASH_PROJ_OPTIMIZER="adam"),
+    "skipgram (muon proj)": dict(SKIPGRAM, SKIPGRAM_PROJ_OPTIMIZER="muon"),
     "complement a=0.5": dict(COMPLEMENT_ALPHA=0.5),
     "ema 0.95": dict(EMA_DECAY=0.95),
     "qat from 0.7": dict(QAT_START_FRAC=0.7),
-    "full stack": dict(ENGRAM, **SKIPGRAM, COMPLEMENT_ALPHA=0.5, EMA_DECAY=0.95, QAT_START_FRAC=0.7),
+    "full stack (all five)": dict(FULL, COMPLEMENT_ALPHA=0.5),
+    "full stack without complement": FULL,
 }
 
 

@@ -40,7 +40,7 @@ def test_hash_index_range(V, size):
         assert (a != b).mean() > 0.9
 
 
-@pytest.mark.parametrize("over", [dict(ENGRAM_LITE_ENABLED=1), dict(ENGRAM_LITE_ENABLED=1, ENGRAM_MODE="logit"),
+@pytest.mark.parametrize("over", [dict(ENGRAM_LITE_ENABLED=1), dict(ENGRAM_LITE_ENABLED=1, ENGRAM_MODE="input"),
                                   dict(SKIPGRAM_HASH_SIZE=64, SKIPGRAM_PATTERNS="-1,-3;-2,-6;-1,-2,-4"), FULL])
 def test_features_are_causal(over):
     model = model_of(hp_of(**over))
@@ -62,7 +62,8 @@ def test_skipgram_offsets_read_the_right_tokens():
     np.testing.assert_array_equal(bias[3] == bias[7], np.ones(128, bool) * np.array_equal(ids[0, 1], ids[0, 5]))
 
 
-@pytest.mark.parametrize("over", [FULL, dict(FULL, ENGRAM_MODE="logit", HASH_PROJ_OPTIMIZER="adam", TIE_EMBEDDINGS=0)])
+@pytest.mark.parametrize("over", [FULL, dict(FULL, ENGRAM_MODE="input", ENGRAM_PROJ_OPTIMIZER="adam",
+                                             SKIPGRAM_PROJ_OPTIMIZER="muon", TIE_EMBEDDINGS=0)])
 def test_new_tensors_each_in_exactly_one_optimizer_group(over):
     hp = hp_of(**over)
     model = T.GPT(T.ModelConfig.from_hparams(hp))
@@ -72,8 +73,9 @@ def test_new_tensors_each_in_exactly_one_optimizer_group(over):
     assert set(opt.state["buf"]).isdisjoint(opt.state["m"]) and set(opt.state["buf"]) | set(opt.state["m"]) == set(params)
     assert {n for n in params if ".tables." in n} == {n for n, g in opt.group.items() if g == "table"} != set()
     assert opt.group["engram.gates"] == "scalar"
-    want = "muon" if hp.hash_proj_optimizer == "muon" else "head"
-    assert opt.group["engram.proj.weight"] == opt.group["skipgram.proj.weight"] == want
+    for piece in ("engram", "skipgram"):
+        want = "muon" if getattr(hp, f"{piece}_proj_optimizer") == "muon" else "head"
+        assert opt.group[f"{piece}.proj.weight"] == want
 
 
 def test_flags_off_is_exactly_the_baseline():
@@ -81,7 +83,8 @@ def test_flags_off_is_exactly_the_baseline():
     x = np.random.default_rng(3).integers(0, 128, (2, 32)).astype(np.int32)
     runs = []
     for over in ({}, dict(ENGRAM_HASH_SIZE=99, ENGRAM_DIM=7, SKIPGRAM_DIM=5, SKIPGRAM_PATTERNS="-1,-2",
-                          COMPLEMENT_FLOOR=0.5, QAT_START_FRAC=1, HASH_PROJ_OPTIMIZER="adam")):
+                          COMPLEMENT_FLOOR=0.5, QAT_START_FRAC=1, ENGRAM_PROJ_OPTIMIZER="adam",
+                          ENGRAM_MODE="input")):
         hp = hp_of(**over)
         mx.random.seed(0)
         model = T.GPT(T.ModelConfig.from_hparams(hp))
