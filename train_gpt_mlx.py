@@ -115,7 +115,7 @@ class Hyperparameters:
     eval_batch_seqs: int = _env("EVAL_BATCH_SEQS", 0, int, 0)
     eval_token_nll_path: str = _env("EVAL_TOKEN_NLL_PATH", "", str)
     ngram_mixer_enabled: bool = _env("NGRAM_MIXER_ENABLED", False, bool)
-    ngram_max_order: int = _env("NGRAM_MAX_ORDER", 4, int, 1, 16)
+    ngram_max_order: int = _env("NGRAM_MAX_ORDER", 2, int, 1, 16)
     ngram_alpha: float = _env("NGRAM_ALPHA", 0.3, float, 0.0, 0.99)
     ngram_alpha_mode: str = _env("NGRAM_ALPHA_MODE", "entropy", str, choices=("fixed", "entropy"))
     ngram_buckets: int = _env("NGRAM_BUCKETS", 16384, int, 1, 2**20)
@@ -1211,9 +1211,13 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
         last = step == hp.iterations or (stop_at is not None and step >= stop_at) or interrupted
         if last or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
             train_ms += (time.perf_counter() - t_last) * 1000
-            loss, bpb, _ = run_eval("val", final=last)
-            log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            try:
+                loss, bpb, _ = run_eval("val", final=last)
+                log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            except KeyboardInterrupt:
+                log("evaluation interrupted: skipped; training stops and the artifact is still written")
+                last = interrupted = True
             t_last = time.perf_counter()
         if last:
             break

@@ -18,16 +18,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt_mlx as T  # noqa: E402
 
 FULL = dict(ENGRAM_LITE_ENABLED="1", SKIPGRAM_HASH_SIZE="4096")
-CONFIGS = {"baseline (9x512)": {}, "engram (defaults)": dict(ENGRAM_LITE_ENABLED="1"),
+CONFIGS = {"baseline (9x512)": {}, "engram (logit, defaults)": dict(ENGRAM_LITE_ENABLED="1"),
+           "engram (input)": dict(ENGRAM_LITE_ENABLED="1", ENGRAM_MODE="input"),
            "skipgram 4096x32": dict(SKIPGRAM_HASH_SIZE="4096"), "full stack": FULL,
-           "full stack, engram logit": dict(FULL, ENGRAM_MODE="logit"),
-           "full stack, MLP_MULT=3": dict(FULL, MLP_MULT="3")}
+           "full stack, engram input": dict(FULL, ENGRAM_MODE="input"),
+           "full stack, MLP_MULT=3": dict(FULL, MLP_MULT="3"),
+           "full stack, MLP_MULT=3, 8 layers": dict(FULL, MLP_MULT="3", NUM_LAYERS="8")}
 
 
 def main():
     extra = dict(kv.split("=", 1) for kv in sys.argv[1:])
     code = os.path.getsize(T.__file__)
-    rng = np.random.default_rng(0)
     print(f"code_bytes: {code:,} (train_gpt_mlx.py)\n")
     print("| config | params | model bytes | total bytes | fits 16,000,000 |\n|---|---|---|---|---|")
     for name, over in CONFIGS.items():
@@ -35,6 +36,7 @@ def main():
         mx.random.seed(0)
         cfg = T.ModelConfig.from_hparams(hp)
         flat = T.flat_numpy(T.GPT(cfg))
+        rng = np.random.default_rng(0)  # the same draws for every configuration
         for n, w in flat.items():
             if T.is_quantized(n, w.shape):
                 flat[n] = (rng.standard_normal(w.shape) / np.sqrt(w.shape[1])).astype(np.float32)

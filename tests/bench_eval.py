@@ -74,11 +74,13 @@ def main():
         print("| eval | val_bpb | Δ vs standard |\n|---|---|---|")
         base = None
         rows = [("standard", dict(stride=0)), (f"sliding {a.stride}", dict(stride=a.stride))]
-        for mode in ("fixed", "entropy"):
-            for order in (2, 4, 6):
-                rows.append((f"sliding {a.stride} + mixer {mode} α=0.3 order {order}",
-                             dict(stride=a.stride, mix=(order, 16384, 0.3), mode=mode)))
-        rows.append((f"sliding {a.stride} + mixer entropy α=0.6 order 4", dict(stride=a.stride, mix=(4, 16384, 0.6))))
+        for mode, alpha, order, buckets in (("fixed", 0.3, 1, 1), ("fixed", 0.3, 2, 16384), ("fixed", 0.3, 4, 16384),
+                                            ("entropy", 0.3, 2, 16384), ("entropy", 0.3, 4, 16384),
+                                            ("entropy", 0.6, 2, 16384), ("fixed", 0.5, 2, 16384),
+                                            ("fixed", 0.3, 2, 262144), ("fixed", 0.3, 3, 262144),
+                                            ("fixed", 0.3, 4, 262144)):
+            rows.append((f"sliding {a.stride} + mixer {mode} α={alpha} order {order}, {buckets} buckets",
+                         dict(stride=a.stride, mix=(order, buckets, alpha), mode=mode)))
         for name, kw in rows:
             bpb = run(val, **kw)[0]
             base = bpb if base is None else base

@@ -21,7 +21,10 @@ def setup(a, compiled):
     hp = T.Hyperparameters.from_env(env)
     mx.random.seed(0)
     model = T.GPT(T.ModelConfig.from_hparams(hp), hp.dtype())
-    return hp, model, T.Compiled(model, T.Optimizers(model, hp), compile_fns=compiled)
+    comp = mx.full((a.vocab * a.vocab,), 1.0 / a.vocab) if hp.complement_alpha > 0 else None  # cost only
+    qat = hp.quant_bits if hp.qat_start_frac < 1.0 else 0  # time the QAT graphs when QAT is asked for
+    return hp, model, T.Compiled(model, T.Optimizers(model, hp), compile_fns=compiled, qat_bits=qat,
+                                 complement=comp)
 
 
 def bench_train(a, compiled):

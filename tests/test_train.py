@@ -270,3 +270,19 @@ def test_same_seed_same_losses_other_seed_differs(data, tmp_path):
         runs[rid] = _train_losses((tmp_path / f"{rid}.txt").read_text())
     np.testing.assert_allclose(runs["a"], runs["b"], rtol=1e-6)
     assert runs["a"] != runs["c"]
+
+
+def test_ctrl_c_during_training_still_writes_a_scored_artifact(data, tmp_path, monkeypatch):
+    real, calls = T.train_step, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4 + 1:  # the warmup step, then 3 training steps, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(T, "train_step", flaky)
+    assert T.main(tiny_env(data, tmp_path, VAL_MAX_TOKENS=512)) == 0
+    log = (tmp_path / "tiny.txt").read_text()
+    assert "interrupted at step 3" in log and re.search(r"^step:3/20 val_loss:", log, re.M)
+    assert (tmp_path / "tiny_model.int6.ptz").exists() and "final_int6_zstd_roundtrip_exact" in log
