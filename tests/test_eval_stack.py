@@ -61,8 +61,8 @@ def test_sliding_eval_scores_each_target_with_its_window_context(setup):
         y = mx.array(toks[None, st + 1:st + 65].astype(np.int32))
         direct = np.array(model.token_nll(x, y))[0, o:]
         np.testing.assert_allclose(nll[st + o:st + 64], direct, rtol=1e-5, atol=1e-5)
-    std = T.evaluate(fns.token_nll, toks, 64, 7, tables)
-    assert loss < std[0]  # more context helps even this random model a little
+    std = T.evaluate(fns.token_nll, toks, 64, 7, tables)[2]
+    assert np.allclose(nll[:64], std[:64], atol=1e-5) and not np.allclose(nll[64:], std[64:])  # longer contexts
 
 
 def mixer(V, mode="entropy", order=3):
