@@ -169,7 +169,7 @@ class Hyperparameters:
 
     def dtype(self):
         if self.compute_dtype == "auto":  # bf16 matmul is ~30x slower than fp32 on CPU
-            return mx.bfloat16 if mx.default_device().type == mx.DeviceType.gpu else mx.float32
+            return mx.bfloat16 if _on_gpu() else mx.float32
         return getattr(mx, self.compute_dtype)
 
 
@@ -682,7 +682,8 @@ def bigram_table(files: list[str], vocab: int, max_tokens: int) -> np.ndarray:
 
 
 def complement_weights(x, y, table, alpha: float, floor: float, vocab: int):
-    """clip(1 - alpha * P_bigram(y | x), floor, 1), renormalised to mean 1 over the batch."""
+    """clip(1 - alpha * P_bigram(y | x), floor, 1), renormalised to mean 1 over the (micro)batch
+    the compiled loss sees."""
     w = mx.clip(1.0 - alpha * mx.take(table, x * vocab + y), floor, 1.0)
     return w / mx.mean(w)
 
