@@ -545,9 +545,6 @@ class GPT(nn.Module):
         ent = -mx.sum(mx.exp(logp) * logp, axis=-1)
         return -mx.take_along_axis(logp, targets[..., None], -1)[..., 0], ent
 
-    def loss(self, ids, targets):
-        return self.token_nll(ids, targets).mean()
-
 
 # =============================================================================
 # Optimizers: Muon for the blocks' matrices, Adam for everything else
