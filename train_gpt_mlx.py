@@ -1116,8 +1116,10 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
     np.random.seed(hp.seed)
     sp = load_tokenizer(hp.tokenizer_path)
 
+    trained_seq = hp.train_seq_len
     if hp.eval_only:
-        cfg, flat, _ = read_artifact(hp.load_artifact)
+        cfg, flat, header = read_artifact(hp.load_artifact)
+        trained_seq = int(header["meta"].get("train_seq_len", trained_seq))  # eval as it was trained
         model = GPT(cfg, dtype)
         load_flat_into(model, flat)
     else:
@@ -1143,7 +1145,7 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
     fns, qat_on = graphs[False], False
     seq = hp.train_seq_len
     bseqs = eval_batch_seqs(hp, seq)
-    eval_seq = hp.eval_seq_len or seq
+    eval_seq = hp.eval_seq_len or trained_seq
     log(f"final_eval: seq_len:{eval_seq} stride:{hp.eval_stride or eval_seq} "
         f"batch_seqs:{hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq)} mixer:" + (
             f"order{hp.ngram_max_order}/{hp.ngram_alpha_mode}/alpha{hp.ngram_alpha}/buckets{hp.ngram_buckets}"
@@ -1254,7 +1256,7 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
     # Artifact: quantize + compress, then prove it by reloading and evaluating it again.
     path = os.path.join(hp.out_dir, f"{run_id}_model.int{hp.quant_bits}.ptz")
     log(f"writing artifact {path} (int{hp.quant_bits} + zstd-22)...")
-    model_bytes = write_artifact(path, flat_numpy(model), cfg, hp.quant_bits, dict(run_id=run_id, step=step))
+    model_bytes = write_artifact(path, flat_numpy(model), cfg, hp.quant_bits, dict(run_id=run_id, step=step, train_seq_len=seq))
     total = code_bytes + model_bytes
     log(f"artifact: code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
         f"cap:{ARTIFACT_CAP_BYTES} {'OK' if total <= ARTIFACT_CAP_BYTES else 'OVER'}")

@@ -256,7 +256,9 @@ def test_tiny_run_trains_and_writes_log_artifact_and_roundtrip(data, tmp_path):
     rt = re.search(r"^final_int6_zstd_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", log, re.M)
     assert rt and float(rt[2]) < 4.0
     # the artifact alone reproduces that score
-    env2 = tiny_env(data, tmp_path, EVAL_ONLY=1, LOAD_ARTIFACT=str(art), RUN_ID="evalonly", NUM_LAYERS=5)
+    # shape and eval length come from the artifact, whatever the environment says
+    env2 = tiny_env(data, tmp_path, EVAL_ONLY=1, LOAD_ARTIFACT=str(art), RUN_ID="evalonly", NUM_LAYERS=5,
+                    TRAIN_SEQ_LEN=128)
     assert T.main(env2) == 0
     ev = re.search(r"^eval_only_exact val_loss:([\d.]+) val_bpb:([\d.]+)", (tmp_path / "evalonly.txt").read_text(), re.M)
     assert float(ev[2]) == pytest.approx(float(rt[2]), abs=1e-6)
