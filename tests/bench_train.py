@@ -17,7 +17,7 @@ import train_gpt_mlx as T  # noqa: E402
 
 def setup(a, compiled):
     env = dict(VOCAB_SIZE=str(a.vocab), NUM_LAYERS=str(a.layers), MODEL_DIM=str(a.dim), NUM_HEADS=str(a.heads),
-               NUM_KV_HEADS=str(a.heads // 2), TRAIN_SEQ_LEN=str(a.seq), **dict(kv.split("=", 1) for kv in a.env))
+               NUM_KV_HEADS=str(max(1, a.heads // 2)), TRAIN_SEQ_LEN=str(a.seq), **dict(kv.split("=", 1) for kv in a.env))
     hp = T.Hyperparameters.from_env(env)
     mx.random.seed(0)
     model = T.GPT(T.ModelConfig.from_hparams(hp), hp.dtype())
