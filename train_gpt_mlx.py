@@ -881,8 +881,6 @@ def summarize_nll(nll: np.ndarray, tokens: np.ndarray, tables):
     return total_nll / n, total_nll / math.log(2) / max(total_bytes, 1), nll
 
 
-
-
 class BackoffNgramMixer:
     """Interpolated Witten-Bell backoff n-gram cache, mixed into the model's distribution.
 
@@ -974,8 +972,9 @@ class BackoffNgramMixer:
             self.counts[k] = self.counts[k].at[r, v].add(1)
             self.C[k] = self.C[k].at[r].add(1)
             # (row, v) becomes distinct once: at its first occurrence in the chunk, if unseen before.
-            order = mx.argsort(r * self.V + v)
-            key = (r * self.V + v)[order]
+            key = r * self.V + v
+            order = mx.argsort(key)
+            key = key[order]
             first = mx.concatenate([mx.array([True]), key[1:] != key[:-1]])
             self.T[k] = self.T[k].at[r[order]].add((first & (c0[order] == 0)).astype(mx.int32))
         self.u, self.U = self.u.at[y].add(1), self.U + (e - s)
@@ -1199,7 +1198,8 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
                                muon_momentum_at(0, hp)))
         model.update(tree_unflatten(list(init_params.items())))
         opt.reset(dict(tree_flatten(model.trainable_parameters())))
-        mx.eval(fns.token_nll(*[mx.zeros((min(bseqs, 64), seq), mx.int32)] * 2))
+        n_windows = -(-(val_tokens.size - 1) // seq)  # the batch shape evaluate() uses for periodic evals
+        mx.eval(fns.token_nll(*[mx.zeros((min(bseqs, n_windows), seq), mx.int32)] * 2))
         log(f"warmup:{hp.warmup_steps} steps {time.perf_counter() - t0:.1f}s (compile; state restored)")
     stream = TokenStream(stream_files, cfg.vocab_size)
 
@@ -1256,7 +1256,8 @@ def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
     # Artifact: quantize + compress, then prove it by reloading and evaluating it again.
     path = os.path.join(hp.out_dir, f"{run_id}_model.int{hp.quant_bits}.ptz")
     log(f"writing artifact {path} (int{hp.quant_bits} + zstd-22)...")
-    model_bytes = write_artifact(path, flat_numpy(model), cfg, hp.quant_bits, dict(run_id=run_id, step=step, train_seq_len=seq))
+    model_bytes = write_artifact(path, flat_numpy(model), cfg, hp.quant_bits,
+                                 dict(run_id=run_id, step=step, train_seq_len=seq))
     total = code_bytes + model_bytes
     log(f"artifact: code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
         f"cap:{ARTIFACT_CAP_BYTES} {'OK' if total <= ARTIFACT_CAP_BYTES else 'OVER'}")
