@@ -8,19 +8,23 @@ quantization/artifact -> evaluation -> compiled functions -> main.
 """
 from __future__ import annotations
 
+import difflib
 import glob
 import json
 import math
 import os
+import re
 import struct
 import sys
+import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
@@ -47,6 +51,9 @@ class Hyperparameters:
     run_id: str = _env("RUN_ID", "", str)
     out_dir: str = _env("OUT_DIR", "logs", str)
     seed: int = _env("SEED", 1337, int, 0, 2**31 - 1)
+    strict_env: bool = _env("STRICT_ENV", False, bool)
+    checkpoint_every: int = _env("CHECKPOINT_EVERY", 0, int, 0)
+    resume_from: str = _env("RESUME_FROM", "", str)
     # training length / batch
     iterations: int = _env("ITERATIONS", 20000, int, 0)
     train_batch_tokens: int = _env("TRAIN_BATCH_TOKENS", 524_288, int, 1)
@@ -55,6 +62,7 @@ class Hyperparameters:
     mlx_max_microbatch_tokens: int = _env("MLX_MAX_MICROBATCH_TOKENS", 8192, int, 1)
     warmup_steps: int = _env("WARMUP_STEPS", 20, int, 0)
     warmdown_iters: int = _env("WARMDOWN_ITERS", 1200, int, 0)
+    warmdown_frac: float = _env("WARMDOWN_FRAC", 0.0, float, 0.0, 1.0)
     max_wallclock_seconds: float = _env("MAX_WALLCLOCK_SECONDS", 600.0, float, 0.0)
     # evaluation / logging
     val_batch_size: int = _env("VAL_BATCH_SIZE", 524_288, int, 1)
@@ -110,6 +118,7 @@ class Hyperparameters:
     ema_decay: float = _env("EMA_DECAY", 0.0, float, 0.0, 0.999999)
     qat_start_frac: float = _env("QAT_START_FRAC", 1.0, float, 0.0, 1.0)
     # moonshot stack, evaluation side
+    eval_mode: str = _env("EVAL_MODE", "auto", str, choices=("auto", "standard", "sliding"))
     eval_seq_len: int = _env("EVAL_SEQ_LEN", 0, int, 0)
     eval_stride: int = _env("EVAL_STRIDE", 0, int, 0)
     eval_batch_seqs: int = _env("EVAL_BATCH_SEQS", 0, int, 0)
@@ -120,29 +129,48 @@ class Hyperparameters:
     ngram_alpha_mode: str = _env("NGRAM_ALPHA_MODE", "entropy", str, choices=("fixed", "entropy"))
     ngram_buckets: int = _env("NGRAM_BUCKETS", 16384, int, 1, 2**20)
     ngram_chunk: int = _env("NGRAM_CHUNK", 2048, int, 1)
+    # not a variable: what unknown_env_notes found in the environment, for the log
+    env_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
-        """Parse and validate; raise one ConfigError listing every bad variable."""
-        env = os.environ if env is None else env
+        """Parse and validate; raise one ConfigError listing every bad variable. An empty value
+        is an error (not the default): `ITERATIONS=` is more likely a broken script than a wish."""
+        env = dict(os.environ if env is None else env)
+        for alias, name in ENV_ALIASES.items():  # the public baseline's spellings
+            if alias in env and name not in env:
+                env[name] = env[alias]
         values, errors = {}, []
-        for f in fields(cls):
+        for f in env_fields():
             m = f.metadata
             raw = env.get(m["env"])
-            if raw is None or raw.strip() == "":
+            if raw is None:
                 values[f.name] = f.default
                 continue
             try:
+                if raw.strip() == "":
+                    raise ValueError(f"empty value; unset {m['env']} to use the default ({f.default!r})")
                 values[f.name] = _parse(raw.strip(), m)
             except ValueError as e:
                 errors.append(f"{m['env']}={raw!r}: {e}")
         if errors:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(errors))
-        hp = cls(**values)
-        hp._check_relations()
+        notes = unknown_env_notes(env)
+        hp = cls(**values, env_notes=tuple(notes))
+        hp.check_relations()
+        if hp.strict_env and notes:
+            raise ConfigError("STRICT_ENV=1 and the environment has variables this script does not read:\n  "
+                              + "\n  ".join(notes))
         return hp
 
-    def _check_relations(self):
+    @property
+    def eval_stride_resolved(self) -> int:
+        """EVAL_MODE=sliding without EVAL_STRIDE means the records' stride 64; 0 = standard."""
+        if self.eval_mode == "sliding" and not self.eval_stride:
+            return 64
+        return self.eval_stride
+
+    def check_relations(self):
         errs = []
         if self.model_dim % self.num_heads:
             errs.append(f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
@@ -150,20 +178,28 @@ class Hyperparameters:
             errs.append(f"MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even (RoPE)")
         if self.num_heads % self.num_kv_heads:
             errs.append(f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
-        if self.train_batch_tokens % self.train_seq_len:
+        if not self.eval_only and self.train_batch_tokens % self.train_seq_len:
             errs.append(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of "
                         f"TRAIN_SEQ_LEN={self.train_seq_len}")
         try:
             parse_patterns(self.skipgram_patterns)
         except ValueError as e:
             errs.append(f"SKIPGRAM_PATTERNS={self.skipgram_patterns!r}: {e}")
-        if self.eval_stride > (self.eval_seq_len or self.train_seq_len):
-            errs.append(f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN "
-                        f"({self.eval_seq_len or self.train_seq_len})")
+        eval_len = self.eval_seq_len or self.train_seq_len
+        if self.eval_stride_resolved > eval_len:
+            errs.append(f"EVAL_STRIDE={self.eval_stride_resolved} must be <= the eval window "
+                        f"(EVAL_SEQ_LEN, else the training length: {eval_len})")
+        if self.eval_mode == "standard" and self.eval_stride not in (0, eval_len):
+            errs.append(f"EVAL_MODE=standard scores non-overlapping windows: unset EVAL_STRIDE={self.eval_stride}")
+        if self.checkpoint_every and self.eval_only:
+            errs.append("CHECKPOINT_EVERY needs a training run (EVAL_ONLY=1 trains nothing)")
         if self.ngram_mixer_enabled and max(self.ngram_buckets, self.vocab_size) * self.vocab_size >= 2**31:
             errs.append(f"NGRAM_BUCKETS={self.ngram_buckets} x VOCAB_SIZE={self.vocab_size} must stay below 2^31")
         if self.eval_only and not self.load_artifact:
             errs.append("EVAL_ONLY=1 needs LOAD_ARTIFACT=path/to/artifact")
+        if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
+            errs.append(f"RUN_ID={self.run_id!r} must be a plain name: letters, digits, '.', '_', '-' "
+                        "(it names files in OUT_DIR)")
         if errs:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(errs))
 
@@ -171,6 +207,43 @@ class Hyperparameters:
         if self.compute_dtype == "auto":  # bf16 matmul is ~30x slower than fp32 on CPU
             return mx.bfloat16 if _on_gpu() else mx.float32
         return getattr(mx, self.compute_dtype)
+
+
+ENV_ALIASES = {"TRAIN_MAX_SEQ_LEN": "TRAIN_SEQ_LEN"}  # the public baseline reads both
+ENV_NOTES = {  # variables other scripts read that this one does not need
+    "MLX_EAGER_EVAL": "not needed: every microbatch is evaluated eagerly already (as MLX_EAGER_EVAL=1)",
+    "LOGIT_CHUNK_TOKENS": "not needed: logits are computed per microbatch; bound memory with "
+                          "MLX_MAX_MICROBATCH_TOKENS",
+}
+ENV_FAMILIES = ("ENGRAM_", "NGRAM_", "EVAL_", "SKIPGRAM_", "COMPLEMENT_", "QAT_", "EMA_", "MUON_", "TRAIN_",
+                "VAL_", "WARMDOWN_", "CHECKPOINT_", "TIED_", "QUANT_", "TTT_")
+
+
+def env_fields() -> list:
+    return [f for f in fields(Hyperparameters) if f.metadata.get("env")]
+
+
+def unknown_env_notes(env) -> list[str]:
+    """One line per variable that looks like ours but is not read (a typo, wrong case, another
+    script's name), naming the closest known variable. Silence here would mean a knob the user
+    believes is on is off."""
+    known = {f.metadata["env"] for f in env_fields()} | set(ENV_ALIASES)
+    notes = []
+    for name in sorted(env):
+        if name in known:
+            continue
+        if name in ENV_NOTES:
+            notes.append(f"{name}: {ENV_NOTES[name]}")
+            continue
+        up = name.upper()
+        close = difflib.get_close_matches(up, known, n=1, cutoff=0.6 if up.startswith(ENV_FAMILIES) else 0.85)
+        if up in known:
+            notes.append(f"{name} is not read: did you mean {up}? (names are upper case)")
+        elif close:
+            notes.append(f"{name} is not read: did you mean {close[0]}?")
+        elif up.startswith(ENV_FAMILIES):
+            notes.append(f"{name} is not read by this script (see the README's variable tables)")
+    return notes
 
 
 def parse_patterns(text: str) -> tuple:
@@ -249,18 +322,39 @@ def load_validation_tokens(data_path: str, max_tokens: int, vocab_size: int) -> 
 
 
 class TokenStream:
-    """Sequential tokens over the sorted train shards, wrapping around; one shard in memory."""
+    """Sequential tokens over the sorted train shards, wrapping around (and saying so: a second
+    pass repeats data); one shard in memory. (file_idx, pos, epoch) is its whole state, so a
+    checkpoint can resume it exactly."""
 
-    def __init__(self, files: list[str], vocab_size: int):
-        self.files, self.vocab_size = files, vocab_size
-        self.file_idx, self.pos = -1, 0
+    def __init__(self, files: list[str], vocab_size: int, log=None):
+        self.files, self.vocab_size, self.log = files, vocab_size, log
+        self.file_idx, self.pos, self.epoch = -1, 0, 0
         self.tokens = np.zeros(0, np.uint16)
 
-    def _next_file(self):
-        self.file_idx = (self.file_idx + 1) % len(self.files)
-        self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+    def _load(self, file_idx: int, pos: int = 0):
+        self.file_idx = file_idx
+        self.tokens, self.pos = load_data_shard(self.files[file_idx]), pos
         if self.tokens.size and int(self.tokens.max()) >= self.vocab_size:
-            raise ValueError(f"{self.files[self.file_idx]}: token id >= VOCAB_SIZE={self.vocab_size}")
+            raise ValueError(f"{self.files[file_idx]}: token id >= VOCAB_SIZE={self.vocab_size}")
+
+    def _next_file(self):
+        if self.file_idx + 1 == len(self.files):
+            self.epoch += 1
+            if self.log:
+                self.log(f"WARNING: train stream wrapped around: pass {self.epoch + 1} over the "
+                         f"{len(self.files)} train shard(s) repeats data already trained on")
+        self._load((self.file_idx + 1) % len(self.files))
+
+    def state(self) -> dict:
+        return dict(file_idx=self.file_idx, pos=self.pos, epoch=self.epoch)
+
+    def restore(self, st: dict):
+        if st["file_idx"] >= len(self.files):
+            raise ValueError(f"checkpoint's train stream is at shard {st['file_idx']}, but only "
+                             f"{len(self.files)} train shard(s) are in DATA_PATH")
+        if st["file_idx"] >= 0:
+            self._load(st["file_idx"], st["pos"])
+        self.epoch = st["epoch"]
 
     def take(self, n: int) -> np.ndarray:
         parts, empty_files = [], 0
@@ -313,7 +407,10 @@ def load_tokenizer(path: str):
     import sentencepiece as spm
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer not found: {path} (TOKENIZER_PATH)\n{DATA_HELP}")
-    return spm.SentencePieceProcessor(model_file=path)
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"TOKENIZER_PATH={path} is not a SentencePiece model ({e})") from None
 
 
 # =============================================================================
@@ -370,7 +467,7 @@ class MLP(nn.Module):
         return self.proj(h * h)  # relu^2
 
 
-_HASH_MULT = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C)
+_HASH_MULT = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646D)  # all odd: invertible mod 2^32
 
 
 def hash_ids(cols: list, seed: int, size: int) -> mx.array:
@@ -457,26 +554,27 @@ class Block(nn.Module):
 # =============================================================================
 @dataclass(frozen=True)
 class ModelConfig:
-    """What it takes to rebuild the network; stored in the artifact header."""
-    vocab_size: int = 1024
-    num_layers: int = 9
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: int = 2
-    tie_embeddings: bool = True
-    tied_embed_init_std: float = 0.005
-    logit_softcap: float = 30.0
-    rope_base: float = 10000.0
-    qk_gain_init: float = 1.5
-    engram_lite_enabled: bool = False
-    engram_mode: str = "logit"
-    engram_hash_size: int = 4096
-    engram_dim: int = 128
-    engram_heads: int = 2
-    skipgram_hash_size: int = 0
-    skipgram_dim: int = 32
-    skipgram_patterns: str = "-1,-3;-1,-5;-2,-4"
+    """What it takes to rebuild the network; stored in the artifact header. No defaults of its own:
+    Hyperparameters is the one source of defaults (from_hparams)."""
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_mult: int
+    tie_embeddings: bool
+    tied_embed_init_std: float
+    logit_softcap: float
+    rope_base: float
+    qk_gain_init: float
+    engram_lite_enabled: bool
+    engram_mode: str
+    engram_hash_size: int
+    engram_dim: int
+    engram_heads: int
+    skipgram_hash_size: int
+    skipgram_dim: int
+    skipgram_patterns: str
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
@@ -579,77 +677,148 @@ def newton_schulz(g, steps: int):
     return x.T if tall else x
 
 
-class Optimizers:
-    """Muon + Adam as pure array math, so the whole update lives inside the compiled step.
+class Muon(optim.Optimizer):
+    """Muon for 2-D matrices: Nesterov momentum, orthogonalised by Newton-Schulz. The momentum is a
+    state entry set every step from its schedule, and the weight decay is decoupled
+    (p <- p (1 - lr wd)), so both compile into the step like the learning rate."""
 
-    `state` holds every buffer; the compiled step takes it as input and output, so it is
-    mutated in place (never rebound) to keep the compiled graph's references valid.
-    """
+    def __init__(self, learning_rate: float, momentum: float, backend_steps: int, weight_decay: float):
+        super().__init__()
+        self._maybe_schedule("learning_rate", learning_rate)
+        self._maybe_schedule("momentum", momentum)
+        self.backend_steps, self.weight_decay = backend_steps, weight_decay
+
+    def init_single(self, parameter: mx.array, state: dict):
+        state["buf"] = mx.zeros_like(parameter)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        lr, mom = self.learning_rate, self.state["momentum"]
+        buf = mom * state["buf"] + gradient
+        state["buf"] = buf
+        ortho = newton_schulz((gradient + mom * buf).astype(mx.bfloat16 if _on_gpu() else mx.float32),
+                              self.backend_steps).astype(mx.float32)
+        scale = math.sqrt(max(1.0, parameter.shape[0] / parameter.shape[1]))
+        return parameter * (1 - lr * self.weight_decay) - (lr * scale) * ortho
+
+
+class Optimizers:
+    """Muon for the block matrices, one mlx Adam (bias-corrected, as the baseline) per other group,
+    the global gradient clip, and the EMA of the weights: all array math, so the whole update
+    compiles into the step. `state` is the compiled step's input and output; reset and restore
+    mutate it in place, never rebind it, so compiled graphs keep valid references."""
 
     def __init__(self, model: GPT, hp: Hyperparameters):
         self.hp = hp
         params = dict(tree_flatten(model.trainable_parameters()))
         proj = dict(engram=hp.engram_proj_optimizer, skipgram=hp.skipgram_proj_optimizer)
         self.group = {n: param_group(n, p, proj) for n, p in params.items()}
-        self.lr = {"muon": hp.matrix_lr, "scalar": hp.scalar_lr, "head": hp.head_lr, "table": hp.tied_embed_lr,
-                   "embed": hp.tied_embed_lr if model.cfg.tie_embeddings else hp.embed_lr}
-        self.state = {"t": None, "m": {}, "v": {}, "buf": {}, "ema": {}}
+        self.base_lr = {"muon": hp.matrix_lr, "scalar": hp.scalar_lr, "head": hp.head_lr, "table": hp.tied_embed_lr,
+                        "embed": hp.tied_embed_lr if model.cfg.tie_embeddings else hp.embed_lr}
+        self.opts = {g: Muon(self.base_lr[g], hp.muon_momentum, hp.muon_backend_steps, hp.muon_weight_decay)
+                     if g == "muon" else optim.Adam(self.base_lr[g], [hp.beta1, hp.beta2], hp.adam_eps,
+                                                    bias_correction=True)
+                     for g in sorted(set(self.group.values()))}
+        self.ema: dict = {}
         self.reset(params)
 
+    @property
+    def state(self) -> list:
+        return [o.state for o in self.opts.values()] + [self.ema]
+
+    def split(self, tree: dict) -> dict:
+        return {g: {n: v for n, v in tree.items() if self.group[n] == g} for g in self.opts}
+
     def reset(self, params: dict):
-        st = self.state
-        st["t"] = mx.array(0.0)
-        for n, p in params.items():
-            if self.hp.ema_decay > 0:  # EMA of weights, updated inside the compiled step
-                st["ema"][n] = p
-            if self.group[n] == "muon":
-                st["buf"][n] = mx.zeros_like(p)
-            else:
-                st["m"][n], st["v"][n] = mx.zeros_like(p), mx.zeros_like(p)
+        """Fresh optimizer state (and EMA = params), in place."""
+        for g, sub in self.split(params).items():
+            st = self.opts[g].state
+            st["step"] = mx.array(0, mx.uint64)
+            for n in sub:
+                st[n] = {}
+            self.opts[g].init(sub)
+        self.ema.clear()
+        if self.hp.ema_decay > 0:
+            self.ema.update(params)
 
     def apply(self, params: dict, grads: dict, lr_mul, momentum) -> dict:
-        hp, st = self.hp, self.state
-        if hp.grad_clip_norm > 0:
-            norm = mx.sqrt(sum(mx.sum(g * g) for g in grads.values()))
-            k = mx.minimum(1.0, hp.grad_clip_norm / (norm + 1e-6))
-            grads = {n: g * k for n, g in grads.items()}
-        t = st["t"] + 1
-        st["t"] = t
-        c1, c2 = 1 - hp.beta1 ** t, 1 - hp.beta2 ** t
-        out = {}
-        for n, p in params.items():
-            g, lr = grads[n], self.lr[self.group[n]] * lr_mul
-            if self.group[n] == "muon":
-                buf = momentum * st["buf"][n] + g
-                st["buf"][n] = buf
-                o = newton_schulz((g + momentum * buf).astype(mx.bfloat16 if _on_gpu() else mx.float32),
-                                  hp.muon_backend_steps).astype(mx.float32)
-                scale = math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
-                out[n] = p * (1 - lr * hp.muon_weight_decay) - (lr * scale) * o
-            else:
-                m = hp.beta1 * st["m"][n] + (1 - hp.beta1) * g
-                v = hp.beta2 * st["v"][n] + (1 - hp.beta2) * (g * g)
-                st["m"][n], st["v"][n] = m, v
-                out[n] = p - lr * (m / c1) / (mx.sqrt(v / c2) + hp.adam_eps)
-            if hp.ema_decay > 0:
-                st["ema"][n] = hp.ema_decay * st["ema"][n] + (1 - hp.ema_decay) * out[n]
+        """New parameters from flat {name: array} params and grads (inside the compiled step)."""
+        if self.hp.grad_clip_norm > 0:
+            grads, _ = optim.clip_grad_norm(grads, self.hp.grad_clip_norm)
+        out, gp, gg = {}, self.split(params), self.split(grads)
+        for g, o in self.opts.items():
+            o.state["learning_rate"] = self.base_lr[g] * lr_mul
+            if g == "muon":
+                o.state["momentum"] = momentum
+            out.update(o.apply_gradients(gg[g], gp[g]))
+        if self.ema:
+            d = self.hp.ema_decay
+            for n, p in out.items():
+                self.ema[n] = d * self.ema[n] + (1 - d) * p
         return out
+
+    def arrays(self) -> dict:
+        """Every state array by a '/'-joined path (for checkpoints)."""
+        return flatten_tree(dict(opt=self.state[:-1], ema=self.ema))
+
+    def load_arrays(self, flat: dict):
+        assign_tree(dict(opt=self.state[:-1], ema=self.ema), flat)
+
+
+def flatten_tree(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return {prefix: tree}
+    out = {}
+    for k, v in items:
+        out.update(flatten_tree(v, f"{prefix}/{k}" if prefix else str(k)))
+    return out
+
+
+def assign_tree(tree, flat: dict, prefix: str = ""):
+    """The inverse of flatten_tree, in place, insisting on exactly the same paths."""
+    want = flatten_tree(tree, prefix)
+    if set(want) != set(flat):
+        diff = sorted(set(want) ^ set(flat))[:4]
+        raise ValueError(f"checkpoint state does not match this run's optimizer state (differs at {diff})")
+
+    def walk(node, path):
+        for k in (list(node) if isinstance(node, dict) else range(len(node))):
+            p = f"{path}/{k}" if path else str(k)
+            if isinstance(node[k], (dict, list, tuple)):
+                walk(node[k], p)
+            else:
+                node[k] = mx.array(flat[p])
+    walk(tree, prefix)
 
 
 def _on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
 
+WARMDOWN_MAX_BUDGET_SHARE = 0.5
+
+
 def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
-    """Linear warmdown to 0 over the last WARMDOWN_ITERS steps, whichever limit ends the run
-    first: the step count, or the wall clock (the step time so far sets the warmdown length)."""
+    """Linear warmdown to 0 at the end of the run, which ends at ITERATIONS steps or at the
+    wall-clock cap, whichever comes first. WARMDOWN_FRAC > 0: over that fraction of the run
+    (progress = the larger of the step and time shares). Otherwise over the last WARMDOWN_ITERS
+    steps; under a cap, their duration at the measured step time is capped at half the budget:
+    the public script's uncapped form starts a slow machine (5 s x 1200 steps > 600 s) decayed."""
+    cap_ms = hp.max_wallclock_seconds * 1000.0
+    if hp.warmdown_frac > 0:
+        progress = step / max(hp.iterations, 1)
+        if cap_ms > 0:
+            progress = max(progress, elapsed_ms / cap_ms)
+        return min(1.0, max(1.0 - progress, 0.0) / hp.warmdown_frac)
     if hp.warmdown_iters <= 0:
         return 1.0
     mul = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
-    if hp.max_wallclock_seconds > 0 and step > 0:
-        warmdown_ms = hp.warmdown_iters * elapsed_ms / step
-        remaining_ms = max(hp.max_wallclock_seconds * 1000.0 - elapsed_ms, 0.0)
-        mul = min(mul, remaining_ms / max(warmdown_ms, 1e-9))
+    if cap_ms > 0 and step > 0:
+        warmdown_ms = min(hp.warmdown_iters * elapsed_ms / step, WARMDOWN_MAX_BUDGET_SHARE * cap_ms)
+        mul = min(mul, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
     return mul
 
 
@@ -664,7 +833,7 @@ def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
 # Complementary training: a bigram model of the training data sets per-token loss weights
 # =============================================================================
 def bigram_table(files: list[str], vocab: int, max_tokens: int) -> np.ndarray:
-    """P(next | prev) with Laplace smoothing, flat [V*V] float32, from train shards only."""
+    """P(next | prev) with Laplace smoothing, [V, V] float32, from train shards only."""
     counts, seen = np.zeros(vocab * vocab, np.int64), 0
     for f in files:
         toks = load_data_shard(f)[: max_tokens - seen]
@@ -675,22 +844,24 @@ def bigram_table(files: list[str], vocab: int, max_tokens: int) -> np.ndarray:
         if seen >= max_tokens:
             break
     counts = counts.reshape(vocab, vocab) + 1.0
-    return (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32).reshape(-1)
+    return (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def complement_weights(x, y, table, alpha: float, floor: float, vocab: int):
+def complement_weights(x, y, table, alpha: float, floor: float):
     """clip(1 - alpha * P_bigram(y | x), floor, 1), renormalised to mean 1 over the (micro)batch
-    the compiled loss sees."""
-    w = mx.clip(1.0 - alpha * mx.take(table, x * vocab + y), floor, 1.0)
+    the compiled loss sees. Indexed [x, y], never by a flat x * V + y (int32 overflows past
+    V = 46,340)."""
+    w = mx.clip(1.0 - alpha * table[x, y], floor, 1.0)
     return w / mx.mean(w)
 
 
 # =============================================================================
-# Quantization and the artifact (no pickle: a JSON header plus raw little-endian arrays)
+# Quantization, the artifact and checkpoints (no pickle: a JSON header plus raw arrays)
 # =============================================================================
 ARTIFACT_MAGIC = b"PGMLXv1\0"
 CONTROL_PATTERNS = ("resid_mix", "skip_weights", "attn_scale", "mlp_scale", "q_gain")
-_NP_DTYPES = {"int8": np.int8, "float16": np.float16, "float32": np.float32}
+CHECKPOINT_MAGIC = b"PGMLXck1"
+_NP_DTYPES = {n: np.dtype(n) for n in ("int8", "float16", "float32", "int32", "int64", "uint32", "uint64")}
 
 
 class ArtifactError(ValueError):
@@ -706,6 +877,8 @@ def quantize_rows(w: np.ndarray, bits: int):
     qmax = 2 ** (bits - 1) - 1
     amax = np.abs(w).max(axis=1)
     scale = np.maximum(amax / qmax, 2.0 ** -24).astype(np.float16)
+    if not (np.isfinite(w).all() and np.isfinite(scale).all()):
+        raise ArtifactError("cannot quantize non-finite weights (or a row beyond float16 scale range)")
     q = np.clip(np.round(w / scale.astype(np.float32)[:, None]), -qmax, qmax).astype(np.int8)
     return q, scale
 
@@ -723,55 +896,73 @@ def fake_quant(w: mx.array, bits: int) -> mx.array:
     return mx.stop_gradient(deq) + (w - mx.stop_gradient(w))
 
 
-def pack_state(flat: dict, bits: int):
-    """name -> float32 array  ==>  (tensor table, raw blob)."""
-    table, chunks, off = [], [], 0
-
-    def add(name, role, arr):
-        nonlocal off
-        arr = np.ascontiguousarray(arr)
-        table.append(dict(name=name, role=role, dtype=str(arr.dtype), shape=list(arr.shape),
-                          offset=off, nbytes=arr.nbytes))
-        chunks.append(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
-        off += arr.nbytes
-
+def pack_state(flat: dict, bits: int) -> list:
+    """name -> float32 array  ==>  [(name, role, array)]: 2-D weights quantized per row."""
+    out = []
     for name in sorted(flat):
         w = np.asarray(flat[name], dtype=np.float32)
+        if not np.isfinite(w).all():
+            raise ArtifactError(f"weight {name} has non-finite values (NaN/inf): training diverged; "
+                                "nothing valid to write (lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR)")
         if is_quantized(name, w.shape):
-            q, s = quantize_rows(w, bits)
-            add(name, "q", q)
-            add(name, "scale", s)
+            q, scale = quantize_rows(w, bits)
+            out += [(name, "q", q), (name, "scale", scale)]
         else:
-            add(name, "raw", w)
-    return table, b"".join(chunks)
+            out.append((name, "raw", w))
+    return out
 
 
-def write_artifact(path: str, flat: dict, cfg: ModelConfig, bits: int, meta: dict | None = None) -> int:
-    """Quantize, compress (zstd 22, with checksum) and write atomically. Returns file bytes."""
-    import zstandard
-    table, blob = pack_state(flat, bits)
-    header = json.dumps(dict(format="parameter-golf-mlx", version=1, quant_bits=bits, config=asdict(cfg),
-                             tensors=table, blob_bytes=len(blob), meta=meta or {})).encode()
-    payload = struct.pack("<I", len(header)) + header + blob
-    data = ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=22, write_checksum=True).compress(payload)
+def atomic_write(path: str, data: bytes):
+    """Write to a temp file beside `path`, then rename: a reader never sees half a file, the old
+    file stays until the new one is complete, and no temp file survives a failure."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_container(path: str, magic: bytes, header: dict, arrays: list, level: int) -> int:
+    """magic + zstd(u32 header length, JSON header, raw little-endian arrays). Returns file bytes."""
+    import zstandard
+    table, chunks, off = [], [], 0
+    for name, role, arr in arrays:
+        arr = np.ascontiguousarray(arr)
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        table.append(dict(name=name, role=role, dtype=str(arr.dtype.name), shape=list(arr.shape),
+                          offset=off, nbytes=arr.nbytes))
+        chunks.append(arr.tobytes())
+        off += arr.nbytes
+    hjson = json.dumps(dict(header, tensors=table, blob_bytes=off)).encode()
+    payload = struct.pack("<I", len(hjson)) + hjson + b"".join(chunks)
+    data = magic + zstandard.ZstdCompressor(level=level, write_checksum=True).compress(payload)
+    atomic_write(path, data)
     return len(data)
 
 
-def read_artifact(path: str):
-    """Returns (ModelConfig, {name: float32 array}, header). Never runs code from the file."""
+def read_container(path: str, magic: bytes, what: str):
+    """(header, {(name, role): array}); raises ArtifactError for anything but an intact file."""
     import zstandard
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data.startswith(ARTIFACT_MAGIC):
-        raise ArtifactError(f"{path}: not a parameter-golf-mlx artifact (bad magic bytes)")
     try:
-        payload = zstandard.ZstdDecompressor().decompress(data[len(ARTIFACT_MAGIC):])
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    if not data.startswith(magic):
+        raise ArtifactError(f"{path}: not a parameter-golf-mlx {what} (bad magic bytes)")
+    dec = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        payload = dec.decompress(data[len(magic):])
     except zstandard.ZstdError as e:
         raise ArtifactError(f"{path}: compressed payload is truncated or corrupted ({e})") from None
+    if not dec.eof:
+        raise ArtifactError(f"{path}: compressed payload is truncated or corrupted (frame incomplete)")
+    if dec.unused_data:
+        raise ArtifactError(f"{path}: {len(dec.unused_data)} unexpected bytes after the compressed payload")
     try:
         (hlen,) = struct.unpack_from("<I", payload, 0)
         header = json.loads(payload[4:4 + hlen].decode())
@@ -780,7 +971,6 @@ def read_artifact(path: str):
             raise ArtifactError(f"{path}: unknown format/version {header.get('format')}/{header.get('version')}")
         if len(blob) != header["blob_bytes"]:
             raise ArtifactError(f"{path}: blob has {len(blob)} bytes, header says {header['blob_bytes']}")
-        cfg = ModelConfig(**header["config"])
         arrays = {}
         for t in header["tensors"]:
             dt = np.dtype(_NP_DTYPES[t["dtype"]]).newbyteorder("<")
@@ -788,18 +978,67 @@ def read_artifact(path: str):
             off, nb = int(t["offset"]), int(t["nbytes"])
             if nb != int(np.prod(shape)) * dt.itemsize or off < 0 or off + nb > len(blob):
                 raise ArtifactError(f"{path}: tensor {t['name']} has inconsistent size/offset")
-            arrays[(t["name"], t["role"])] = np.frombuffer(blob[off:off + nb], dtype=dt).reshape(shape)
+            a = np.frombuffer(blob[off:off + nb], dtype=dt).reshape(shape)
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise ArtifactError(f"{path}: tensor {t['name']} holds non-finite values (NaN/inf)")
+            arrays[(t["name"], t["role"])] = a
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, struct.error, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: malformed {what} header ({type(e).__name__}: {e})") from None
+    return header, arrays
+
+
+def write_artifact(path: str, flat: dict, cfg: ModelConfig, bits: int, meta: dict | None = None) -> int:
+    """Quantize, compress (zstd 22, with checksum) and write atomically. Returns file bytes."""
+    header = dict(format="parameter-golf-mlx", version=1, quant_bits=bits, config=asdict(cfg), meta=meta or {})
+    return write_container(path, ARTIFACT_MAGIC, header, pack_state(flat, bits), level=22)
+
+
+def read_artifact(path: str):
+    """Returns (ModelConfig, {name: float32 array}, header). Never runs code from the file."""
+    header, arrays = read_container(path, ARTIFACT_MAGIC, "artifact")
+    try:
+        cfg = ModelConfig(**header["config"])
         flat = {}
         for (name, role), a in arrays.items():
             if role == "raw":
                 flat[name] = a.astype(np.float32)
             elif role == "q":
                 flat[name] = dequantize_rows(a, arrays[(name, "scale")])
-    except ArtifactError:
-        raise
-    except (KeyError, TypeError, ValueError, struct.error, UnicodeDecodeError) as e:
+    except (KeyError, TypeError) as e:
         raise ArtifactError(f"{path}: malformed artifact header ({type(e).__name__}: {e})") from None
     return cfg, flat, header
+
+
+RESUME_MUST_MATCH = ("engram_proj_optimizer", "skipgram_proj_optimizer", "train_seq_len", "quant_bits")
+
+
+def write_checkpoint(path: str, model: GPT, opt: Optimizers, meta: dict) -> int:
+    """The whole training state: float32 weights, optimizer state and EMA, plus `meta` (step, train
+    time, data position, QAT state, hyperparameters). zstd level 3: it is written often."""
+    arrays = [(n, "param", np.array(p.astype(mx.float32))) for n, p in tree_flatten(model.parameters())]
+    arrays += [(n, "state", np.array(a)) for n, a in opt.arrays().items()]
+    header = dict(format="parameter-golf-mlx", version=1, kind="checkpoint", config=asdict(model.cfg), meta=meta)
+    return write_container(path, CHECKPOINT_MAGIC, header, arrays, level=3)
+
+
+def read_checkpoint(path: str, hp: Hyperparameters):
+    """(meta, params, optimizer state), refusing a checkpoint of another shape than this run's."""
+    header, arrays = read_container(path, CHECKPOINT_MAGIC, "checkpoint")
+    saved = header["meta"]["hparams"]
+    fixed = set(asdict(ModelConfig.from_hparams(hp))) | set(RESUME_MUST_MATCH)
+    for f in env_fields():
+        if f.name in fixed and saved.get(f.name) != getattr(hp, f.name):
+            raise ConfigError(f"RESUME_FROM={path}: {f.metadata['env']}={getattr(hp, f.name)} but the "
+                              f"checkpoint was trained with {saved.get(f.name)}; shape-changing variables "
+                              "must match the checkpoint")
+    if (saved["ema_decay"] > 0) != (hp.ema_decay > 0):
+        raise ConfigError(f"RESUME_FROM={path}: EMA_DECAY must be {'> 0' if saved['ema_decay'] > 0 else '0'} "
+                          "as in the checkpoint (the EMA is part of the saved state)")
+    params = {n: a for (n, role), a in arrays.items() if role == "param"}
+    state = {n: a for (n, role), a in arrays.items() if role == "state"}
+    return header["meta"], params, state
 
 
 def load_flat_into(model: GPT, flat: dict):
@@ -825,6 +1064,8 @@ def eval_windows(n_tgt: int, seq_len: int, stride: int):
     at least L - stride tokens of context; the last window is aligned to end at the final target
     so the tail is scored once too. stride == L is the standard non-overlapping evaluation."""
     L = seq_len
+    if not 1 <= stride <= L:
+        raise ValueError(f"eval stride {stride} must be in [1, window length {L}] (EVAL_STRIDE)")
     if n_tgt <= L:
         return np.zeros(1, np.int64), np.zeros(1, np.int64)
     starts = np.arange(0, n_tgt - L + 1, stride, dtype=np.int64)
@@ -869,7 +1110,8 @@ def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stri
             last_print = time.perf_counter()
             el = last_print - t0
             log(f"{label}_progress: {bi + 1}/{n_batches} batches eta:{el / (bi + 1) * (n_batches - bi - 1):.0f}s")
-    assert done == n_tgt, (done, n_tgt)
+    if done != n_tgt:  # a bug, never a number to report
+        raise RuntimeError(f"evaluation scored {done} of {n_tgt} targets")
     return summarize_nll(nll_out, tokens, tables)
 
 
@@ -1003,7 +1245,7 @@ class Compiled:
     def __init__(self, model: GPT, opt: Optimizers, compile_fns: bool = True, qat_bits: int = 0,
                  complement: mx.array | None = None):
         c = mx.compile if compile_fns else (lambda f, **kw: f)
-        hp, state, vocab = opt.hp, [model.state, opt.state], model.cfg.vocab_size
+        hp, state = opt.hp, [model.state, opt.state]
 
         def train_loss(params, x, y):
             if qat_bits:  # forward through the artifact's quantizer, straight-through gradient
@@ -1013,7 +1255,7 @@ class Compiled:
             nll = model.token_nll(x, y)
             if complement is None:
                 return nll.mean()
-            w = complement_weights(x, y, complement, hp.complement_alpha, hp.complement_floor, vocab)
+            w = complement_weights(x, y, complement, hp.complement_alpha, hp.complement_floor)
             return mx.mean(mx.stop_gradient(w) * nll)
 
         value_and_grad = mx.value_and_grad(train_loss)
@@ -1065,17 +1307,54 @@ def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_
 
 
 # =============================================================================
-# Main
+# Main: set up, warm up, train, write the artifact and prove it
 # =============================================================================
+class SetupError(ValueError):
+    """Something outside the environment's values makes the run impossible (a path, memory)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
 class Logger:
+    """Console + log file. A log that cannot be written (disk full) warns once and goes on."""
+
     def __init__(self, path: str | None):
-        self.f = open(path, "a", encoding="utf-8") if path else None
+        self.path, self.f = path, open(path, "a", encoding="utf-8") if path else None
 
     def __call__(self, msg: str):
         print(msg, flush=True)
         if self.f:
-            self.f.write(msg + "\n")
-            self.f.flush()
+            try:
+                self.f.write(msg + "\n")
+                self.f.flush()
+            except OSError as e:
+                self.f = None
+                print(f"WARNING: cannot write the log {self.path} ({e.strerror}); console only", file=sys.stderr)
+
+
+@dataclass
+class Run:
+    """One training run's state: what the driver's steps pass between them."""
+    hp: Hyperparameters
+    log: Logger
+    run_id: str
+    code_bytes: int
+    model: GPT = None
+    opt: Optimizers = None
+    graphs: dict = None  # {qat_on: Compiled}
+    tables: tuple = None
+    val_tokens: np.ndarray = None
+    stream: TokenStream = None
+    micro_seqs: int = 1
+    step: int = 0
+    train_ms: float = 0.0
+    qat_on: bool = False
+    phase: str = "setup"
+
+    def path(self, suffix: str) -> str:
+        return os.path.join(self.hp.out_dir, f"{self.run_id}{suffix}")
 
 
 def count_params(model) -> int:
@@ -1097,180 +1376,365 @@ def main(env=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
-    os.makedirs(hp.out_dir, exist_ok=True)
-    log = Logger(os.path.join(hp.out_dir, f"{run_id}.txt"))
-    code_bytes = os.path.getsize(os.path.abspath(__file__))
     try:
-        return run(hp, run_id, log, code_bytes)
-    except (FileNotFoundError, ArtifactError, ValueError) as e:
+        check_out_dir(hp.out_dir)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log_path = os.path.join(hp.out_dir, f"{run_id}.txt")
+    reused = os.path.exists(log_path)
+    log = Logger(log_path)
+    if reused:
+        log(f"note: RUN_ID={run_id} was used before in {hp.out_dir}: this run's lines follow the earlier "
+            "run's in this log, and its artifact/checkpoint files are replaced")
+    for note in hp.env_notes:
+        log(f"WARNING: {note}  (STRICT_ENV=1 makes this an error)")
+    r = Run(hp, log, run_id, os.path.getsize(os.path.abspath(__file__)))
+    try:
+        return run(r)
+    except KeyboardInterrupt:
+        log(f"interrupted (Ctrl-C) during {r.phase}; " + (
+            "the artifact above is complete" if r.phase == "the round-trip evaluation" else "nothing was written"))
+        return 130
+    except ConfigError as e:
+        log(f"error: {e}")
+        return 2
+    except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:
         log(f"error: {e}")
         return 1
 
 
-def run(hp: Hyperparameters, run_id: str, log: Logger, code_bytes: int) -> int:
-    dtype = hp.dtype()
-    log(f"run_id:{run_id} mlx:{mx.__version__} device:{mx.default_device()} compute_dtype:{dtype}")
-    log("hparams: " + " ".join(f"{f.metadata['env']}={getattr(hp, f.name)}" for f in fields(hp)))
+def run(r: Run) -> int:
+    """The method, one line per step."""
+    hp, log = r.hp, r.log
+    sp = load_tokenizer(hp.tokenizer_path)
+    preflight_paths(hp)
+    if hp.eval_only:
+        return eval_only(r, sp)
+    setup(r, sp)
+    warmup(r)
+    if hp.resume_from:
+        resume(r)
+    train(r)
+    write_and_prove_artifact(r)
+    return 0
+
+
+# ---------------------------------------------------------------------------- before any work
+def check_out_dir(out_dir: str):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise SetupError(f"OUT_DIR={out_dir} is not a writable folder ({e.strerror or e})") from None
+
+
+def preflight_paths(hp: Hyperparameters):
+    """Every path the run will read or write is checked before the first step."""
+    for var, path in (("LOAD_ARTIFACT", hp.load_artifact), ("RESUME_FROM", hp.resume_from)):
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise SetupError(f"{var}={path} is not a readable file")
+    if hp.eval_token_nll_path:
+        folder = os.path.dirname(os.path.abspath(hp.eval_token_nll_path))
+        if os.path.isdir(hp.eval_token_nll_path) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            raise SetupError(f"EVAL_TOKEN_NLL_PATH={hp.eval_token_nll_path}: its folder {folder} must exist and "
+                             "be writable, and the path must not be a folder")
+
+
+def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int) -> dict:
+    """Rough peak bytes of each big allocation, keyed by the knob that sets it."""
+    V, d, L, mlp = cfg.vocab_size, cfg.model_dim, cfg.num_layers, cfg.mlp_mult
+    params = V * d * (1 if cfg.tie_embeddings else 2) + L * d * d * (2 + 2 * mlp) + 4 * cfg.engram_hash_size * (
+        cfg.engram_dim if cfg.engram_lite_enabled else 0) + (V + d) * (cfg.engram_dim + cfg.skipgram_dim)
+    eval_seq = hp.eval_seq_len or hp.train_seq_len
+    eval_tokens = (hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq)) * eval_seq
+    need = {"NUM_LAYERS/MODEL_DIM (weights, gradients, optimizer state, EMA)": params * 4 * 6,
+            "MLX_MAX_MICROBATCH_TOKENS (one microbatch's activations)":
+                micro_tokens * 4 * (L * d * (16 + 4 * mlp) + 4 * V) * (0 if hp.eval_only else 1),
+            "VAL_BATCH_SIZE/EVAL_BATCH_SEQS (one evaluation batch)": eval_tokens * 4 * (L * d * 8 + 4 * V)}
+    if hp.complement_alpha > 0 and not hp.eval_only:
+        need["COMPLEMENT_ALPHA/VOCAB_SIZE (bigram table, V x V)"] = V * V * (4 + 8)
+    if hp.ngram_mixer_enabled:
+        need["NGRAM_MAX_ORDER/NGRAM_BUCKETS (mixer tables)"] = 4 * V * (V + (hp.ngram_max_order - 1) * hp.ngram_buckets)
+    return need
+
+
+def check_memory(need: dict, log):
+    total = sum(need.values())
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    log(f"memory_estimate:{total / 2**30:.2f}GiB of {have / 2**30:.1f}GiB")
+    if total > 0.85 * have:
+        knob, big = max(need.items(), key=lambda kv: kv[1])
+        raise SetupError(f"this run needs about {total / 2**30:.1f} GiB but the machine has {have / 2**30:.1f} GiB; "
+                         f"the largest part is {big / 2**30:.1f} GiB from {knob}: lower it")
+
+
+def log_hparams(hp: Hyperparameters, log):
+    log("hparams: " + " ".join(f"{f.metadata['env']}={getattr(hp, f.name)}" for f in env_fields()))
+
+
+# ---------------------------------------------------------------------------- set up and warm up
+def setup(r: Run, sp):
+    hp, log = r.hp, r.log
+    log(f"run_id:{r.run_id} mlx:{mx.__version__} device:{mx.default_device()} compute_dtype:{hp.dtype()}")
+    log_hparams(hp, log)
+    cfg = ModelConfig.from_hparams(hp)
+    seq = hp.train_seq_len
+    r.micro_seqs = max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // seq)
+    check_memory(memory_needs(hp, cfg, r.micro_seqs * seq), log)
     mx.random.seed(hp.seed)
     np.random.seed(hp.seed)
-    sp = load_tokenizer(hp.tokenizer_path)
-
-    trained_seq = hp.train_seq_len
-    if hp.eval_only:
-        cfg, flat, header = read_artifact(hp.load_artifact)
-        trained_seq = int(header["meta"].get("train_seq_len", trained_seq))  # eval as it was trained
-        model = GPT(cfg, dtype)
-        load_flat_into(model, flat)
-    else:
-        cfg = ModelConfig.from_hparams(hp)
-        model = GPT(cfg, dtype)
-    tables = build_byte_tables(sp, cfg.vocab_size)
-    val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
-    log(f"val_tokens:{val_tokens.size} params:{count_params(model)} " + " ".join(
-        f"params_{k}:{count_params(getattr(model, k))}" for k in ("engram", "skipgram") if k in model))
-    opt = Optimizers(model, hp)
+    r.tables = build_byte_tables(sp, cfg.vocab_size)
+    r.val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+    files = shard_files(hp.data_path, "train")
+    r.model = GPT(cfg, hp.dtype())
+    r.opt = Optimizers(r.model, hp)
+    log(f"val_tokens:{r.val_tokens.size} params:{count_params(r.model)} " + " ".join(
+        f"params_{k}:{count_params(getattr(r.model, k))}" for k in ("engram", "skipgram") if k in r.model))
     complement = None
-    if hp.complement_alpha > 0 and not hp.eval_only:
+    if hp.complement_alpha > 0:
         t0 = time.perf_counter()
-        complement = mx.array(bigram_table(shard_files(hp.data_path, "train"), cfg.vocab_size,
-                                           hp.complement_max_tokens))
+        complement = mx.array(bigram_table(files, cfg.vocab_size, hp.complement_max_tokens))
         log(f"complement: bigram table from <= {hp.complement_max_tokens} train tokens in "
             f"{time.perf_counter() - t0:.1f}s (alpha:{hp.complement_alpha} floor:{hp.complement_floor})")
-
     # The only place compiled functions are built: one complete set per training mode, so
     # switching QAT on swaps whole graph sets instead of touching a flag a graph has baked in.
-    graphs = {qat: Compiled(model, opt, qat_bits=hp.quant_bits if qat else 0, complement=complement)
-              for qat in ((False, True) if hp.qat_start_frac < 1.0 and not hp.eval_only else (False,))}
-    fns, qat_on = graphs[False], False
-    seq = hp.train_seq_len
-    bseqs = eval_batch_seqs(hp, seq)
+    r.graphs = {qat: Compiled(r.model, r.opt, qat_bits=hp.quant_bits if qat else 0, complement=complement)
+                for qat in ((False, True) if hp.qat_start_frac < 1.0 else (False,))}
+    r.stream = TokenStream(files, cfg.vocab_size, log)
+    log(f"train_shards:{len(files)} batch_tokens:{hp.train_batch_tokens} seq_len:{seq} "
+        f"microbatch_seqs:{r.micro_seqs} iterations:{hp.iterations} max_wallclock:{hp.max_wallclock_seconds}s "
+        f"warmdown:{f'frac {hp.warmdown_frac}' if hp.warmdown_frac else f'{hp.warmdown_iters} iters'}")
+    log_eval_config(hp, hp.train_seq_len, log)
+
+
+def warmup(r: Run):
+    """Prime every compiled graph (each training mode at least once, and the periodic eval's batch
+    shape), then restore weights, optimizer state and data order: training starts from the true
+    initialisation. Graphs are primed on training tokens, never validation ones."""
+    hp, log = r.hp, r.log
+    if not hp.warmup_steps or not hp.iterations:
+        return
+    r.phase = "warmup"
+    init_params = dict(tree_flatten(r.model.parameters()))
+    modes = [False] * max(hp.warmup_steps - (len(r.graphs) - 1), 1) + [True] * (len(r.graphs) - 1)
+    t0 = time.perf_counter()
+    for i, qat in enumerate(modes):
+        x, y = r.stream.next_batch(hp.train_batch_tokens, hp.train_seq_len)
+        mx.eval(train_step(r.graphs[qat], x, y, r.micro_seqs, 1.0, muon_momentum_at(0, hp)))
+        log(f"warmup_step:{i + 1}/{len(modes)}{' (qat graphs)' if qat else ''} {time.perf_counter() - t0:.1f}s")
+    r.model.update(tree_unflatten(list(init_params.items())))
+    r.opt.reset(dict(tree_flatten(r.model.trainable_parameters())))
+    seq, n_windows = hp.train_seq_len, -(-(r.val_tokens.size - 1) // hp.train_seq_len)
+    mx.eval(r.graphs[False].token_nll(*[mx.zeros((min(eval_batch_seqs(hp, seq), n_windows), seq), mx.int32)] * 2))
+    r.stream = TokenStream(r.stream.files, r.stream.vocab_size, log)
+    log(f"warmup:{len(modes)} steps {time.perf_counter() - t0:.1f}s (compile; state restored)")
+
+
+def resume(r: Run):
+    """Continue from a checkpoint: weights, optimizer state, EMA, step, time, data position, QAT."""
+    meta, params, state = read_checkpoint(r.hp.resume_from, r.hp)
+    load_flat_into(r.model, params)
+    r.opt.load_arrays(state)
+    r.step, r.train_ms, r.qat_on = meta["step"], meta["train_ms"], meta["qat_on"]
+    r.stream.restore(meta["stream"])
+    r.log(f"resumed from {r.hp.resume_from}: step:{r.step} train_time:{r.train_ms:.0f}ms qat:{r.qat_on}")
+
+
+def save_checkpoint(r: Run, path: str | None = None) -> str:
+    path = path or r.path("_ckpt.pgck")
+    meta = dict(step=r.step, train_ms=r.train_ms, qat_on=r.qat_on, stream=r.stream.state(),
+                run_id=r.run_id, hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
+    n = write_checkpoint(path, r.model, r.opt, meta)
+    r.log(f"checkpoint: step:{r.step} {path} ({n} bytes)")
+    return path
+
+
+# ---------------------------------------------------------------------------- train
+def train(r: Run):
+    """Step until ITERATIONS, the wall-clock cap or Ctrl-C; evaluate periodically and at the end."""
+    hp = r.hp
+    max_ms, stop_at, interrupted = hp.max_wallclock_seconds * 1000.0, None, False
+    r.phase = "training"
+    t_last = time.perf_counter()
+    while True:
+        last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or interrupted
+        if last or (hp.val_loss_every and r.step and r.step % hp.val_loss_every == 0):
+            r.train_ms += (time.perf_counter() - t_last) * 1000
+            interrupted = periodic_eval(r, final=last) or interrupted
+            t_last = time.perf_counter()
+            last = last or interrupted
+        if last:
+            break
+        progress = max(r.step / max(hp.iterations, 1), r.train_ms / max_ms if max_ms > 0 else 0.0)
+        if not r.qat_on and hp.qat_start_frac < 1.0 and progress >= hp.qat_start_frac:
+            r.qat_on = True
+            r.log(f"qat:on step:{r.step} (int{hp.quant_bits} fake quantization, straight-through)")
+        try:
+            loss = one_step(r)
+        except KeyboardInterrupt:
+            r.log(f"interrupted at step {r.step}: evaluating and writing the artifact (Ctrl-C again to abort)")
+            interrupted = True
+            if hp.checkpoint_every:
+                save_checkpoint(r)
+            continue
+        now = time.perf_counter()
+        r.train_ms += (now - t_last) * 1000
+        t_last = now
+        if max_ms > 0 and r.train_ms >= max_ms and stop_at is None:
+            stop_at = r.step
+        log_step(r, loss, stop_at == r.step)
+        if hp.checkpoint_every and r.step % hp.checkpoint_every == 0 and r.step < hp.iterations:
+            save_checkpoint(r)
+            t_last = time.perf_counter()  # writing the checkpoint is not training time
+    if stop_at is not None and stop_at < hp.iterations:
+        r.log(f"stopping_early: wallclock_cap train_time:{r.train_ms:.0f}ms step:{r.step}/{hp.iterations}")
+    r.log(f"peak_memory:{mx.get_peak_memory() / 2**20:.0f}MiB")
+
+
+def one_step(r: Run) -> float:
+    hp = r.hp
+    x, y = r.stream.next_batch(hp.train_batch_tokens, hp.train_seq_len)
+    loss = train_step(r.graphs[r.qat_on], x, y, r.micro_seqs, lr_multiplier(r.step, r.train_ms, hp),
+                      muon_momentum_at(r.step, hp))
+    loss = float(loss)
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"train loss is {loss} at step {r.step + 1}: training diverged; nothing is written. Lower the "
+            f"learning rates (MATRIX_LR={hp.matrix_lr}, SCALAR_LR={hp.scalar_lr}, TIED_EMBED_LR={hp.tied_embed_lr}) "
+            f"or set GRAD_CLIP_NORM (now {hp.grad_clip_norm})")
+    r.step += 1
+    return loss
+
+
+def log_step(r: Run, loss: float, capped: bool):
+    hp, step = r.hp, r.step
+    if step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations or capped:
+        avg = r.train_ms / step
+        left = hp.iterations - step
+        if hp.max_wallclock_seconds > 0:
+            left = min(left, max(hp.max_wallclock_seconds * 1000 - r.train_ms, 0) / avg)
+        r.log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} train_time:{r.train_ms:.0f}ms "
+              f"step_avg:{avg:.2f}ms tok_s:{hp.train_batch_tokens / (avg / 1000):.0f} eta:{left * avg / 1000:.0f}s")
+
+
+def periodic_eval(r: Run, final: bool) -> bool:
+    """The val line of the baseline's log. Returns True when Ctrl-C skipped it."""
+    try:
+        loss, bpb, _ = run_eval(r.hp, r.model, r.opt, r.graphs[r.qat_on], r.val_tokens, r.tables, r.log,
+                                "val", final=final, seq=r.hp.train_seq_len)
+    except KeyboardInterrupt:
+        r.log("evaluation interrupted: skipped; training stops and the artifact is still written")
+        return True
+    r.log(f"step:{r.step}/{r.hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+          f"train_time:{r.train_ms:.0f}ms step_avg:{r.train_ms / max(r.step, 1):.2f}ms")
+    return False
+
+
+# ---------------------------------------------------------------------------- evaluate
+def log_eval_config(hp: Hyperparameters, trained_seq: int, log):
     eval_seq = hp.eval_seq_len or trained_seq
-    log(f"final_eval: seq_len:{eval_seq} stride:{hp.eval_stride or eval_seq} "
+    log(f"final_eval: seq_len:{eval_seq} stride:{hp.eval_stride_resolved or eval_seq} "
         f"batch_seqs:{hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq)} mixer:" + (
             f"order{hp.ngram_max_order}/{hp.ngram_alpha_mode}/alpha{hp.ngram_alpha}/buckets{hp.ngram_buckets}"
             if hp.ngram_mixer_enabled else "off"))
 
-    def run_eval(label, final=True):
-        """Evaluate the weights that would be saved (the EMA when it is on). Final evaluations use
-        the configured sliding window and n-gram mixer; periodic ones the cheap standard eval."""
-        t0, raw = time.perf_counter(), None
-        if opt.state["ema"] and label == "val":
-            raw = model.trainable_parameters()
-            model.update(tree_unflatten(list(opt.state["ema"].items())))
-        mixer, fn, kw = None, fns.token_nll, dict(seq_len=seq, batch_seqs=bseqs)
-        if final:
-            kw = dict(seq_len=eval_seq, stride=hp.eval_stride,
-                      batch_seqs=hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq))
-            if hp.ngram_mixer_enabled:
-                mixer = BackoffNgramMixer(cfg.vocab_size, hp.ngram_max_order, hp.ngram_buckets, hp.ngram_alpha,
-                                          hp.ngram_alpha_mode, hp.ngram_chunk)
-                fn = fns.token_stats if hp.ngram_alpha_mode == "entropy" else fn
+
+def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq):
+    """Evaluate the weights that would be saved (the EMA when it is on). Final evaluations use the
+    configured sliding window and n-gram mixer; periodic ones the cheap standard eval."""
+    t0, raw = time.perf_counter(), None
+    if opt is not None and opt.ema and label == "val":
+        raw = model.trainable_parameters()
+        model.update(tree_unflatten(list(opt.ema.items())))
+    mixer, fn, kw = None, fns.token_nll, dict(seq_len=seq, batch_seqs=eval_batch_seqs(hp, seq))
+    if final:
+        eval_seq = hp.eval_seq_len or seq
+        kw = dict(seq_len=eval_seq, stride=hp.eval_stride_resolved,
+                  batch_seqs=hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq))
+        if hp.ngram_mixer_enabled:
+            mixer = BackoffNgramMixer(model.cfg.vocab_size, hp.ngram_max_order, hp.ngram_buckets, hp.ngram_alpha,
+                                      hp.ngram_alpha_mode, hp.ngram_chunk)
+            fn = fns.token_stats if hp.ngram_alpha_mode == "entropy" else fn
+    try:
         loss, bpb, nll = evaluate(fn, val_tokens, tables=tables, mixer=mixer, log=log, label=label, **kw)
+    finally:
         if raw is not None:
             model.update(raw)
-        if hp.eval_token_nll_path and label != "val":
-            tmp = f"{hp.eval_token_nll_path}.tmp{os.getpid()}"
-            nll.astype("<f4").tofile(tmp)
-            os.replace(tmp, hp.eval_token_nll_path)
-            log(f"per-token NLL (float32 nats, {nll.size} targets in order) written to {hp.eval_token_nll_path}")
-        return loss, bpb, (time.perf_counter() - t0) * 1000
+    if hp.eval_token_nll_path and label != "val":
+        atomic_write(hp.eval_token_nll_path, nll.astype("<f4").tobytes())
+        log(f"per-token NLL (float32 nats, {nll.size} targets in order) written to {hp.eval_token_nll_path}")
+    return loss, bpb, (time.perf_counter() - t0) * 1000
 
-    if hp.eval_only:
-        loss, bpb, ms = run_eval("eval")
-        log(f"eval_only val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
-        log(f"eval_only_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-        return 0
 
-    stream_files = shard_files(hp.data_path, "train")
-    micro_seqs = max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // seq)
-    log(f"train_shards:{len(stream_files)} batch_tokens:{hp.train_batch_tokens} seq_len:{seq} "
-        f"microbatch_seqs:{micro_seqs} iterations:{hp.iterations} max_wallclock:{hp.max_wallclock_seconds}s")
+def eval_only(r: Run, sp) -> int:
+    """Score an artifact. The model shape and default window come from its header, and every
+    evaluation variable is re-validated against that shape, not the environment's."""
+    cfg, flat, header = read_artifact(r.hp.load_artifact)
+    trained_seq = int(header["meta"].get("train_seq_len", r.hp.train_seq_len))
+    hp = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq)
+    hp.check_relations()
+    log = r.log
+    log(f"run_id:{r.run_id} mlx:{mx.__version__} device:{mx.default_device()} compute_dtype:{hp.dtype()}")
+    log_hparams(hp, log)
+    check_memory(memory_needs(hp, cfg, 0), log)
+    model = GPT(cfg, hp.dtype())
+    load_flat_into(model, flat)
+    tables = build_byte_tables(sp, cfg.vocab_size)
+    val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+    log(f"val_tokens:{val_tokens.size} params:{count_params(model)} artifact:{hp.load_artifact}")
+    log_eval_config(hp, trained_seq, log)
+    r.phase = "evaluation"
+    loss, bpb, ms = run_eval(hp, model, None, Compiled(model, Optimizers(model, hp)), val_tokens, tables, log,
+                             "eval", final=True, seq=trained_seq)
+    log(f"eval_only val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
+    log(f"eval_only_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    return 0
 
-    # Warmup primes the compiled graphs; weights, optimizer state and data order are then
-    # restored so the measured run starts from the true initialisation.
-    if hp.warmup_steps and hp.iterations:
-        init_params = dict(tree_flatten(model.parameters()))
-        stream = TokenStream(stream_files, cfg.vocab_size)
-        t0 = time.perf_counter()
-        for i in range(hp.warmup_steps):
-            g = graphs[0 < i == hp.warmup_steps - 1 and len(graphs) == 2]  # last one primes the QAT graphs
-            mx.eval(train_step(g, *stream.next_batch(hp.train_batch_tokens, seq), micro_seqs, 1.0,
-                               muon_momentum_at(0, hp)))
-        model.update(tree_unflatten(list(init_params.items())))
-        opt.reset(dict(tree_flatten(model.trainable_parameters())))
-        n_windows = -(-(val_tokens.size - 1) // seq)  # the batch shape evaluate() uses for periodic evals
-        mx.eval(fns.token_nll(*[mx.zeros((min(bseqs, n_windows), seq), mx.int32)] * 2))
-        log(f"warmup:{hp.warmup_steps} steps {time.perf_counter() - t0:.1f}s (compile; state restored)")
-    stream = TokenStream(stream_files, cfg.vocab_size)
 
-    train_ms, step, stop_at = 0.0, 0, None
-    max_ms = hp.max_wallclock_seconds * 1000.0
-    interrupted = False
-    t_last = time.perf_counter()
-    while True:
-        last = step == hp.iterations or (stop_at is not None and step >= stop_at) or interrupted
-        if last or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
-            train_ms += (time.perf_counter() - t_last) * 1000
-            try:
-                loss, bpb, _ = run_eval("val", final=last)
-                log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            except KeyboardInterrupt:
-                log("evaluation interrupted: skipped; training stops and the artifact is still written")
-                last = interrupted = True
-            t_last = time.perf_counter()
-        if last:
-            break
-        progress = max(step / max(hp.iterations, 1), train_ms / max_ms if max_ms > 0 else 0.0)
-        if not qat_on and hp.qat_start_frac < 1.0 and progress >= hp.qat_start_frac:
-            fns, qat_on = graphs[True], True
-            log(f"qat:on step:{step} (int{hp.quant_bits} fake quantization, straight-through)")
-        try:
-            x, y = stream.next_batch(hp.train_batch_tokens, seq)
-            loss = train_step(fns, x, y, micro_seqs, lr_multiplier(step, train_ms, hp), muon_momentum_at(step, hp))
-            mx.eval(loss)
-        except KeyboardInterrupt:
-            log(f"interrupted at step {step}: evaluating and writing the artifact (Ctrl-C again to abort)")
-            interrupted = True
-            continue
-        step += 1
-        now = time.perf_counter()
-        train_ms += (now - t_last) * 1000
-        t_last = now
-        if max_ms > 0 and train_ms >= max_ms and stop_at is None:
-            stop_at = step
-        if step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations or stop_at == step:
-            avg = train_ms / step
-            left = hp.iterations - step
-            if max_ms > 0:
-                left = min(left, max(max_ms - train_ms, 0) / avg)
-            log(f"step:{step}/{hp.iterations} train_loss:{float(loss):.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{avg:.2f}ms tok_s:{hp.train_batch_tokens / (avg / 1000):.0f} eta:{left * avg / 1000:.0f}s")
-    if stop_at is not None and stop_at < hp.iterations:
-        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{hp.iterations}")
-    log(f"peak_memory:{mx.get_peak_memory() / 2**20:.0f}MiB")
-    if opt.state["ema"]:
-        model.update(tree_unflatten(list(opt.state["ema"].items())))
+# ---------------------------------------------------------------------------- write and prove
+def write_and_prove_artifact(r: Run):
+    """Quantize + compress the saved weights (the EMA when on), then reload the file and score it."""
+    hp, log = r.hp, r.log
+    if r.opt.ema:
+        r.model.update(tree_unflatten(list(r.opt.ema.items())))
         log(f"ema: saving the EMA weights (decay {hp.ema_decay})")
-
-    # Artifact: quantize + compress, then prove it by reloading and evaluating it again.
-    path = os.path.join(hp.out_dir, f"{run_id}_model.int{hp.quant_bits}.ptz")
+    path = r.path(f"_model.int{hp.quant_bits}.ptz")
     log(f"writing artifact {path} (int{hp.quant_bits} + zstd-22)...")
-    model_bytes = write_artifact(path, flat_numpy(model), cfg, hp.quant_bits,
-                                 dict(run_id=run_id, step=step, train_seq_len=seq))
-    total = code_bytes + model_bytes
-    log(f"artifact: code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
+    r.phase = "writing the artifact"
+    try:
+        model_bytes = write_artifact(path, flat_numpy(r.model), r.model.cfg, hp.quant_bits,
+                                     dict(run_id=r.run_id, step=r.step, train_seq_len=hp.train_seq_len))
+    except OSError as e:
+        raise OSError(f"cannot write the artifact {path} ({e.strerror or e}); {rescue_weights(r)}") from None
+    total = r.code_bytes + model_bytes
+    log(f"artifact: code_bytes:{r.code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
         f"cap:{ARTIFACT_CAP_BYTES} {'OK' if total <= ARTIFACT_CAP_BYTES else 'OVER'}")
     if total > ARTIFACT_CAP_BYTES:
         log(f"WARNING: artifact is OVER the {ARTIFACT_CAP_BYTES}-byte cap by {total - ARTIFACT_CAP_BYTES} bytes: "
             "this cannot be submitted; shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT)")
+    r.phase = "the round-trip evaluation"
     _, flat, _ = read_artifact(path)
-    load_flat_into(model, flat)
-    loss, bpb, ms = run_eval("roundtrip")
+    load_flat_into(r.model, flat)
+    loss, bpb, ms = run_eval(hp, r.model, r.opt, r.graphs[False], r.val_tokens, r.tables, log, "roundtrip",
+                             final=True, seq=hp.train_seq_len)
     tag = f"final_int{hp.quant_bits}_zstd_roundtrip"
     log(f"{tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    return 0
+
+
+def rescue_weights(r: Run) -> str:
+    """Save the trained state somewhere (OUT_DIR, else the temp folder) and say where."""
+    for folder in (r.hp.out_dir, tempfile.gettempdir()):
+        try:
+            return f"the trained weights are saved in the checkpoint {save_checkpoint(r, os.path.join(folder, f'{r.run_id}_ckpt.pgck'))}"
+        except OSError:
+            continue
+    return "the trained weights could not be saved anywhere (disk full?)"
 
 
 if __name__ == "__main__":

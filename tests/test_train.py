@@ -37,10 +37,21 @@ def test_bad_env_values_are_rejected_with_the_variable_named(var, val, needle):
 
 
 def test_defaults_match_the_public_baseline():
+    """The public MLX baseline's values, read from its Hyperparameters class."""
     hp = T.Hyperparameters.from_env({})
     assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.mlp_mult) == (9, 512, 8, 4, 2)
-    assert (hp.train_batch_tokens, hp.train_seq_len, hp.logit_softcap, hp.quant_bits) == (524288, 1024, 30.0, 6)
-    assert hp.dtype() == mx.float32  # CPU default
+    assert (hp.train_batch_tokens, hp.train_seq_len, hp.logit_softcap, hp.iterations) == (524288, 1024, 30.0, 20000)
+    assert (hp.grad_accum_steps, hp.mlx_max_microbatch_tokens, hp.warmup_steps, hp.warmdown_iters) == (8, 8192, 20, 1200)
+    assert (hp.matrix_lr, hp.scalar_lr, hp.tied_embed_lr, hp.qk_gain_init, hp.rope_base) == (0.04, 0.04, 0.05, 1.5, 1e4)
+    assert (hp.muon_momentum, hp.muon_momentum_warmup_start, hp.muon_momentum_warmup_steps) == (0.95, 0.85, 500)
+    assert (hp.beta1, hp.beta2, hp.adam_eps, hp.max_wallclock_seconds) == (0.9, 0.95, 1e-8, 600.0)
+
+
+def test_where_defaults_differ_from_the_baseline_on_purpose():
+    hp = T.Hyperparameters.from_env({})
+    assert hp.quant_bits == 6  # the baseline writes int8 + zlib; int6 + zstd is the records' format
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    assert hp.dtype() == (mx.bfloat16 if on_gpu else mx.float32)  # bf16 matmul is ~30x slower on CPU
 
 
 def test_main_reports_config_error_before_any_work(capsys, tmp_path):
@@ -120,8 +131,9 @@ def test_every_parameter_in_exactly_one_optimizer_group(tie):
     opt = T.Optimizers(model, hp)
     params = dict(tree_flatten(model.trainable_parameters()))
     assert set(opt.group) == set(params)
-    assert set(opt.state["buf"]) | set(opt.state["m"]) == set(params)
-    assert not set(opt.state["buf"]) & set(opt.state["m"])
+    owned = [set(sub) for sub in opt.split(params).values()]
+    assert sum(len(o) for o in owned) == len(params) and set().union(*owned) == set(params)
+    assert all(isinstance(opt.opts[g], T.Muon if g == "muon" else T.optim.Adam) for g in opt.opts)
     muon = {n for n, g in opt.group.items() if g == "muon"}
     assert len(muon) == 6 * hp.num_layers  # c_q, c_k, c_v, attn.proj, fc, mlp.proj per block
     assert opt.group["tok_emb.weight"] == "embed"
@@ -207,7 +219,32 @@ def test_artifact_roundtrip(tmp_path):
             np.testing.assert_array_equal(flat2[name], w)
     model2 = T.GPT(cfg2)
     T.load_flat_into(model2, flat2)
-    assert b"pickle" not in open(path, "rb").read()[:8]
+
+
+def test_artifact_is_json_plus_raw_arrays_and_never_unpickled(tmp_path):
+    """The payload is exactly u32 length + JSON header + the raw arrays it lists; the script imports
+    no pickle, and a pickle stream where the JSON should be is rejected, never executed."""
+    import ast
+    import pickle
+    import struct
+    import zstandard
+    src = open(T.__file__).read()
+    imported = {a.name.split(".")[0] for node in ast.walk(ast.parse(src)) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for a in getattr(node, "names", [])} | {node.module for node in ast.walk(ast.parse(src))
+                                                        if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"pickle", "cloudpickle", "dill", "joblib"}
+    cfg = T.ModelConfig.from_hparams(tiny_hp())
+    path = tmp_path / "m.ptz"
+    T.write_artifact(str(path), T.flat_numpy(T.GPT(cfg)), cfg, 6)
+    payload = zstandard.ZstdDecompressor().decompress(path.read_bytes()[8:])
+    (hlen,) = struct.unpack_from("<I", payload)
+    header = json.loads(payload[4:4 + hlen])
+    assert len(payload) == 4 + hlen + header["blob_bytes"] == 4 + hlen + sum(t["nbytes"] for t in header["tensors"])
+    evil = pickle.dumps({"format": "parameter-golf-mlx"})
+    bad = T.ARTIFACT_MAGIC + zstandard.ZstdCompressor().compress(struct.pack("<I", len(evil)) + evil)
+    (tmp_path / "evil.ptz").write_bytes(bad)
+    with pytest.raises(T.ArtifactError, match="malformed"):
+        T.read_artifact(str(tmp_path / "evil.ptz"))
 
 
 def test_corrupted_artifacts_are_rejected_clearly(tmp_path):
