@@ -1411,10 +1411,11 @@ def run(r: Run) -> int:
     preflight_paths(hp)
     if hp.eval_only:
         return eval_only(r, sp)
+    checkpoint = read_checkpoint(hp.resume_from, hp) if hp.resume_from else None
     setup(r, sp)
     warmup(r)
-    if hp.resume_from:
-        resume(r)
+    if checkpoint:
+        resume(r, *checkpoint)
     train(r)
     write_and_prove_artifact(r)
     return 0
@@ -1535,9 +1536,8 @@ def warmup(r: Run):
     log(f"warmup:{len(modes)} steps {time.perf_counter() - t0:.1f}s (compile; state restored)")
 
 
-def resume(r: Run):
+def resume(r: Run, meta: dict, params: dict, state: dict):
     """Continue from a checkpoint: weights, optimizer state, EMA, step, time, data position, QAT."""
-    meta, params, state = read_checkpoint(r.hp.resume_from, r.hp)
     load_flat_into(r.model, params)
     r.opt.load_arrays(state)
     r.step, r.train_ms, r.qat_on = meta["step"], meta["train_ms"], meta["qat_on"]
@@ -1598,10 +1598,14 @@ def train(r: Run):
 
 def one_step(r: Run) -> float:
     hp = r.hp
+    before = r.stream.state()
     x, y = r.stream.next_batch(hp.train_batch_tokens, hp.train_seq_len)
-    loss = train_step(r.graphs[r.qat_on], x, y, r.micro_seqs, lr_multiplier(r.step, r.train_ms, hp),
-                      muon_momentum_at(r.step, hp))
-    loss = float(loss)
+    try:
+        loss = float(train_step(r.graphs[r.qat_on], x, y, r.micro_seqs, lr_multiplier(r.step, r.train_ms, hp),
+                                muon_momentum_at(r.step, hp)))
+    except KeyboardInterrupt:  # this batch was not trained on: a checkpoint must not skip it
+        r.stream.restore(before)
+        raise
     if not math.isfinite(loss):
         raise TrainingDiverged(
             f"train loss is {loss} at step {r.step + 1}: training diverged; nothing is written. Lower the "
