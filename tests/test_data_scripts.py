@@ -3,11 +3,19 @@
 data/ is not a package, so the scripts are imported by path. The download script is
 tested offline: its single network function `fetch` is replaced by a stand-in that
 serves files from a temporary "remote" folder laid out like the Hugging Face repo.
+No test touches the network: the connectivity probe is disabled by an autouse fixture
+(tests of the probe itself only connect to sockets on 127.0.0.1 they open and close).
 """
 import importlib.util
 import json
+import os
 import random
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +36,15 @@ def load_script(name):
 
 bs = load_script("build_shards")
 dl = load_script("cached_challenge_fineweb")
+real_probe_hub, real_fetch = dl.probe_hub, dl.fetch
+
+
+@pytest.fixture(autouse=True)
+def no_network_probe(monkeypatch):
+    """Any test that reaches the real connectivity probe by accident fails instead."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a test reached the network probe; patch dl.probe_hub")
+    monkeypatch.setattr(dl, "probe_hub", forbidden)
 
 
 def leftovers(folder: Path):
@@ -327,11 +344,268 @@ def test_fetch_wraps_hf_hub_download(tmp_path, monkeypatch):
         return str(target)
 
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    probes = []
+    monkeypatch.setattr(dl, "probe_hub", lambda endpoint: probes.append(endpoint))  # reachable
+    dl._probed.clear()
     dest = tmp_path / "x.part"
     dl.fetch("datasets/tokenizers/fineweb_1024_bpe.vocab", dest)
     assert dest.read_bytes() == b"payload"
     assert seen == {"repo_id": dl.REPO_ID, "repo_type": "dataset"}
+    dl.fetch("datasets/tokenizers/fineweb_1024_bpe.vocab", dest)
+    assert len(probes) == 1  # probed once, not per file
     with pytest.raises(FileNotFoundError):
         dl.fetch("datasets/missing.bin", tmp_path / "y.part")
-    with pytest.raises(ConnectionError):  # offline must not look like "no more shards"
+    with pytest.raises(ConnectionError) as err:  # offline must not look like "no more shards"
         dl.fetch("datasets/offline.bin", tmp_path / "z.part")
+    assert not isinstance(err.value, dl.HubUnreachable)  # the probe still passes: worth a retry
+    assert len(probes) == 2  # a failed download probes again
+    monkeypatch.setattr(dl, "probe_hub", lambda endpoint: "cannot resolve host")  # the network went away
+    with pytest.raises(dl.HubUnreachable, match="cannot resolve host"):
+        dl.fetch("datasets/offline.bin", tmp_path / "z.part")
+    with pytest.raises(dl.HubUnreachable):  # and the next file is not even attempted
+        dl.fetch("datasets/tokenizers/fineweb_1024_bpe.vocab", tmp_path / "w.part")
+    assert not (tmp_path / "w.part").exists()
+
+
+# ----------------------------------------------------------------------------- offline / Ctrl-C
+def closed_port() -> int:
+    """A local TCP port with nothing listening (opened, then closed): connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree(folder: Path):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def offline_hub(monkeypatch, mode):
+    """Simulate no network for the real `fetch`. "probe": the connectivity probe fails
+    first (hf_hub_download is never reached); "hub": the probe passes once, then
+    hf_hub_download raises what huggingface_hub raises offline (LocalEntryNotFoundError,
+    after its own retries) and the probe that follows fails. Returns the hub call log."""
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def offline_download(repo_id, filename, **kwargs):
+        calls.append(filename)
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we "
+                                      "cannot find the requested files in the local cache.")
+
+    answers = iter([None] if mode == "hub" else [])
+    monkeypatch.setattr(dl, "probe_hub",
+                        lambda endpoint: next(answers, "cannot resolve huggingface.co: Name or service not known"))
+    monkeypatch.setattr(hub, "hf_hub_download", offline_download)
+    monkeypatch.setattr(dl.time, "sleep", lambda s: pytest.fail("offline must not wait for retries"))
+    return calls
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("mode", ["probe", "hub"])
+def test_offline_one_message_exit_code_no_empty_folders(tmp_path, monkeypatch, capsys, mode, shared):
+    calls = offline_hub(monkeypatch, mode)
+    sample = tmp_path / "shared" / "fineweb_sample"
+    if shared:
+        sample.mkdir(parents=True)
+    monkeypatch.setattr(dl, "SHARED_SAMPLE", sample)
+    local = tmp_path / "fresh" / "data"  # neither folder exists yet
+    with pytest.raises(SystemExit) as err:
+        run_download(local, "--train-shards", "1")
+    msg = err.value.code
+    assert isinstance(msg, str)  # sys.exit(message): printed to stderr, exit status 1
+    assert msg.startswith("error: cannot reach the Hugging Face Hub at ")
+    assert "Name or service not known" in msg
+    assert "data/build_shards.py --docs docs.jsonl --tokenizer TOKENIZER.model --out " in msg.replace(os.sep, "/")
+    assert f"--out {local / 'datasets' / FOLDER} --val-docs 50" in msg
+    assert (str(sample / "fineweb_1024_bpe.model") in msg) == shared
+    assert calls == ([] if mode == "probe" else ["datasets/manifest.json"])  # one try, no retries
+    assert capsys.readouterr().out == ""  # the error is the only output
+    assert not (tmp_path / "fresh").exists()  # every folder it created is gone again
+    assert tree(tmp_path) == (["shared", "shared/fineweb_sample"] if shared else [])
+
+
+def test_offline_keeps_folders_that_existed(tmp_path, monkeypatch):
+    offline_hub(monkeypatch, "probe")
+    local = tmp_path / "data"
+    (local / "tokenizers").mkdir(parents=True)  # pre-existing, empty: kept
+    (local / "datasets" / FOLDER).mkdir(parents=True)
+    (local / "notes.txt").write_text("mine")
+    before = tree(local)
+    with pytest.raises(SystemExit) as err:
+        run_download(local, "--train-shards", "1")
+    assert "data/build_shards.py" in str(err.value.code).replace(os.sep, "/")
+    assert tree(local) == before and (local / "notes.txt").read_text() == "mine"
+
+    (local / "datasets" / FOLDER).rmdir()  # a local manifest: the tokenizer is the first fetch
+    (local / "manifest.json").write_text("{}")
+    shutil.rmtree(local / "tokenizers")
+    before = tree(local)
+    with pytest.raises(SystemExit, match="build_shards"):
+        run_download(local, "--train-shards", "1")
+    assert tree(local) == before  # tokenizers/ was created for the download and removed again
+
+
+def test_connection_lost_mid_run_removes_only_empty_new_folders(tmp_path, monkeypatch, capsys):
+    calls = make_remote(tmp_path, monkeypatch)
+    serve = dl.fetch
+
+    def dies_after_tokenizer(remote_path, dest):
+        if "/datasets/" in remote_path:  # the first shard: the network is gone
+            raise dl.HubUnreachable("https://huggingface.co", "cannot connect: Network is unreachable")
+        serve(remote_path, dest)
+
+    monkeypatch.setattr(dl, "fetch", dies_after_tokenizer)
+    local = tmp_path / "data"
+    with pytest.raises(SystemExit) as err:
+        run_download(local, "--train-shards", "1")
+    assert "Network is unreachable" in err.value.code and "build_shards.py" in err.value.code
+    assert tree(local) == ["manifest.json", "tokenizers", "tokenizers/fineweb_1024_bpe.model",
+                           "tokenizers/fineweb_1024_bpe.vocab"]  # no empty datasets/ folder, no staging
+    assert calls.count(f"datasets/datasets/{FOLDER}/fineweb_val_000000.bin") == 0  # not retried
+    capsys.readouterr()
+
+
+def test_offline_with_everything_present_succeeds(tmp_path, monkeypatch):
+    make_remote(tmp_path, monkeypatch)
+    local = tmp_path / "data"
+    run_download(local, "--train-shards", "1")
+    before = {p: p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    offline_hub(monkeypatch, "probe")
+    monkeypatch.setattr(dl, "fetch", real_fetch)
+    summary = run_download(local, "--train-shards", "1")  # local manifest + valid files: no network needed
+    assert summary["downloaded"] == [] and summary["train_shards"] == 1
+    assert {p: p.read_bytes() for p in local.rglob("*") if p.is_file()} == before
+    with pytest.raises(SystemExit, match="build_shards"):  # one more shard does need the network
+        run_download(local, "--train-shards", "2")
+    assert {p: p.read_bytes() for p in local.rglob("*") if p.is_file()} == before
+
+
+def test_ctrl_c_during_download_leaves_no_partial_files(tmp_path, monkeypatch, capsys):
+    calls = make_remote(tmp_path, monkeypatch)
+    serve = dl.fetch
+
+    def interrupted(remote_path, dest):
+        if "fineweb_val_000000" in remote_path:  # Ctrl-C half-way through the first shard
+            staging = Path(dest).parent / dl.STAGING / "x.incomplete"
+            staging.parent.mkdir()
+            staging.write_bytes(b"half")
+            Path(dest).write_bytes(b"half")
+            raise KeyboardInterrupt
+        serve(remote_path, dest)
+
+    monkeypatch.setattr(dl, "fetch", interrupted)
+    local = tmp_path / "data"
+    with pytest.raises(SystemExit) as err:
+        try:
+            run_download(local, "--train-shards", "1")
+        except KeyboardInterrupt:  # would otherwise stop the whole pytest session
+            pytest.fail("KeyboardInterrupt escaped main(): the user sees a traceback")
+    assert err.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert leftovers(local) == []
+    assert tree(local) == ["manifest.json", "tokenizers", "tokenizers/fineweb_1024_bpe.model",
+                           "tokenizers/fineweb_1024_bpe.vocab"]
+    monkeypatch.setattr(dl, "fetch", serve)  # rerun resumes
+    summary = run_download(local, "--train-shards", "1")
+    assert summary["val_shards"] == N_VAL and len(summary["skipped"]) == 2
+    assert calls.count("datasets/tokenizers/fineweb_1024_bpe.model") == 1
+
+
+def test_probe_hub_local_sockets(monkeypatch):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    port = closed_port()
+    t0 = time.monotonic()
+    reason = real_probe_hub(f"http://127.0.0.1:{port}")
+    assert reason and f"127.0.0.1:{port}" in reason and time.monotonic() - t0 < 2
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        up = server.getsockname()[1]
+        assert real_probe_hub(f"http://127.0.0.1:{up}") is None
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{up}")  # reached through the proxy only
+        assert real_probe_hub("https://hub.invalid") is None
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
+        assert "via proxy" in real_probe_hub("https://hub.invalid")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE" in real_probe_hub(f"http://127.0.0.1:{up}")
+
+
+def test_probe_hub_bounded_when_dns_hangs(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(dl.urllib.request, "getproxies", lambda: {})
+    monkeypatch.setattr(dl.socket, "getaddrinfo", lambda *a, **k: time.sleep(5))  # a resolver that hangs
+    t0 = time.monotonic()
+    reason = real_probe_hub("https://huggingface.co", timeout=0.3)
+    assert "no answer" in reason and time.monotonic() - t0 < 2
+
+
+def script_env(**extra):
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("HF_")}
+    env.update(PYTHONDONTWRITEBYTECODE="1", **extra)
+    return env
+
+
+def test_offline_real_script_fails_fast(tmp_path):
+    """The real script, run like the README says, against a local port nobody listens on."""
+    pytest.importorskip("huggingface_hub")
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    shutil.copy(REPO / "data" / "cached_challenge_fineweb.py", repo / "data")
+    (tmp_path / "shared" / "fineweb_sample").mkdir(parents=True)
+    (tmp_path / "shared" / "fineweb_sample" / "fineweb_1024_bpe.model").write_bytes(b"x")
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "data/cached_challenge_fineweb.py", "--variant", "sp1024",
+                        "--train-shards", "1"], cwd=repo, capture_output=True, text=True, timeout=60,
+                       env=script_env(HF_ENDPOINT=endpoint))
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 1 and elapsed < 10, (r.returncode, elapsed, r.stderr)
+    assert r.stdout == "" and "Traceback" not in r.stderr
+    first, *rest = r.stderr.strip().splitlines()
+    assert first.startswith(f"error: cannot reach the Hugging Face Hub at {endpoint} (cannot connect to ")
+    assert rest[:3] == [
+        "Offline, build the shards from your own documents (JSONL or .txt) instead:",
+        "    python data/build_shards.py --docs docs.jsonl --tokenizer TOKENIZER.model "
+        "--out data/datasets/fineweb10B_sp1024 --val-docs 50",
+        "The challenge tokenizer ships in ../shared/fineweb_sample/fineweb_1024_bpe.model (use it as "
+        "TOKENIZER.model, and as TOKENIZER_PATH for train_gpt_mlx.py).",
+    ]
+    assert tree(repo) == ["data", "data/cached_challenge_fineweb.py"]  # no datasets/, tokenizers/, staging
+
+
+def test_ctrl_c_real_process_no_traceback(tmp_path):
+    """SIGINT to the running script while a file is half-written: exit 130, one line, no
+    traceback, no partial file or staging folder left."""
+    local = tmp_path / "data"
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""
+import importlib.util, sys, time
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("dl", {str(REPO / "data" / "cached_challenge_fineweb.py")!r})
+dl = importlib.util.module_from_spec(spec); spec.loader.exec_module(dl)
+def slow_fetch(remote_path, dest):
+    staging = Path(dest).parent / dl.STAGING
+    staging.mkdir(exist_ok=True)
+    (staging / "blob.incomplete").write_bytes(b"x" * 1000)
+    Path(dest).write_bytes(b"x" * 1000)
+    time.sleep(60)
+dl.fetch = slow_fetch
+dl.main(sys.argv[1:])
+""")
+    proc = subprocess.Popen([sys.executable, str(driver), "--data-dir", str(local), "--train-shards", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env())
+    try:
+        deadline = time.monotonic() + 30
+        while not list(local.glob("*.part*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(local.glob("*.part*")), "the download never started"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted" in err
+    assert not local.exists()  # the manifest was half-written: nothing of this run is left
