@@ -1296,11 +1296,11 @@ def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_
         return fns.step(mx.array(x), mx.array(y), lr, mom)
     acc, loss = None, mx.array(0.0)
     for lo in range(0, n, micro_seqs):
-        w = min(micro_seqs, n - lo) / n
-        l, g = fns.grads(mx.array(x[lo:lo + micro_seqs]), mx.array(y[lo:lo + micro_seqs]))
-        g = tree_map(lambda a: a * w, g)
-        acc = g if acc is None else tree_map(mx.add, acc, g)
-        loss = loss + l * w
+        share = min(micro_seqs, n - lo) / n
+        micro_loss, grads = fns.grads(mx.array(x[lo:lo + micro_seqs]), mx.array(y[lo:lo + micro_seqs]))
+        grads = tree_map(lambda a: a * share, grads)
+        acc = grads if acc is None else tree_map(mx.add, acc, grads)
+        loss = loss + micro_loss * share
         mx.eval(acc, loss)
     fns.update(acc, lr, mom)
     return loss

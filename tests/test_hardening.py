@@ -307,3 +307,29 @@ def test_adam_and_muon_take_one_step_of_their_reference_formulas():
     x = x.T if g.shape[0] > g.shape[1] else x
     want = p * (1 - lr * 0.1) - lr * math.sqrt(max(1, g.shape[0] / g.shape[1])) * x
     np.testing.assert_allclose(np.array(new[name]), want, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- first contact
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "fineweb_sample").exists(),
+                    reason="needs ../shared/fineweb_sample beside the repository")
+def test_readme_offline_example_runs_verbatim_on_a_fresh_copy(tmp_path):
+    """The README's offline block, run as written from a copy of the repository that has
+    ../shared beside it and no data/ downloads."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    root = Path(T.__file__).resolve().parent
+    readme = (root / "README.md").read_text()
+    block = re.search(r"<!-- offline-example -->\n```bash\n(.*?)```\n<!-- /offline-example -->", readme, re.S)[1]
+    repo = tmp_path / "clone"
+    (repo / "data").mkdir(parents=True)
+    shutil.copy(root / "train_gpt_mlx.py", repo)
+    for f in (root / "data").glob("*.py"):
+        shutil.copy(f, repo / "data")
+    (tmp_path / "shared").symlink_to(root.parent / "shared")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "final_int6_zstd_roundtrip_exact" in (repo / "logs" / "offline_smoke.txt").read_text()
