@@ -43,6 +43,8 @@ def main():
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--stride", type=int, default=64)
+    p.add_argument("--micro-tokens", type=int, default=8192, help="MLX_MAX_MICROBATCH_TOKENS of the training run")
+    p.add_argument("--skip-compile-bench", action="store_true")
     p.add_argument("--tokenizer", default=str(SAMPLE / "fineweb_1024_bpe.model"))
     a = p.parse_args()
     bs = load_script("data/build_shards.py")
@@ -57,26 +59,29 @@ def main():
                    ITERATIONS=str(a.steps), MAX_WALLCLOCK_SECONDS="0", VAL_MAX_TOKENS=str(64 * a.seq),
                    TRAIN_LOG_EVERY="50", NUM_LAYERS=str(a.layers), MODEL_DIM=str(a.dim), NUM_HEADS=str(heads),
                    NUM_KV_HEADS=str(max(1, heads // 2)), TRAIN_SEQ_LEN=str(a.seq),
+                   MLX_MAX_MICROBATCH_TOKENS=str(a.micro_tokens), WARMUP_STEPS=str(min(20, max(a.steps, 1))),
                    TRAIN_BATCH_TOKENS=str(max(a.seq, 524_288 if a.dim >= 512 else 8 * a.seq)))
         t0 = time.time()
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert T.main(env) == 0, (tmp / "dev.txt").read_text()[-2000:]
-        log = (tmp / "dev.txt").read_text()
-        last = re.findall(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms step_avg:(\S+)ms tok_s:(\d+)", log, re.M)[-1]
-        peak = re.search(r"peak_memory:(\d+)MiB", log)[1]
-        print(f"1. train {a.steps} steps x {env['TRAIN_BATCH_TOKENS']} tokens: step_avg {last[2]} ms, "
-              f"{int(last[3]):,} tokens/s, {peak} MiB peak "
-              f"({time.time() - t0:.0f}s with warmup, evals and artifact)", flush=True)
+        if a.steps:  # 0 skips training: eval speed does not depend on the weights
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert T.main(env) == 0, (tmp / "dev.txt").read_text()[-2000:]
+            log = (tmp / "dev.txt").read_text()
+            last = re.findall(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms step_avg:(\S+)ms tok_s:(\d+)",
+                              log, re.M)[-1]
+            peak = re.search(r"peak_memory:(\d+)MiB", log)[1]
+            print(f"1. train {a.steps} steps x {env['TRAIN_BATCH_TOKENS']} tokens (microbatch {a.micro_tokens}): "
+                  f"step_avg {last[2]} ms, {int(last[3]):,} tokens/s, {peak} MiB peak "
+                  f"({time.time() - t0:.0f}s with warmup, evals and artifact)", flush=True)
         b = SimpleNamespace(vocab=1024, layers=a.layers, dim=a.dim, heads=heads, seq=a.seq, batch_tokens=8 * a.seq,
                             micro_tokens=8 * a.seq, steps=5, env=[])
-        for compiled in (True, False):
+        for compiled in () if a.skip_compile_bench else (True, False):
             tps, ms, mem, _ = bench_train(b, compiled)
             print(f"2. {'compiled' if compiled else 'uncompiled'} step ({8 * a.seq} tokens): {tps:,.0f} tokens/s, "
                   f"{ms:.1f} ms, {mem:.0f} MiB peak", flush=True)
-        cfg, flat, _ = T.read_artifact(str(tmp / "dev_model.int6.ptz"))
         hp = T.Hyperparameters.from_env(env)
-        model = T.GPT(cfg, hp.dtype())
-        T.load_flat_into(model, flat)
+        model = T.GPT(T.ModelConfig.from_hparams(hp), hp.dtype())
+        if a.steps:
+            T.load_flat_into(model, T.read_artifact(str(tmp / "dev_model.int6.ptz"))[1])
         fns = T.Compiled(model, T.Optimizers(model, hp))
         tables = T.build_byte_tables(T.load_tokenizer(a.tokenizer), 1024)
         val = T.load_validation_tokens(str(tmp), 0, 1024)
