@@ -1329,9 +1329,8 @@ def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_
     bound memory; with W ranks, on this rank's 1/W of the rows, gradients and loss averaged by all_sums over
     bucket_bytes buckets (0: one per tensor). Returns the mean loss as an (unevaluated) mx scalar."""
     lr, mom, W = mx.array(lr_mul), mx.array(momentum), 1 if group is None else group.size()
-    if W > 1:
-        k = x.shape[0] // W
-        x, y = x[group.rank() * k:(group.rank() + 1) * k], y[group.rank() * k:(group.rank() + 1) * k]
+    if W > 1:  # this rank's rows
+        x, y = (a[group.rank() * (len(a) // W):(group.rank() + 1) * (len(a) // W)] for a in (x, y))
     n = x.shape[0]
     if n <= micro_seqs and W == 1:
         return fns.step(mx.array(x), mx.array(y), lr, mom)
@@ -1851,13 +1850,13 @@ def write_submission(r: Run, loss: float, bpb: float, eval_ms: float, model_byte
     atomic_write(jpath, json.dumps(sub, indent=2).encode())
     cmd = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in on.items()) + " SEED=<seed> " + (
         f"mlx.launch -n {W} --backend {r.backend} -- " if W > 1 else "") + "python train_gpt_mlx.py"
-    rows = [(s, f"{p['val_loss']:.8f}", f"{p['val_bpb']:.8f}", p["step_stop"], p["bytes_total"])
-            for s, p in zip(sub["seeds"], runs)]
-    rows.append(("mean ± std", *(f"{sub[k]:.8f} ± {sub[k + '_std']:.8f}" for k in ("val_loss", "val_bpb")), "", ""))
+    rows = [("seed", "val_loss", "val_bpb", "steps", "bytes_total"), ("---",) * 5] + [
+        (s, f"{p['val_loss']:.8f}", f"{p['val_bpb']:.8f}", p["step_stop"], p["bytes_total"])
+        for s, p in zip(sub["seeds"], runs)] + [
+        ("mean ± std", *(f"{sub[k]:.8f} ± {sub[k + '_std']:.8f}" for k in ("val_loss", "val_bpb")), "", "")]
     Path(d, "README.md").write_text(
         f"# {sub['name']}\n\n{sub['blurb']}\n\n{sub['author']} (@{sub['github_id']}), {sub['date']}, {sub['track']}, "
         f"{sub['hardware']}. Techniques on: the variables in the command.\n\n```bash\n{cmd}\n```\n\n"
-        f"| seed | val_loss | val_bpb | steps | bytes_total |\n|---|---|---|---|---|\n"
         + "".join("| " + " | ".join(map(str, row)) + " |\n" for row in rows))
     r.log(f"submission: {d} seeds:{sub['seeds']} val_bpb:{sub['val_bpb']:.8f} std:{sub['val_bpb_std']:.8f}")
 
