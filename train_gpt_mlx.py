@@ -14,11 +14,13 @@ import json
 import math
 import os
 import re
+import shlex
 import struct
 import sys
 import tempfile
 import time
 import uuid
+import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -129,6 +131,13 @@ class Hyperparameters:
     ngram_alpha_mode: str = _env("NGRAM_ALPHA_MODE", "entropy", str, choices=("fixed", "entropy"))
     ngram_buckets: int = _env("NGRAM_BUCKETS", 16384, int, 1, 2**20)
     ngram_chunk: int = _env("NGRAM_CHUNK", 2048, int, 1)
+    # data-parallel runs (mlx.launch) and the challenge's submission folder
+    dist_backend: str = _env("DIST_BACKEND", "any", str, choices=("any", "ring", "nccl", "jaccl", "mpi"))
+    submission_dir: str = _env("SUBMISSION_DIR", "", str)
+    submission_author: str = _env("SUBMISSION_AUTHOR", "", str)
+    submission_github_id: str = _env("SUBMISSION_GITHUB_ID", "", str)
+    submission_name: str = _env("SUBMISSION_NAME", "", str)
+    submission_blurb: str = _env("SUBMISSION_BLURB", "", str)
     # not a variable: what unknown_env_notes found in the environment, for the log
     env_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
 
@@ -200,6 +209,10 @@ class Hyperparameters:
         if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
             errs.append(f"RUN_ID={self.run_id!r} must be a plain name: letters, digits, '.', '_', '-' "
                         "(it names files in OUT_DIR)")
+        if self.submission_dir and (self.eval_only or self.val_max_tokens or not (
+                self.submission_author and self.submission_github_id and self.submission_name)):
+            errs.append("SUBMISSION_DIR needs a training run scored on the whole validation split (no EVAL_ONLY, "
+                        "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME")
         if errs:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(errs))
 
@@ -216,7 +229,7 @@ ENV_NOTES = {  # variables other scripts read that this one does not need
                           "MLX_MAX_MICROBATCH_TOKENS",
 }
 ENV_FAMILIES = ("ENGRAM_", "NGRAM_", "EVAL_", "SKIPGRAM_", "COMPLEMENT_", "QAT_", "EMA_", "MUON_", "TRAIN_",
-                "VAL_", "WARMDOWN_", "CHECKPOINT_", "TIED_", "QUANT_", "TTT_")
+                "VAL_", "WARMDOWN_", "CHECKPOINT_", "TIED_", "QUANT_", "TTT_", "DIST_", "SUBMISSION_")
 
 
 def env_fields() -> list:
@@ -1076,7 +1089,7 @@ def eval_windows(n_tgt: int, seq_len: int, stride: int):
 
 
 def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stride: int = 0,
-             mixer=None, log=None, label="val"):
+             mixer=None, log=None, label="val", group=None):
     """Score every target of `tokens` exactly once, in order, through the compiled model `fn`
     (returning per-position NLL, or (NLL, entropy) for the entropy-weighted mixer) in batches of
     [batch_seqs, seq_len] windows (one compiled shape), optionally mixed with the n-gram cache.
@@ -1084,11 +1097,28 @@ def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stri
     n_tgt, L = tokens.size - 1, seq_len
     starts, offsets = eval_windows(n_tgt, L, stride or L)
     batch_seqs = min(batch_seqs, starts.size)
+    nb, dp = -(-starts.size // batch_seqs), group is not None and group.size() > 1
+    ids = np.array_split(np.arange(nb), group.size())[group.rank()] if dp else range(nb)
+    batches = model_scores(fn, tokens, starts, offsets, L, batch_seqs, ids, log, label)
+    if dp:
+        batches = gathered_scores(batches, starts, offsets, n_tgt, L, batch_seqs, group, mixer is not None)
     nll_out, done = np.empty(n_tgt, np.float32), 0
+    for nll, ent in batches:
+        if mixer is not None:
+            nll = mixer.nll(tokens, done + 1, -nll, ent if ent is not None else mx.zeros_like(nll))
+        nll = np.array(nll)
+        nll_out[done:done + nll.size] = nll
+        done += nll.size
+    if done != n_tgt:  # a bug, never a number to report
+        raise RuntimeError(f"evaluation scored {done} of {n_tgt} targets")
+    return summarize_nll(nll_out, tokens, tables)
+
+
+def model_scores(fn, tokens, starts, offsets, L: int, batch_seqs: int, batch_ids, log, label):
+    """Yield the model's (NLL, entropy or None) at the scored positions of each batch, in target order."""
+    n_tgt, pos = tokens.size - 1, np.arange(L)
     t0 = last_print = time.perf_counter()
-    n_batches = -(-starts.size // batch_seqs)
-    pos = np.arange(L)
-    for bi in range(n_batches):
+    for i, bi in enumerate(batch_ids):
         st = starts[bi * batch_seqs:(bi + 1) * batch_seqs]
         off = offsets[bi * batch_seqs:(bi + 1) * batch_seqs]
         idx = np.minimum(st[:, None] + pos, n_tgt - 1)  # only a split shorter than L is clipped
@@ -1099,20 +1129,26 @@ def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stri
         out = fn(mx.array(x), mx.array(y))
         nll, ent = out if isinstance(out, tuple) else (out, None)
         flat = mx.array(np.flatnonzero(keep).astype(np.int32))  # scored positions, in target order
-        nll = mx.take(nll.reshape(-1), flat)
-        if mixer is not None:
-            ent = mx.take(ent.reshape(-1), flat) if ent is not None else mx.zeros_like(nll)
-            nll = mixer.nll(tokens, done + 1, -nll, ent)
-        nll = np.array(nll)
-        nll_out[done:done + nll.size] = nll
-        done += nll.size
-        if log and time.perf_counter() - last_print > 30 and bi + 1 < n_batches:
+        yield mx.take(nll.reshape(-1), flat), None if ent is None else mx.take(ent.reshape(-1), flat)
+        if log and time.perf_counter() - last_print > 30 and i + 1 < len(batch_ids):
             last_print = time.perf_counter()
-            el = last_print - t0
-            log(f"{label}_progress: {bi + 1}/{n_batches} batches eta:{el / (bi + 1) * (n_batches - bi - 1):.0f}s")
-    if done != n_tgt:  # a bug, never a number to report
-        raise RuntimeError(f"evaluation scored {done} of {n_tgt} targets")
-    return summarize_nll(nll_out, tokens, tables)
+            el, n = last_print - t0, len(batch_ids)
+            log(f"{label}_progress: {i + 1}/{n} batches eta:{el / (i + 1) * (n - i - 1):.0f}s")
+
+
+def gathered_scores(mine, starts, offsets, n_tgt: int, L: int, batch_seqs: int, group, need_ent: bool):
+    """Data parallelism: `mine` scores this rank's share of the batches; one all_gather rebuilds all, in order."""
+    share = np.array_split(np.add.reduceat(np.minimum(L, n_tgt - starts) - offsets,  # scored targets per batch
+                                           np.arange(0, starts.size, batch_seqs)), group.size())
+    rows, width = [], max(int(c.sum()) for c in share)
+    for nll, ent in mine:
+        rows.append(mx.stack([nll, mx.zeros_like(nll) if ent is None else ent])[:1 + need_ent])
+        mx.eval(rows[-1])
+    mine = mx.concatenate(rows, axis=1) if rows else mx.zeros((1 + need_ent, 0))
+    allr = mx.distributed.all_gather(mx.pad(mine, [(0, 0), (0, width - mine.shape[1])])[None], group=group)
+    for r, c in enumerate(share):
+        for lo, n in zip(np.cumsum(c) - c, c):
+            yield allr[r, 0, lo:lo + n], allr[r, 1, lo:lo + n] if need_ent else None
 
 
 def summarize_nll(nll: np.ndarray, tokens: np.ndarray, tables):
@@ -1287,12 +1323,16 @@ class Compiled:
         self.token_stats = c(model.token_stats, inputs=state)
 
 
-def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_mul: float, momentum: float):
+def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_mul: float, momentum: float,
+               group=None, bucket_bytes: int = 32 << 20):
     """One optimizer step over a batch, split into microbatches of at most micro_seqs rows to
-    bound memory. Returns the mean loss as an (unevaluated) mx scalar."""
-    lr, mom = mx.array(lr_mul), mx.array(momentum)
+    bound memory; with W ranks, on this rank's 1/W of the rows, gradients and loss averaged by all_sums over
+    bucket_bytes buckets (0: one per tensor). Returns the mean loss as an (unevaluated) mx scalar."""
+    lr, mom, W = mx.array(lr_mul), mx.array(momentum), 1 if group is None else group.size()
+    if W > 1:  # this rank's rows
+        x, y = (a[group.rank() * (len(a) // W):(group.rank() + 1) * (len(a) // W)] for a in (x, y))
     n = x.shape[0]
-    if n <= micro_seqs:
+    if n <= micro_seqs and W == 1:
         return fns.step(mx.array(x), mx.array(y), lr, mom)
     acc, loss = None, mx.array(0.0)
     for lo in range(0, n, micro_seqs):
@@ -1301,6 +1341,10 @@ def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_
         grads = tree_map(lambda a: a * share, grads)
         acc = grads if acc is None else tree_map(mx.add, acc, grads)
         loss = loss + micro_loss * share
+        mx.eval(acc, loss)
+    if W > 1:  # the loss rides in the gradients' all-reduce; evaluated here, so every rank issues it at once
+        avg = nn.average_gradients(dict(g=acc, loss=loss), group, bucket_bytes)
+        acc, loss = avg["g"], avg["loss"]
         mx.eval(acc, loss)
     fns.update(acc, lr, mom)
     return loss
@@ -1320,11 +1364,12 @@ class TrainingDiverged(RuntimeError):
 class Logger:
     """Console + log file. A log that cannot be written (disk full) warns once and goes on."""
 
-    def __init__(self, path: str | None):
-        self.path, self.f = path, open(path, "a", encoding="utf-8") if path else None
+    def __init__(self, path: str | None, rank: int = 0):
+        self.path, self.f, self.rank = path, open(path, "a", encoding="utf-8") if path else None, rank
 
     def __call__(self, msg: str):
-        print(msg, flush=True)
+        if not self.rank or msg.startswith("error"):  # rank 0 logs; the others only say why they stop
+            print(f"[rank {self.rank}] {msg}" if self.rank else msg, flush=True)
         if self.f:
             try:
                 self.f.write(msg + "\n")
@@ -1352,6 +1397,9 @@ class Run:
     train_ms: float = 0.0
     qat_on: bool = False
     phase: str = "setup"
+    group: mx.distributed.Group = None  # the ranks mlx.launch started (size 1: one process)
+    backend: str = "none"
+    pre_quant: tuple = (math.nan, math.nan)  # the last full-precision (val_loss, val_bpb)
 
     def path(self, suffix: str) -> str:
         return os.path.join(self.hp.out_dir, f"{self.run_id}{suffix}")
@@ -1369,6 +1417,33 @@ def eval_batch_seqs(hp: Hyperparameters, seq_len: int) -> int:
     return max(1, hp.val_batch_size // hp.grad_accum_steps // seq_len)
 
 
+def init_world(backend: str):
+    """(group, backend name) of the ranks mlx.launch started; one process is a group of size 1."""
+    for b in ("jaccl", "nccl", "ring", "mpi") if backend == "any" else (backend,):
+        try:
+            return mx.distributed.init(strict=True, backend=b), b
+        except RuntimeError as e:
+            if backend != "any":
+                raise SetupError(f"DIST_BACKEND={backend}: {e} (start the ranks with mlx.launch)") from None
+    return mx.distributed.init(), "none"
+
+
+def ranks_max(r: Run, v: float) -> float:
+    """Rank 0's view is not enough where ranks must decide alike (the wall-clock cap, its warmdown)."""
+    return v if r.group.size() == 1 else mx.distributed.all_max(mx.array(v, mx.float32), group=r.group).item()
+
+
+def check_ranks_agree(r: Run, what: str):
+    """Data parallelism is only correct while every rank holds the same weights: compare CRC32s."""
+    if r.group.size() == 1:  # one process: nothing to compare
+        return
+    crc = zlib.crc32(b"".join(np.array(p).tobytes() for _, p in tree_flatten(r.model.parameters())))
+    crcs = mx.distributed.all_gather(mx.array([crc], mx.uint32), group=r.group).tolist()
+    r.log(f"ranks_checksum {what}: crc32:{crc:08x} world_size:{len(crcs)} agree:{len(set(crcs)) == 1}")
+    if len(set(crcs)) > 1:
+        raise TrainingDiverged(f"ranks hold different weights {what} (crc32 {[f'{c:08x}' for c in crcs]})")
+
+
 def main(env=None) -> int:
     try:
         hp = Hyperparameters.from_env(env)
@@ -1377,19 +1452,21 @@ def main(env=None) -> int:
         return 2
     run_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     try:
+        group, backend = init_world(hp.dist_backend)
         check_out_dir(hp.out_dir)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     log_path = os.path.join(hp.out_dir, f"{run_id}.txt")
-    reused = os.path.exists(log_path)
-    log = Logger(log_path)
+    reused = os.path.exists(log_path) and not group.rank()
+    log = Logger(None if group.rank() else log_path, group.rank())
     if reused:
         log(f"note: RUN_ID={run_id} was used before in {hp.out_dir}: this run's lines follow the earlier "
             "run's in this log, and its artifact/checkpoint files are replaced")
+    log(f"world_size:{group.size()} backend:{backend}")
     for note in hp.env_notes:
         log(f"WARNING: {note}  (STRICT_ENV=1 makes this an error)")
-    r = Run(hp, log, run_id, os.path.getsize(os.path.abspath(__file__)))
+    r = Run(hp, log, run_id, os.path.getsize(os.path.abspath(__file__)), group=group, backend=backend)
     try:
         return run(r)
     except KeyboardInterrupt:
@@ -1417,6 +1494,7 @@ def run(r: Run) -> int:
     if checkpoint:
         resume(r, *checkpoint)
     train(r)
+    check_ranks_agree(r, "after training")
     write_and_prove_artifact(r)
     return 0
 
@@ -1484,7 +1562,9 @@ def setup(r: Run, sp):
     log(f"run_id:{r.run_id} mlx:{mx.__version__} device:{mx.default_device()} compute_dtype:{hp.dtype()}")
     log_hparams(hp, log)
     cfg = ModelConfig.from_hparams(hp)
-    seq = hp.train_seq_len
+    seq, W = hp.train_seq_len, r.group.size()
+    if hp.train_batch_tokens // seq % W:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN x {W} ranks")
     r.micro_seqs = max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // seq)
     check_memory(memory_needs(hp, cfg, r.micro_seqs * seq), log)
     mx.random.seed(hp.seed)
@@ -1526,7 +1606,7 @@ def warmup(r: Run):
     t0 = time.perf_counter()
     for i, qat in enumerate(modes):
         x, y = r.stream.next_batch(hp.train_batch_tokens, hp.train_seq_len)
-        mx.eval(train_step(r.graphs[qat], x, y, r.micro_seqs, 1.0, muon_momentum_at(0, hp)))
+        mx.eval(train_step(r.graphs[qat], x, y, r.micro_seqs, 1.0, muon_momentum_at(0, hp), r.group))
         log(f"warmup_step:{i + 1}/{len(modes)}{' (qat graphs)' if qat else ''} {time.perf_counter() - t0:.1f}s")
     r.model.update(tree_unflatten(list(init_params.items())))
     r.opt.reset(dict(tree_flatten(r.model.trainable_parameters())))
@@ -1547,6 +1627,8 @@ def resume(r: Run, meta: dict, params: dict, state: dict):
 
 def save_checkpoint(r: Run, path: str | None = None) -> str:
     path = path or r.path("_ckpt.pgck")
+    if r.group.rank():  # rank 0 saves; every rank holds the same state
+        return path
     meta = dict(step=r.step, train_ms=r.train_ms, qat_on=r.qat_on, stream=r.stream.state(),
                 run_id=r.run_id, hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
     n = write_checkpoint(path, r.model, r.opt, meta)
@@ -1564,7 +1646,7 @@ def train(r: Run):
     while True:
         last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or interrupted
         if last or (hp.val_loss_every and r.step and r.step % hp.val_loss_every == 0):
-            r.train_ms += (time.perf_counter() - t_last) * 1000
+            r.train_ms = ranks_max(r, r.train_ms + (time.perf_counter() - t_last) * 1000)
             interrupted = periodic_eval(r, final=last) or interrupted
             t_last = time.perf_counter()
             last = last or interrupted
@@ -1583,7 +1665,7 @@ def train(r: Run):
                 save_checkpoint(r)
             continue
         now = time.perf_counter()
-        r.train_ms += (now - t_last) * 1000
+        r.train_ms = ranks_max(r, r.train_ms + (now - t_last) * 1000)
         t_last = now
         if max_ms > 0 and r.train_ms >= max_ms and stop_at is None:
             stop_at = r.step
@@ -1602,7 +1684,7 @@ def one_step(r: Run) -> float:
     x, y = r.stream.next_batch(hp.train_batch_tokens, hp.train_seq_len)
     try:
         loss = float(train_step(r.graphs[r.qat_on], x, y, r.micro_seqs, lr_multiplier(r.step, r.train_ms, hp),
-                                muon_momentum_at(r.step, hp)))
+                                muon_momentum_at(r.step, hp), r.group))
     except KeyboardInterrupt:  # this batch was not trained on: a checkpoint must not skip it
         r.stream.restore(before)
         raise
@@ -1630,10 +1712,11 @@ def periodic_eval(r: Run, final: bool) -> bool:
     """The val line of the baseline's log. Returns True when Ctrl-C skipped it."""
     try:
         loss, bpb, _ = run_eval(r.hp, r.model, r.opt, r.graphs[r.qat_on], r.val_tokens, r.tables, r.log,
-                                "val", final=final, seq=r.hp.train_seq_len)
+                                "val", final=final, seq=r.hp.train_seq_len, group=r.group)
     except KeyboardInterrupt:
         r.log("evaluation interrupted: skipped; training stops and the artifact is still written")
         return True
+    r.pre_quant = (loss, bpb)
     r.log(f"step:{r.step}/{r.hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
           f"train_time:{r.train_ms:.0f}ms step_avg:{r.train_ms / max(r.step, 1):.2f}ms")
     return False
@@ -1648,7 +1731,7 @@ def log_eval_config(hp: Hyperparameters, trained_seq: int, log):
             if hp.ngram_mixer_enabled else "off"))
 
 
-def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq):
+def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, group=None):
     """Evaluate the weights that would be saved (the EMA when it is on). Final evaluations use the
     configured sliding window and n-gram mixer; periodic ones the cheap standard eval."""
     t0, raw = time.perf_counter(), None
@@ -1665,11 +1748,11 @@ def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq):
                                       hp.ngram_alpha_mode, hp.ngram_chunk)
             fn = fns.token_stats if hp.ngram_alpha_mode == "entropy" else fn
     try:
-        loss, bpb, nll = evaluate(fn, val_tokens, tables=tables, mixer=mixer, log=log, label=label, **kw)
+        loss, bpb, nll = evaluate(fn, val_tokens, tables=tables, mixer=mixer, log=log, label=label, group=group, **kw)
     finally:
         if raw is not None:
             model.update(raw)
-    if hp.eval_token_nll_path and label != "val":
+    if hp.eval_token_nll_path and label != "val" and not (group and group.rank()):
         atomic_write(hp.eval_token_nll_path, nll.astype("<f4").tobytes())
         log(f"per-token NLL (float32 nats, {nll.size} targets in order) written to {hp.eval_token_nll_path}")
     return loss, bpb, (time.perf_counter() - t0) * 1000
@@ -1694,7 +1777,7 @@ def eval_only(r: Run, sp) -> int:
     log_eval_config(hp, trained_seq, log)
     r.phase = "evaluation"
     loss, bpb, ms = run_eval(hp, model, None, Compiled(model, Optimizers(model, hp)), val_tokens, tables, log,
-                             "eval", final=True, seq=trained_seq)
+                             "eval", final=True, seq=trained_seq, group=r.group)
     log(f"eval_only val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"eval_only_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     return 0
@@ -1707,7 +1790,8 @@ def write_and_prove_artifact(r: Run):
     if r.opt.ema:
         r.model.update(tree_unflatten(list(r.opt.ema.items())))
         log(f"ema: saving the EMA weights (decay {hp.ema_decay})")
-    path = r.path(f"_model.int{hp.quant_bits}.ptz")
+    path = r.path(f"_model.int{hp.quant_bits}.ptz") if not r.group.rank() else os.path.join(  # ranks > 0: a private
+        tempfile.gettempdir(), f"{r.run_id}_rank{r.group.rank()}.ptz")  # copy to round-trip
     log(f"writing artifact {path} (int{hp.quant_bits} + zstd-22)...")
     r.phase = "writing the artifact"
     try:
@@ -1723,12 +1807,58 @@ def write_and_prove_artifact(r: Run):
             "this cannot be submitted; shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT)")
     r.phase = "the round-trip evaluation"
     _, flat, _ = read_artifact(path)
+    if r.group.rank():
+        os.unlink(path)
     load_flat_into(r.model, flat)
     loss, bpb, ms = run_eval(hp, r.model, r.opt, r.graphs[False], r.val_tokens, r.tables, log, "roundtrip",
-                             final=True, seq=hp.train_seq_len)
+                             final=True, seq=hp.train_seq_len, group=r.group)
     tag = f"final_int{hp.quant_bits}_zstd_roundtrip"
     log(f"{tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    if hp.submission_dir and not r.group.rank():
+        write_submission(r, loss, bpb, ms, model_bytes)
+
+
+def write_submission(r: Run, loss: float, bpb: float, eval_ms: float, model_bytes: int):
+    """The challenge's record folder: submission.json (this SEED added to the folder's seeds; mean, sample std), README,
+    this seed's log, the script, requirements.txt. Refused over the cap or into another configuration's folder."""
+    hp, d, W = r.hp, r.hp.submission_dir, r.group.size()
+    res = dict(val_loss=loss, val_bpb=bpb, pre_quant_val_loss=r.pre_quant[0], pre_quant_val_bpb=r.pre_quant[1],
+               step_stop=r.step, wallclock_seconds=r.train_ms / 1000, eval_time_seconds=eval_ms / 1000,
+               bytes_total=r.code_bytes + model_bytes, bytes_model=model_bytes, bytes_code=r.code_bytes)
+    skip = ("seed", "run_id", "out_dir", "data_path", "tokenizer_path", "eval_token_nll_path")
+    on = {f.metadata["env"]: getattr(hp, f.name) for f in env_fields()  # the techniques on
+          if getattr(hp, f.name) != f.default and f.name not in skip and not f.name.startswith("submission")}
+    jpath = os.path.join(d, "submission.json")
+    sub = json.loads(Path(jpath).read_text()) if os.path.exists(jpath) else dict(config=on, seed_results={})
+    if res["bytes_total"] > ARTIFACT_CAP_BYTES or sub["config"] != on:
+        raise ArtifactError(f"SUBMISSION_DIR={d} refused: " + (f"{res['bytes_total']} bytes are over the cap" if
+                            sub["config"] == on else f"it holds seeds of another configuration ({sub['config']})"))
+    sub["seed_results"][str(hp.seed)] = res
+    runs = [sub["seed_results"][k] for k in sorted(sub["seed_results"], key=int)]
+    sub.update({k: float(np.mean([s[k] for s in runs])) if isinstance(v, float) else max(s[k] for s in runs)
+                for k, v in res.items()}, seeds=sorted(map(int, sub["seed_results"])), date=time.strftime("%Y-%m-%d"),
+               author=hp.submission_author, github_id=hp.submission_github_id, name=hp.submission_name,
+               blurb=hp.submission_blurb, hardware=f"{W}x {mx.device_info().get('device_name')}, backend {r.backend}",
+               track=next((p for p in Path(d).parts if p.startswith("track_")), "track_non_record_16mb"),
+               **{f"{k}_std": float(np.std([s[k] for s in runs], ddof=min(1, len(runs) - 1)))
+                  for k in ("val_loss", "val_bpb")})
+    os.makedirs(d, exist_ok=True)
+    for src, dst in ((r.path(".txt"), f"train_seed{hp.seed}.log"), (__file__, "train_gpt_mlx.py"),
+                     (Path(__file__).with_name("requirements.txt"), "requirements.txt")):
+        Path(d, dst).write_bytes(Path(src).read_bytes())
+    atomic_write(jpath, json.dumps(sub, indent=2).encode())
+    cmd = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in on.items()) + " SEED=<seed> " + (
+        f"mlx.launch -n {W} --backend {r.backend} -- " if W > 1 else "") + "python train_gpt_mlx.py"
+    rows = [("seed", "val_loss", "val_bpb", "steps", "bytes_total"), ("---",) * 5] + [
+        (s, f"{p['val_loss']:.8f}", f"{p['val_bpb']:.8f}", p["step_stop"], p["bytes_total"])
+        for s, p in zip(sub["seeds"], runs)] + [
+        ("mean ± std", *(f"{sub[k]:.8f} ± {sub[k + '_std']:.8f}" for k in ("val_loss", "val_bpb")), "", "")]
+    Path(d, "README.md").write_text(
+        f"# {sub['name']}\n\n{sub['blurb']}\n\n{sub['author']} (@{sub['github_id']}), {sub['date']}, {sub['track']}, "
+        f"{sub['hardware']}. Techniques on: the variables in the command.\n\n```bash\n{cmd}\n```\n\n"
+        + "".join("| " + " | ".join(map(str, row)) + " |\n" for row in rows))
+    r.log(f"submission: {d} seeds:{sub['seeds']} val_bpb:{sub['val_bpb']:.8f} std:{sub['val_bpb_std']:.8f}")
 
 
 def rescue_weights(r: Run) -> str:
