@@ -243,12 +243,13 @@ class Hyperparameters:
 RECIPES = {  # RECIPE=name sets these defaults; any variable set explicitly wins. Sources: README's recipe table
     "baseline": {},
     "sp1024_record": dict(
-        NUM_LAYERS="11", MLP_MULT="3", SMEAR_GATE="1", BIGRAM_HASH_SIZE="2816", BIGRAM_DIM="112", XSA_LAST_N="11",
-        ROPE_DIMS="16", LN_SCALE="1", LEAKY_RELU_SLOPE="0.5", PARALLEL_START_LAYER="7", RECUR_LAYERS="4,5",
+        NUM_LAYERS="9", MLP_MULT="3", SMEAR_GATE="1", BIGRAM_HASH_SIZE="2816", BIGRAM_DIM="112", XSA_LAST_N="11",
+        ROPE_DIMS="16", LN_SCALE="1", LEAKY_RELU_SLOPE="0.5", PARALLEL_START_LAYER="5", RECUR_LAYERS="3,4",
         MATRIX_LR="0.03", TIED_EMBED_LR="0.035", SCALAR_LR="0.025", GRAD_CLIP_NORM="0.3", MUON_MOMENTUM="0.99",
         MUON_MOMENTUM_WARMUP_START="0.92", MUON_MOMENTUM_WARMUP_STEPS="1500", MUON_WEIGHT_DECAY="0.04",
         EMA_DECAY="0.997", WARMDOWN_FRAC="0.56",
-        # artifact side (part B: QUANT_BITS_ATTN, QUANT_BITS_MLP, QUANT_BITS_EMBED, GPTQ_LITE, COMPRESSOR) goes here
+        # artifact side (part B: QUANT_BITS_ATTN, QUANT_BITS_MLP, QUANT_BITS_EMBED, GPTQ_LITE, COMPRESSOR) goes here;
+        # with int5 MLPs, #1204's 11 layers fit: NUM_LAYERS=11, RECUR_LAYERS=4,5, PARALLEL_START_LAYER=7
     ),
 }
 ENV_ALIASES = {"TRAIN_MAX_SEQ_LEN": "TRAIN_SEQ_LEN"}  # the public baseline reads both
