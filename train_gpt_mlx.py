@@ -701,7 +701,8 @@ class GPT(nn.Module):
                              cfg.rope_dims, cfg.leaky_relu_slope, parallel=i >= par) for i in range(cfg.num_layers)]
         self.span = recur_span(cfg.recur_layers, cfg.num_layers)
         if self.span and cfg.recur_untied_mlp:  # the second pass's own MLPs (attention stays shared)
-            self.recur_mlps = [MLP(d, cfg.mlp_mult, cfg.leaky_relu_slope) for _ in range(self.span[0], self.span[1] + 1)]
+            n = self.span[1] - self.span[0] + 1
+            self.recur_mlps = [MLP(d, cfg.mlp_mult, cfg.leaky_relu_slope) for _ in range(n)]
         n_virtual = len(self.virtual_layers())
         self.n_enc, self.par_from = n_virtual // 2, n_virtual - (cfg.num_layers - par)
         n_skip = min(self.n_enc, n_virtual - self.n_enc)
