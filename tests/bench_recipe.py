@@ -34,7 +34,7 @@ PIECES = {"smeargate": dict(SMEAR_GATE=1), "bigram 2048x32": dict(BIGRAM_HASH_SI
           "recurrence 0,0": dict(RECUR_LAYERS="0,0"), "mlp x3": dict(MLP_MULT=3)}
 # The recipe with its shape scaled to 2 layers (and EMA to a 100-step run: 0.997 keeps 74% of the init weights)
 RECIPE2 = dict(RECIPE="sp1024_record", NUM_LAYERS=2, PARALLEL_START_LAYER=1, RECUR_LAYERS="0,0", XSA_LAST_N=3,
-               ROPE_DIMS=8, BIGRAM_HASH_SIZE=2048, BIGRAM_DIM=32, EMA_DECAY=0.95)
+               ROPE_DIMS=8, BIGRAM_HASH_SIZE=2048, BIGRAM_DIM=32, EMA_DECAY=0.95, ENGRAM_LITE_ENABLED=0)
 ENGRAM = dict(ENGRAM_LITE_ENABLED=1, ENGRAM_HASH_SIZE=2048, ENGRAM_DIM=32, ENGRAM_HEADS=2)
 ABLATION = {"baseline": {}, **PIECES, "tuned optimizer values only": TUNED, "recipe (2 layers)": RECIPE2,
             "recipe, EMA 0.997 as is": dict(RECIPE2, EMA_DECAY=0.997), "recipe + engram (logit)": dict(RECIPE2, **ENGRAM),
@@ -43,7 +43,8 @@ ABLATION = {"baseline": {}, **PIECES, "tuned optimizer values only": TUNED, "rec
                 ("recurrence", dict(RECUR_LAYERS="")), ("parallel", dict(PARALLEL_START_LAYER=0)))}}
 # 4 layers: the record's layout scaled (parallel lanes on the last layer, the hinge layers 1,2 repeated)
 RECIPE4 = dict(RECIPE="sp1024_record", NUM_LAYERS=4, PARALLEL_START_LAYER=3, RECUR_LAYERS="1,2", XSA_LAST_N=6,
-               ROPE_DIMS=8, BIGRAM_HASH_SIZE=2048, BIGRAM_DIM=32, EMA_DECAY=0)  # EMA needs >> 1/(1-d) steps
+               ROPE_DIMS=8, BIGRAM_HASH_SIZE=2048, BIGRAM_DIM=32, ENGRAM_HASH_SIZE=2048, ENGRAM_DIM=32,
+               EMA_DECAY=0)  # EMA needs >> 1/(1-d) steps
 
 
 def table(res, base_name="baseline"):
