@@ -138,6 +138,18 @@ class Hyperparameters:
     submission_github_id: str = _env("SUBMISSION_GITHUB_ID", "", str)
     submission_name: str = _env("SUBMISSION_NAME", "", str)
     submission_blurb: str = _env("SUBMISSION_BLURB", "", str)
+    # record base (issue 8): the sp1024 records' model pieces, each off by default; RECIPE bundles them
+    recipe: str = _env("RECIPE", "baseline", str, choices=("baseline", "sp1024_record"))
+    smear_gate: bool = _env("SMEAR_GATE", False, bool)
+    bigram_hash_size: int = _env("BIGRAM_HASH_SIZE", 0, int, 0, 2**20)
+    bigram_dim: int = _env("BIGRAM_DIM", 128, int, 1, 4096)
+    xsa_last_n: int = _env("XSA_LAST_N", 0, int, 0, 256)
+    rope_dims: int = _env("ROPE_DIMS", 0, int, 0, 4096)
+    ln_scale: bool = _env("LN_SCALE", False, bool)
+    leaky_relu_slope: float = _env("LEAKY_RELU_SLOPE", 0.0, float, 0.0, 1.0)
+    parallel_start_layer: int = _env("PARALLEL_START_LAYER", 0, int, 0, 127)
+    recur_layers: str = _env("RECUR_LAYERS", "", str)
+    recur_untied_mlp: bool = _env("RECUR_UNTIED_MLP", False, bool)
     # not a variable: what unknown_env_notes found in the environment, for the log
     env_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
 
@@ -149,6 +161,7 @@ class Hyperparameters:
         for alias, name in ENV_ALIASES.items():  # the public baseline's spellings
             if alias in env and name not in env:
                 env[name] = env[alias]
+        env = {**RECIPES.get(env.get("RECIPE", "baseline").strip(), {}), **env}  # explicit values win
         values, errors = {}, []
         for f in env_fields():
             m = f.metadata
@@ -213,8 +226,26 @@ class Hyperparameters:
                 self.submission_author and self.submission_github_id and self.submission_name)):
             errs.append("SUBMISSION_DIR needs a training run scored on the whole validation split (no EVAL_ONLY, "
                         "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME")
+        errs += self.record_base_errors()
         if errs:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(errs))
+
+    def record_base_errors(self) -> list:
+        errs, L, hd = [], self.num_layers, self.model_dim // self.num_heads
+        if self.rope_dims % 2 or self.rope_dims > hd:
+            errs.append(f"ROPE_DIMS={self.rope_dims} must be even and <= the head dim {hd} (0 = all)")
+        try:
+            span = recur_span(self.recur_layers, L)
+        except ValueError as e:
+            span = errs.append(f"RECUR_LAYERS={self.recur_layers!r}: {e}")
+        n = L + (span[1] - span[0] + 1 if span else 0)
+        if self.xsa_last_n > n:
+            errs.append(f"XSA_LAST_N={self.xsa_last_n} must be <= the {n} (virtual) layers")
+        if self.parallel_start_layer >= L:
+            errs.append(f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={L} (0 = off)")
+        if self.recur_untied_mlp and not self.recur_layers:
+            errs.append("RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b")
+        return errs
 
     def dtype(self):
         if self.compute_dtype == "auto":  # bf16 matmul is ~30x slower than fp32 on CPU
@@ -222,6 +253,18 @@ class Hyperparameters:
         return getattr(mx, self.compute_dtype)
 
 
+RECIPES = {  # RECIPE=name sets these defaults; any variable set explicitly wins. Sources: README's recipe table
+    "baseline": {},
+    "sp1024_record": dict(
+        NUM_LAYERS="9", MLP_MULT="3", SMEAR_GATE="1", BIGRAM_HASH_SIZE="2816", BIGRAM_DIM="112", XSA_LAST_N="11",
+        ROPE_DIMS="16", LN_SCALE="1", LEAKY_RELU_SLOPE="0.5", PARALLEL_START_LAYER="5", RECUR_LAYERS="3,4",
+        MATRIX_LR="0.03", TIED_EMBED_LR="0.035", SCALAR_LR="0.025", GRAD_CLIP_NORM="0.3", MUON_MOMENTUM="0.99",
+        MUON_MOMENTUM_WARMUP_START="0.92", MUON_MOMENTUM_WARMUP_STEPS="1500", MUON_WEIGHT_DECAY="0.04",
+        EMA_DECAY="0.997", WARMDOWN_FRAC="0.56", ENGRAM_LITE_ENABLED="1", ENGRAM_HASH_SIZE="2048", ENGRAM_DIM="64",
+        # artifact side (part B: QUANT_BITS_ATTN, QUANT_BITS_MLP, QUANT_BITS_EMBED, GPTQ_LITE, COMPRESSOR) goes here;
+        # with int5 MLPs, #1204's 11 layers fit: NUM_LAYERS=11, RECUR_LAYERS=4,5, PARALLEL_START_LAYER=7
+    ),
+}
 ENV_ALIASES = {"TRAIN_MAX_SEQ_LEN": "TRAIN_SEQ_LEN"}  # the public baseline reads both
 ENV_NOTES = {  # variables other scripts read that this one does not need
     "MLX_EAGER_EVAL": "not needed: every microbatch is evaluated eagerly already (as MLX_EAGER_EVAL=1)",
@@ -229,7 +272,8 @@ ENV_NOTES = {  # variables other scripts read that this one does not need
                           "MLX_MAX_MICROBATCH_TOKENS",
 }
 ENV_FAMILIES = ("ENGRAM_", "NGRAM_", "EVAL_", "SKIPGRAM_", "COMPLEMENT_", "QAT_", "EMA_", "MUON_", "TRAIN_",
-                "VAL_", "WARMDOWN_", "CHECKPOINT_", "TIED_", "QUANT_", "TTT_", "DIST_", "SUBMISSION_")
+                "VAL_", "WARMDOWN_", "CHECKPOINT_", "TIED_", "QUANT_", "TTT_", "DIST_", "SUBMISSION_",
+                "RECIPE", "SMEAR", "BIGRAM_", "XSA_", "ROPE_", "LN_", "LEAKY_", "PARALLEL_", "RECUR_")
 
 
 def env_fields() -> list:
@@ -265,6 +309,19 @@ def parse_patterns(text: str) -> tuple:
     if not pats or any(len(p) < 2 or not all(-64 <= o <= -1 for o in p) for p in pats):
         raise ValueError("expected ';'-separated patterns of >= 2 comma-separated offsets in [-64, -1]")
     return pats
+
+
+def recur_span(text: str, num_layers: int):
+    """'a,b' -> (a, b): physical layers a..b run twice (depth recurrence); '' -> None."""
+    if not text:
+        return None
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError("expected two layer indices 'a,b'") from None
+    if not 0 <= a <= b < num_layers:
+        raise ValueError(f"expected 0 <= a <= b < NUM_LAYERS={num_layers}")
+    return a, b
 
 
 def _parse(raw: str, m: dict):
@@ -446,38 +503,55 @@ class Linear(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention: RMS-normed q/k, RoPE, a learned per-head query gain."""
+    """Grouped-query attention: RMS-normed q/k, RoPE (on the first rope_dims of each head: partial
+    RoPE leaves the rest position-free), a learned per-head query gain, optional XSA."""
 
-    def __init__(self, dim, heads, kv_heads, rope_base, qk_gain):
+    def __init__(self, dim, heads, kv_heads, rope_base, qk_gain, rope_dims=0):
         super().__init__()
         self.heads, self.kv_heads, self.hd, self.rope_base = heads, kv_heads, dim // heads, rope_base
+        self.rope_dims = rope_dims or self.hd
         self.c_q = Linear(dim, dim)
         self.c_k = Linear(dim, kv_heads * self.hd)
         self.c_v = Linear(dim, kv_heads * self.hd)
         self.proj = Linear(dim, dim, zero_init=True)
         self.q_gain = mx.full((heads,), qk_gain)
 
-    def __call__(self, x):
+    def __call__(self, x, xsa=False):
         B, T, D = x.shape
         q = self.c_q(x).reshape(B, T, self.heads, self.hd).transpose(0, 2, 1, 3)
         k = self.c_k(x).reshape(B, T, self.kv_heads, self.hd).transpose(0, 2, 1, 3)
         v = self.c_v(x).reshape(B, T, self.kv_heads, self.hd).transpose(0, 2, 1, 3)
-        q = mx.fast.rope(rms_norm(q), self.hd, traditional=False, base=self.rope_base, scale=1.0, offset=0)
-        k = mx.fast.rope(rms_norm(k), self.hd, traditional=False, base=self.rope_base, scale=1.0, offset=0)
+        q = mx.fast.rope(rms_norm(q), self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
+        k = mx.fast.rope(rms_norm(k), self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
         q = q * self.q_gain.astype(q.dtype)[:, None, None]
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.hd ** -0.5, mask="causal")
+        if xsa:
+            y = exclusive(y, v)
         return self.proj(y.transpose(0, 2, 1, 3).reshape(B, T, D))
 
 
+def exclusive(y, v):
+    """XSA: remove from each head's output y [B,H,T,D] its component along the position's own value
+    vector v [B,Hkv,T,D], so attention must carry context, not the token itself. The unit v is
+    broadcast over each GQA group instead of being repeated."""
+    B, H, T, D = y.shape
+    vn = (v * mx.rsqrt(mx.sum(v * v, axis=-1, keepdims=True) + 1e-12))[:, :, None]
+    y = y.reshape(B, v.shape[1], H // v.shape[1], T, D)
+    return (y - mx.sum(y * vn, axis=-1, keepdims=True) * vn).reshape(B, H, T, D)
+
+
 class MLP(nn.Module):
-    def __init__(self, dim, mult):
+    """relu(u)^2, or leaky_relu(u, slope)^2 when slope > 0 (#549: keeps a gradient for u < 0)."""
+
+    def __init__(self, dim, mult, slope=0.0):
         super().__init__()
         self.fc = Linear(dim, dim * mult)
         self.proj = Linear(dim * mult, dim, zero_init=True)
+        self.slope = slope
 
     def __call__(self, x):
-        h = nn.relu(self.fc(x))
-        return self.proj(h * h)  # relu^2
+        h = nn.leaky_relu(self.fc(x), self.slope) if self.slope else nn.relu(self.fc(x))
+        return self.proj(h * h)
 
 
 _HASH_MULT = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646D)  # all odd: invertible mod 2^32
@@ -506,18 +580,19 @@ def history_mask(T: int, d: int, dtype):
 class EngramLite(nn.Module):
     """Gated multi-head hashed bigram (t-1, t) and trigram (t-2, t-1, t) features of the
     input tokens. Each order averages `heads` independent hashes into its table, so one
-    head's collision is outvoted; a per-order gate starts suppressed (sigmoid(-2) ~ 0.12)."""
+    head's collision is outvoted; a per-order gate starts suppressed (sigmoid(-2) ~ 0.12).
+    With orders=(2,), one head and an input projection it is the records' BigramHash."""
 
-    def __init__(self, hash_size, dim, heads, out_dim):
+    def __init__(self, hash_size, dim, heads, out_dim, orders=(2, 3)):
         super().__init__()
-        self.size, self.heads = hash_size, heads
-        self.tables = [mx.random.normal((hash_size, dim)) * 0.02 for _ in (2, 3)]
-        self.gates = mx.full((2,), -2.0)
+        self.size, self.heads, self.orders = hash_size, heads, orders
+        self.tables = [mx.random.normal((hash_size, dim)) * 0.02 for _ in orders]
+        self.gates = mx.full((len(orders),), -2.0)
         self.proj = Linear(dim, out_dim, zero_init=True)
 
     def __call__(self, ids, dtype):
         T, out = ids.shape[1], 0.0
-        for k, order in enumerate((2, 3)):
+        for k, order in enumerate(self.orders):
             cols = [shift_right(ids, order - 1 - j) for j in range(order)]
             e = sum(self.tables[k][hash_ids(cols, 16 * k + h, self.size)] for h in range(self.heads))
             out = out + mx.sigmoid(self.gates[k]) / self.heads * e * history_mask(T, order - 1, e.dtype)
@@ -544,22 +619,43 @@ class SkipGramHash(nn.Module):
         return self.proj(out.astype(dtype))
 
 
-class Block(nn.Module):
-    """Pre-norm block with learned output scales and a learned mix with the embedding x0."""
+BOS_ID = 1  # every document starts with BOS (CHALLENGE.md)
 
-    def __init__(self, dim, heads, kv_heads, mlp_mult, rope_base, qk_gain):
+
+def smear(x, ids, w):
+    """SmearGate (#162 form): x_t + g (x_{t-1} - x_t), g = sigmoid(w) per channel, with g = 0 where
+    token t is BOS so no document reads the one before it (the leaky form flattered scores)."""
+    g = mx.sigmoid(w).astype(x.dtype) * (ids != BOS_ID)[..., None].astype(x.dtype)
+    return x + g * (mx.concatenate([mx.zeros_like(x[:, :1]), x[:, :-1]], axis=1) - x)
+
+
+class Block(nn.Module):
+    """Pre-norm block with learned output scales and a learned mix with the embedding x0. In the
+    parallel-residual region (#1204) it carries two lanes: attention reads lane 0, the MLP lane 1,
+    and each writes both lanes through learned weights (lane_r: keep, lane_p: write)."""
+
+    def __init__(self, dim, heads, kv_heads, mlp_mult, rope_base, qk_gain, rope_dims=0, slope=0.0, parallel=False):
         super().__init__()
-        self.attn = Attention(dim, heads, kv_heads, rope_base, qk_gain)
-        self.mlp = MLP(dim, mlp_mult)
+        self.attn = Attention(dim, heads, kv_heads, rope_base, qk_gain, rope_dims)
+        self.mlp = MLP(dim, mlp_mult, slope)
         self.attn_scale = mx.ones((dim,))
         self.mlp_scale = mx.ones((dim,))
         self.resid_mix = mx.stack([mx.ones((dim,)), mx.zeros((dim,))])
+        if parallel:
+            self.lane_r, self.lane_p = mx.full((2,), math.sqrt(1.1)), mx.ones((2, 2))
 
-    def __call__(self, x, x0):
-        mix = self.resid_mix.astype(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.astype(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.astype(x.dtype) * self.mlp(rms_norm(x))
+    def __call__(self, lanes, x0, s=1.0, mlp=None, xsa=False):
+        """lanes: [x], or the parallel region's [lane0, lane1]; s: the LN-scale factor."""
+        mix, mlp = self.resid_mix.astype(x0.dtype), self.mlp if mlp is None else mlp
+        if len(lanes) == 1:
+            x = mix[0] * lanes[0] + mix[1] * x0
+            x = x + self.attn_scale.astype(x.dtype) * self.attn(rms_norm(x) * s, xsa)
+            return [x + self.mlp_scale.astype(x.dtype) * mlp(rms_norm(x) * s)]
+        r, p = self.lane_r.astype(x0.dtype), self.lane_p.astype(x0.dtype)
+        a = self.attn_scale.astype(x0.dtype) * self.attn(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * s, xsa)
+        lanes = [r[0] * h + p[0, k] * a for k, h in enumerate(lanes)]
+        m = self.mlp_scale.astype(x0.dtype) * mlp(rms_norm(mix[0] * lanes[1] + mix[1] * x0) * s)
+        return [r[1] * h + p[1, k] * m for k, h in enumerate(lanes)]
 
 
 # =============================================================================
@@ -588,6 +684,16 @@ class ModelConfig:
     skipgram_hash_size: int
     skipgram_dim: int
     skipgram_patterns: str
+    smear_gate: bool
+    bigram_hash_size: int
+    bigram_dim: int
+    xsa_last_n: int
+    rope_dims: int
+    ln_scale: bool
+    leaky_relu_slope: float
+    parallel_start_layer: int
+    recur_layers: str
+    recur_untied_mlp: bool
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
@@ -603,10 +709,16 @@ class GPT(nn.Module):
         d = cfg.model_dim
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.tok_emb.weight = mx.random.normal((cfg.vocab_size, d)) * cfg.tied_embed_init_std
-        self.blocks = [Block(d, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult, cfg.rope_base, cfg.qk_gain_init)
-                       for _ in range(cfg.num_layers)]
-        self.n_enc = cfg.num_layers // 2
-        n_skip = min(self.n_enc, cfg.num_layers - self.n_enc)
+        par = cfg.parallel_start_layer or cfg.num_layers
+        self.blocks = [Block(d, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult, cfg.rope_base, cfg.qk_gain_init,
+                             cfg.rope_dims, cfg.leaky_relu_slope, parallel=i >= par) for i in range(cfg.num_layers)]
+        self.span = recur_span(cfg.recur_layers, cfg.num_layers)
+        if self.span and cfg.recur_untied_mlp:  # the second pass's own MLPs (attention stays shared)
+            n = self.span[1] - self.span[0] + 1
+            self.recur_mlps = [MLP(d, cfg.mlp_mult, cfg.leaky_relu_slope) for _ in range(n)]
+        n_virtual = len(self.virtual_layers())
+        self.n_enc, self.par_from = n_virtual // 2, n_virtual - (cfg.num_layers - par)
+        n_skip = min(self.n_enc, n_virtual - self.n_enc)
         if n_skip:
             self.skip_weights = mx.ones((n_skip, d))
         if not cfg.tie_embeddings:
@@ -617,6 +729,20 @@ class GPT(nn.Module):
         if cfg.skipgram_hash_size:
             self.skipgram = SkipGramHash(cfg.skipgram_hash_size, cfg.skipgram_dim,
                                          parse_patterns(cfg.skipgram_patterns), cfg.vocab_size)
+        if cfg.bigram_hash_size:  # the records' BigramHash: EngramLite with order 2 only, 1 head
+            self.bigram = EngramLite(cfg.bigram_hash_size, cfg.bigram_dim, 1, d, orders=(2,))
+        if cfg.smear_gate:
+            self.smear_gate = mx.zeros((d,))
+
+    def virtual_layers(self) -> list:
+        """(block, keyword arguments) per virtual layer, in order: layers a..b of RECUR_LAYERS run twice
+        (#1204), the second pass with its own MLP copies when untied. LN scale and XSA go by virtual index."""
+        cfg, L = self.cfg, self.cfg.num_layers
+        a, b = self.span or (L, L - 1)
+        order = list(range(b + 1)) + list(range(a, L))
+        return [(self.blocks[j], dict(s=(i + 1) ** -0.5 if cfg.ln_scale else 1.0, xsa=i >= len(order) - cfg.xsa_last_n,
+                                      mlp=self.recur_mlps[i - b - 1] if "recur_mlps" in self and b < i <= 2 * b - a + 1
+                                      else None)) for i, j in enumerate(order)]
 
     def __call__(self, ids):
         """Logits [B, T, V] in float32, softcapped."""
@@ -624,15 +750,21 @@ class GPT(nn.Module):
         e = self.tok_emb(ids).astype(self.dtype)
         if cfg.engram_lite_enabled and cfg.engram_mode == "input":
             e = e + self.engram(ids, self.dtype)
+        if cfg.bigram_hash_size:
+            e = e + self.bigram(ids, self.dtype)
         x = rms_norm(e)
-        x0, skips = x, []
-        for i, block in enumerate(self.blocks):
+        if cfg.smear_gate:
+            x = smear(x, ids, self.smear_gate)
+        x0, skips, lanes = x, [], [x]
+        for i, (block, kw) in enumerate(self.virtual_layers()):
             if i >= self.n_enc and skips:  # decoder half: add encoder outputs in reverse order
-                x = x + self.skip_weights[i - self.n_enc].astype(x.dtype) * skips.pop()
-            x = block(x, x0)
+                skip = self.skip_weights[i - self.n_enc].astype(x0.dtype) * skips.pop()
+                lanes = [h + skip for h in lanes]
+            lanes = lanes * 2 if i == self.par_from else lanes
+            lanes = block(lanes, x0, **kw)
             if i < self.n_enc:
-                skips.append(x)
-        x = rms_norm(x)
+                skips.append(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5)
+        x = rms_norm(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5)
         w = self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
         logits = x @ w.astype(x.dtype).T
         if cfg.engram_lite_enabled and cfg.engram_mode == "logit":
@@ -670,9 +802,9 @@ def param_group(name: str, p: mx.array, proj_optimizer: dict | None = None) -> s
         return "head"
     if ".tables." in name:  # hashed n-gram embeddings
         return "table"
-    if name in ("engram.proj.weight", "skipgram.proj.weight"):
+    if name in ("engram.proj.weight", "skipgram.proj.weight", "bigram.proj.weight"):
         return "muon" if (proj_optimizer or {}).get(name.split(".")[0], "muon") == "muon" else "head"
-    if p.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight"):
+    if p.ndim == 2 and name.startswith(("blocks.", "recur_mlps.")) and name.endswith(".weight"):
         return "muon"
     return "scalar"
 
@@ -872,7 +1004,7 @@ def complement_weights(x, y, table, alpha: float, floor: float):
 # Quantization, the artifact and checkpoints (no pickle: a JSON header plus raw arrays)
 # =============================================================================
 ARTIFACT_MAGIC = b"PGMLXv1\0"
-CONTROL_PATTERNS = ("resid_mix", "skip_weights", "attn_scale", "mlp_scale", "q_gain")
+CONTROL_PATTERNS = ("resid_mix", "skip_weights", "attn_scale", "mlp_scale", "q_gain", "lane_")
 CHECKPOINT_MAGIC = b"PGMLXck1"
 _NP_DTYPES = {n: np.dtype(n) for n in ("int8", "float16", "float32", "int32", "int64", "uint32", "uint64")}
 
@@ -1002,9 +1134,21 @@ def read_container(path: str, magic: bytes, what: str):
     return header, arrays
 
 
+RECORD_BASE_FIELDS = ("smear_gate", "bigram_hash_size", "bigram_dim", "xsa_last_n", "rope_dims", "ln_scale",
+                      "leaky_relu_slope", "parallel_start_layer", "recur_layers", "recur_untied_mlp")
+
+
+def record_base_off() -> dict:
+    return {n: Hyperparameters.__dataclass_fields__[n].default for n in RECORD_BASE_FIELDS}
+
+
 def write_artifact(path: str, flat: dict, cfg: ModelConfig, bits: int, meta: dict | None = None) -> int:
-    """Quantize, compress (zstd 22, with checksum) and write atomically. Returns file bytes."""
-    header = dict(format="parameter-golf-mlx", version=1, quant_bits=bits, config=asdict(cfg), meta=meta or {})
+    """Quantize, compress (zstd 22, with checksum) and write atomically. Returns file bytes. Record-base
+    fields at their off values stay out of the header: a baseline artifact is byte-identical to one
+    written before they existed, and such older artifacts still load."""
+    off = record_base_off()
+    config = {k: v for k, v in asdict(cfg).items() if k not in off or off[k] != v}
+    header = dict(format="parameter-golf-mlx", version=1, quant_bits=bits, config=config, meta=meta or {})
     return write_container(path, ARTIFACT_MAGIC, header, pack_state(flat, bits), level=22)
 
 
@@ -1012,7 +1156,7 @@ def read_artifact(path: str):
     """Returns (ModelConfig, {name: float32 array}, header). Never runs code from the file."""
     header, arrays = read_container(path, ARTIFACT_MAGIC, "artifact")
     try:
-        cfg = ModelConfig(**header["config"])
+        cfg = ModelConfig(**{**record_base_off(), **header["config"]})
         flat = {}
         for (name, role), a in arrays.items():
             if role == "raw":

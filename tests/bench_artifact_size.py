@@ -23,7 +23,10 @@ CONFIGS = {"baseline (9x512)": {}, "engram (logit, defaults)": dict(ENGRAM_LITE_
            "skipgram 4096x32": dict(SKIPGRAM_HASH_SIZE="4096"), "full stack": FULL,
            "full stack, engram input": dict(FULL, ENGRAM_MODE="input"),
            "full stack, MLP_MULT=3": dict(FULL, MLP_MULT="3"),
-           "full stack, MLP_MULT=3, 8 layers": dict(FULL, MLP_MULT="3", NUM_LAYERS="8")}
+           "full stack, MLP_MULT=3, 8 layers": dict(FULL, MLP_MULT="3", NUM_LAYERS="8"),
+           "RECIPE=sp1024_record (9 layers)": dict(RECIPE="sp1024_record"),
+           "RECIPE=sp1024_record at #1204's 11 layers": dict(RECIPE="sp1024_record", NUM_LAYERS="11",
+                                                             RECUR_LAYERS="4,5", PARALLEL_START_LAYER="7")}
 
 
 def main():

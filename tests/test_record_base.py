@@ -1,0 +1,174 @@
+"""The sp1024 record base (issue 8, part A): SmearGate, BigramHash, XSA, partial RoPE, LN scale,
+LeakyReLU^2, parallel residuals, depth recurrence, and RECIPE."""
+import hashlib
+import os
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+import train_gpt_mlx as T
+from conftest import tiny_env
+
+SHAPE = dict(VOCAB_SIZE="128", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2")
+PIECES = {
+    "smear": dict(SMEAR_GATE=1),
+    "bigram": dict(BIGRAM_HASH_SIZE=61, BIGRAM_DIM=16),
+    "xsa": dict(XSA_LAST_N=2),
+    "partial rope + ln scale": dict(ROPE_DIMS=4, LN_SCALE=1),
+    "leaky relu": dict(LEAKY_RELU_SLOPE=0.5),
+    "parallel": dict(PARALLEL_START_LAYER=1),
+    "recurrence": dict(RECUR_LAYERS="1,1"),
+    "recurrence, untied mlp": dict(RECUR_LAYERS="0,1", RECUR_UNTIED_MLP=1),
+}
+ALL = {k: v for p in PIECES.values() for k, v in p.items()}
+TINY_RECIPE = dict(RECIPE="sp1024_record", NUM_LAYERS=3, PARALLEL_START_LAYER=2, RECUR_LAYERS="1,1", XSA_LAST_N=3,
+                   ROPE_DIMS=8, BIGRAM_HASH_SIZE=61, BIGRAM_DIM=16)
+
+# Recorded with the code before this change (commit b10cdd5, CPU): SHAPE + COMPUTE_DTYPE=float32 +
+# MUON_WEIGHT_DECAY=0.01, seed 7, three steps of 2 microbatches on fixed random tokens. The BLAS changes
+# the last bits of the losses, so both CPU set-ups were recorded: (losses, artifact sha256).
+REF_PARAMS = "596bac52081661e17cb7ee04b514989111b16a1d5e5d517dfbe97f6ccdc16099"
+REF_RUNS = {"mlx-cpu bundled BLAS": ([4.862138748168945, 5.233943462371826, 5.75343132019043],
+                                     "6ae293038491d0df26917d47d96a8ce942c40bec3f49bd513b2d27dc648d2109"),
+            "OpenBLAS preloaded": ([4.862138748168945, 5.233942985534668, 5.753426551818848],
+                                   "929735b99d0f7721f1ff1de4dc641645aab0cd5b0581281f30a3d6013073757f")}
+
+
+def hp_of(**over):
+    return T.Hyperparameters.from_env(dict(SHAPE, **{k: str(v) for k, v in over.items()}))
+
+
+def live_model(hp, seed=0):
+    """Zero-initialised matrices would make a piece trivially causal (or dead): randomise them."""
+    mx.random.seed(seed)
+    model = T.GPT(T.ModelConfig.from_hparams(hp))
+    model.update(tree_unflatten([(n, mx.random.normal(p.shape) * 0.1) for n, p in tree_flatten(model.parameters())
+                                 if n.endswith("proj.weight") or "lane_" in n or n == "smear_gate"]))
+    return model
+
+
+def test_knobs_off_reproduce_the_code_before_this_change(tmp_path):
+    hp = hp_of(COMPUTE_DTYPE="float32", MUON_WEIGHT_DECAY=0.01, RECIPE="baseline")
+    mx.random.seed(7)
+    model = T.GPT(T.ModelConfig.from_hparams(hp), hp.dtype())
+    opt = T.Optimizers(model, hp)
+    flat = T.flat_numpy(model)
+    params = hashlib.sha256(b"".join(n.encode() + flat[n].tobytes() for n in sorted(flat))).hexdigest()
+    fns, rng, losses = T.Compiled(model, opt), np.random.default_rng(0), []
+    for _ in range(3):
+        toks = rng.integers(0, 128, (4, 33)).astype(np.int32)
+        losses.append(float(T.train_step(fns, toks[:, :-1], toks[:, 1:], 2, 1.0, 0.9)))
+    T.write_artifact(str(tmp_path / "a.ptz"), T.flat_numpy(model), model.cfg, 6)
+    artifact = hashlib.sha256((tmp_path / "a.ptz").read_bytes()).hexdigest()
+    np.testing.assert_allclose(losses, REF_RUNS["OpenBLAS preloaded"][0], rtol=1e-4)
+    if mx.default_device() == mx.cpu:  # bit-exact where the references were recorded
+        assert params == REF_PARAMS and (losses, artifact) in REF_RUNS.values()
+    cfg = T.read_container(str(tmp_path / "a.ptz"), T.ARTIFACT_MAGIC, "artifact")[0]["config"]
+    assert not set(cfg) & set(T.RECORD_BASE_FIELDS)  # the header is the one written before these pieces
+
+
+@pytest.mark.parametrize("name", list(PIECES) + ["all"])
+def test_each_piece_is_causal_and_live(name):
+    over = ALL if name == "all" else PIECES[name]
+    model, base = live_model(hp_of(**over)), live_model(hp_of())
+    ids = mx.array(np.random.default_rng(1).integers(0, 128, (2, 40)), mx.int32)
+    logits = np.array(model(ids))
+    assert not np.allclose(logits, np.array(base(ids)), atol=1e-5)  # the knob does something
+    for k in (0, 13, 30):
+        changed = np.array(model(mx.concatenate([ids[:, :k + 1], (ids[:, k + 1:] + 5) % 128], axis=1)))
+        assert np.array_equal(logits[:, :k + 1], changed[:, :k + 1])
+        assert not np.allclose(logits[:, k + 1:], changed[:, k + 1:])
+
+
+def test_smear_gate_never_crosses_bos():
+    x = mx.random.normal((1, 8, 16), key=mx.random.key(0))
+    ids = mx.array([[7, 9, 4, T.BOS_ID, 5, 6, 8, 3]], mx.int32)
+    w = mx.random.normal((16,), key=mx.random.key(1))
+    out = np.array(T.smear(x, ids, w))
+    assert np.array_equal(out[0, 3], np.array(x)[0, 3])  # the BOS position is its own embedding
+    y = x.at[:, :3].add(1.0)  # change the previous document
+    assert np.array_equal(np.array(T.smear(y, ids, w))[:, 3:], out[:, 3:])
+    assert not np.allclose(np.array(T.smear(y, ids, w))[:, 1:3], out[:, 1:3])  # inside a document it mixes
+
+
+def test_xsa_removes_the_own_value_component():
+    y = mx.random.normal((2, 4, 5, 8), key=mx.random.key(0))
+    v = mx.random.normal((2, 2, 5, 8), key=mx.random.key(1))
+    z = np.array(T.exclusive(y, v)).reshape(2, 2, 2, 5, 8)
+    vn = np.array(v) / np.linalg.norm(np.array(v), axis=-1, keepdims=True)
+    assert np.abs((z * vn[:, :, None]).sum(-1)).max() < 1e-5
+    assert not np.allclose(z, np.array(y).reshape(z.shape))
+
+
+def test_virtual_layers_recurrence_and_scales():
+    model = T.GPT(T.ModelConfig.from_hparams(hp_of(NUM_LAYERS=5, RECUR_LAYERS="1,2", RECUR_UNTIED_MLP=1,
+                                                   LN_SCALE=1, XSA_LAST_N=3)))
+    vl = model.virtual_layers()
+    assert [[i for i, blk in enumerate(model.blocks) if blk is b] for b, _ in vl] == [[0], [1], [2], [1], [2], [3], [4]]
+    assert [kw["mlp"] is model.recur_mlps[0] for _, kw in vl] == [False] * 3 + [True] + [False] * 3
+    assert vl[4][1]["mlp"] is model.recur_mlps[1] and vl[1][1]["mlp"] is None
+    assert [kw["xsa"] for _, kw in vl] == [False] * 4 + [True] * 3
+    assert vl[6][1]["s"] == pytest.approx(1 / 7 ** 0.5)
+    assert model.n_enc == 3 and model.skip_weights.shape[0] == 3
+
+
+def test_every_new_tensor_in_exactly_one_group_and_controls_stay_raw():
+    hp = hp_of(**ALL)
+    model = T.GPT(T.ModelConfig.from_hparams(hp))
+    opt = T.Optimizers(model, hp)
+    params = dict(tree_flatten(model.trainable_parameters()))
+    owned = [set(sub) for sub in opt.split(params).values()]
+    assert sum(len(o) for o in owned) == len(params) and set().union(*owned) == set(params)
+    g = opt.group
+    assert g["smear_gate"] == g["bigram.gates"] == g["blocks.2.lane_r"] == g["blocks.2.lane_p"] == "scalar"
+    assert g["bigram.tables.0"] == "table" and g["bigram.proj.weight"] == "muon"
+    assert g["recur_mlps.0.fc.weight"] == g["recur_mlps.1.proj.weight"] == "muon"
+    assert "blocks.0.lane_r" not in params and not T.is_quantized("blocks.2.lane_p", (2, 2))
+
+
+def test_artifact_round_trip_keeps_the_pieces(tmp_path):
+    hp = hp_of(**ALL)
+    model = live_model(hp)
+    T.write_artifact(str(tmp_path / "a.ptz"), T.flat_numpy(model), model.cfg, 8)
+    cfg, flat, _ = T.read_artifact(str(tmp_path / "a.ptz"))
+    assert cfg == model.cfg
+    back = T.GPT(cfg)
+    T.load_flat_into(back, flat)
+    ids = mx.array(np.random.default_rng(2).integers(0, 128, (1, 32)), mx.int32)
+    np.testing.assert_allclose(np.array(back(ids)), np.array(model(ids)), atol=0.05)
+
+
+def test_recipe_resolves_and_explicit_values_win():
+    hp = T.Hyperparameters.from_env(dict(RECIPE="sp1024_record", MLP_MULT="2"))
+    assert (hp.num_layers, hp.mlp_mult, hp.muon_weight_decay, hp.ema_decay, hp.recur_layers) == (9, 2, 0.04, 0.997,
+                                                                                                "3,4")
+    assert T.Hyperparameters.from_env({}) == T.Hyperparameters.from_env(dict(RECIPE="baseline"))
+    known = {f.metadata["env"] for f in T.env_fields()}
+    assert all(set(r) <= known for r in T.RECIPES.values())
+    with pytest.raises(T.ConfigError, match="RECIPE"):
+        T.Hyperparameters.from_env(dict(RECIPE="sp1024"))
+
+
+@pytest.mark.parametrize("over, var", [(dict(ROPE_DIMS=3), "ROPE_DIMS"), (dict(ROPE_DIMS=32), "ROPE_DIMS"),
+                                       (dict(RECUR_LAYERS="2,1"), "RECUR_LAYERS"), (dict(RECUR_LAYERS="x"), "RECUR_LAYERS"),
+                                       (dict(XSA_LAST_N=4), "XSA_LAST_N"), (dict(PARALLEL_START_LAYER=3), "PARALLEL"),
+                                       (dict(RECUR_UNTIED_MLP=1), "RECUR_UNTIED_MLP"),
+                                       (dict(RECIPE="sp1024_record", NUM_LAYERS=3), "PARALLEL_START_LAYER")])
+def test_bad_values_name_the_variable(over, var):
+    with pytest.raises(T.ConfigError, match=var):
+        hp_of(**over)
+
+
+def test_recipe_trains_end_to_end_and_logs_resolved_values(data, tmp_path):
+    env = tiny_env(data, tmp_path, **TINY_RECIPE, ITERATIONS=6, EMA_DECAY=0.9)
+    assert T.main(env) == 0
+    log = (tmp_path / "tiny.txt").read_text()
+    hp_line = re.search(r"^hparams: (.*)$", log, re.M)[1]
+    for kv in ("RECIPE=sp1024_record", "NUM_LAYERS=3", "MLP_MULT=3", "MUON_WEIGHT_DECAY=0.04", "SMEAR_GATE=True",
+               "LEAKY_RELU_SLOPE=0.5", "RECUR_LAYERS=1,1", "EMA_DECAY=0.9"):
+        assert kv in hp_line.split(), kv
+    assert re.search(r"^final_int6_zstd_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+", log, re.M)
+    assert os.path.getsize(tmp_path / "tiny_model.int6.ptz") > 0
