@@ -115,8 +115,8 @@ class Hyperparameters:
     eval_batch_seqs: int = _env("EVAL_BATCH_SEQS", 0, int, 0)
     eval_token_nll_path: str = _env("EVAL_TOKEN_NLL_PATH", "", str)
     ngram_mixer_enabled: bool = _env("NGRAM_MIXER_ENABLED", False, bool)
-    ngram_max_order: int = _env("NGRAM_MAX_ORDER", 2, int, 1, 16)
-    ngram_alpha: float = _env("NGRAM_ALPHA", 0.3, float, 0.0, 0.99)
+    ngram_max_order: int = _env("NGRAM_MAX_ORDER", 4, int, 1, 16)
+    ngram_alpha: float = _env("NGRAM_ALPHA", 0.7, float, 0.0, 0.99)
     ngram_alpha_mode: str = _env("NGRAM_ALPHA_MODE", "entropy", str, choices=("fixed", "entropy"))
     ngram_max_memory_mb: int = _env("NGRAM_MAX_MEMORY_MB", 4096, int, 1)
     ngram_buckets: str = _env("NGRAM_BUCKETS", "", str)  # retired (issue #12): setting it is an error
