@@ -126,10 +126,10 @@ class Hyperparameters:
     eval_batch_seqs: int = _env("EVAL_BATCH_SEQS", 0, int, 0)
     eval_token_nll_path: str = _env("EVAL_TOKEN_NLL_PATH", "", str)
     ngram_mixer_enabled: bool = _env("NGRAM_MIXER_ENABLED", False, bool)
-    ngram_max_order: int = _env("NGRAM_MAX_ORDER", 2, int, 1, 16)
-    ngram_alpha: float = _env("NGRAM_ALPHA", 0.3, float, 0.0, 0.99)
+    ngram_max_order: int = _env("NGRAM_MAX_ORDER", 4, int, 1, 16)
+    ngram_alpha: float = _env("NGRAM_ALPHA", 0.7, float, 0.0, 0.99)
     ngram_alpha_mode: str = _env("NGRAM_ALPHA_MODE", "entropy", str, choices=("fixed", "entropy"))
-    ngram_buckets: int = _env("NGRAM_BUCKETS", 16384, int, 1, 2**20)
+    ngram_max_memory_mb: int = _env("NGRAM_MAX_MEMORY_MB", 4096, int, 1)
     ngram_chunk: int = _env("NGRAM_CHUNK", 2048, int, 1)
     # data-parallel runs (mlx.launch) and the challenge's submission folder
     dist_backend: str = _env("DIST_BACKEND", "any", str, choices=("any", "ring", "nccl", "jaccl", "mpi"))
@@ -162,7 +162,7 @@ class Hyperparameters:
             if alias in env and name not in env:
                 env[name] = env[alias]
         env = {**RECIPES.get(env.get("RECIPE", "baseline").strip(), {}), **env}  # explicit values win
-        values, errors = {}, []
+        values, errors = {}, [f"{k}={env[k]!r}: {why}" for k, why in ENV_RETIRED.items() if k in env]
         for f in env_fields():
             m = f.metadata
             raw = env.get(m["env"])
@@ -215,8 +215,6 @@ class Hyperparameters:
             errs.append(f"EVAL_MODE=standard scores non-overlapping windows: unset EVAL_STRIDE={self.eval_stride}")
         if self.checkpoint_every and self.eval_only:
             errs.append("CHECKPOINT_EVERY needs a training run (EVAL_ONLY=1 trains nothing)")
-        if self.ngram_mixer_enabled and max(self.ngram_buckets, self.vocab_size) * self.vocab_size >= 2**31:
-            errs.append(f"NGRAM_BUCKETS={self.ngram_buckets} x VOCAB_SIZE={self.vocab_size} must stay below 2^31")
         if self.eval_only and not self.load_artifact:
             errs.append("EVAL_ONLY=1 needs LOAD_ARTIFACT=path/to/artifact")
         if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
@@ -266,6 +264,8 @@ RECIPES = {  # RECIPE=name sets these defaults; any variable set explicitly wins
     ),
 }
 ENV_ALIASES = {"TRAIN_MAX_SEQ_LEN": "TRAIN_SEQ_LEN"}  # the public baseline reads both
+ENV_RETIRED = {"NGRAM_BUCKETS": "retired: the n-gram mixer keys exact contexts; bound its memory with "
+                                "NGRAM_MAX_MEMORY_MB"}
 ENV_NOTES = {  # variables other scripts read that this one does not need
     "MLX_EAGER_EVAL": "not needed: every microbatch is evaluated eagerly already (as MLX_EAGER_EVAL=1)",
     "LOGIT_CHUNK_TOKENS": "not needed: logits are computed per microbatch; bound memory with "
@@ -284,7 +284,7 @@ def unknown_env_notes(env) -> list[str]:
     """One line per variable that looks like ours but is not read (a typo, wrong case, another
     script's name), naming the closest known variable. Silence here would mean a knob the user
     believes is on is off."""
-    known = {f.metadata["env"] for f in env_fields()} | set(ENV_ALIASES)
+    known = {f.metadata["env"] for f in env_fields()} | set(ENV_ALIASES) | set(ENV_RETIRED)
     notes = []
     for name in sorted(env):
         if name in known:
@@ -1303,115 +1303,243 @@ def summarize_nll(nll: np.ndarray, tokens: np.ndarray, tables):
     return total_nll / n, total_nll / math.log(2) / max(total_bytes, 1), nll
 
 
-class BackoffNgramMixer:
-    """Interpolated Witten-Bell backoff n-gram cache, mixed into the model's distribution.
+class ExactKeyIndex:
+    """Open-addressing (linear probing) hash index from unique uint64 keys to dense ids 0..n-1,
+    with int32 value columns per id (counts, totals).
 
-    Legal by construction: a count row is chosen by the context alone (never the target), so every
-    order's distribution sums to 1 and so does the mix (C2); the weight depends only on H and the
-    context's counts (C1); each chunk is scored before its events enter the cache (C3), once (C4).
-    Memory is fixed at construction; work per token does not depend on how many tokens were seen."""
+    Why this shape: memory grows with the keys actually stored (never V x rows), a batch lookup or
+    insert is a few vectorized numpy passes (one per probe step, not per key), and ids never move,
+    so value columns are plain arrays indexed by id. Load stays <= 1/2: short probe runs."""
 
-    def __init__(self, vocab_size: int, max_order: int, buckets: int, alpha: float,
-                 alpha_mode: str = "fixed", chunk: int = 2048):
-        assert alpha_mode in ("fixed", "entropy") and 0.0 <= alpha < 1.0 and max_order >= 1
-        self.V, self.K, self.B, self.alpha, self.mode, self.chunk = (
-            vocab_size, max_order, buckets, alpha, alpha_mode, chunk)
-        rows = [vocab_size] + [buckets] * (max_order - 1)  # order 1 is exact: row = previous token
-        assert max(rows) * vocab_size < 2**31, "sort keys row*V+v must fit int32"
-        self.counts = [mx.zeros((r, vocab_size), mx.int32) for r in rows]  # c_k[row, v]
-        self.C = [mx.zeros((r,), mx.int32) for r in rows]  # row totals, kept so scoring never reads a row
-        self.T = [mx.zeros((r,), mx.int32) for r in rows]  # distinct v per row (Witten-Bell mass)
-        self.u, self.U = mx.zeros((vocab_size,), mx.int32), 0  # unigram counts of scored targets
-        self.next = None  # the target the next nll call must start at
-        mx.eval(self.counts, self.C, self.T, self.u)
+    EMPTY = np.uint64(2**64 - 1)  # real keys are < 2^63
+
+    def __init__(self, ncols: int, log2: int = 10):
+        self.n, self.log2 = 0, log2
+        self.keys = np.full(1 << log2, self.EMPTY, np.uint64)
+        self.ids = np.zeros(1 << log2, np.int32)
+        self.cols = np.zeros((ncols, 1 << (log2 - 1)), np.int32)
+
+    @staticmethod
+    def bytes_at(n: int, ncols: int) -> int:
+        """Bytes held with n keys: index slots (12 B each) at load <= 1/2, value columns for as many ids."""
+        log2 = max(10, (2 * n - 1).bit_length())
+        return (1 << log2) * 12 + ncols * 4 * (1 << (log2 - 1))
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.counts + self.C + self.T) + self.u.nbytes
+        return self.keys.nbytes + self.ids.nbytes + self.cols.nbytes
+
+    def _slot(self, keys: np.ndarray) -> np.ndarray:
+        h = keys * np.uint64(0x9E3779B97F4A7C15)  # multiply-xorshift-multiply, then the top bits
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        return (h >> np.uint64(64 - self.log2)).astype(np.int64)
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """ids (int64) of uint64 keys, -1 where absent."""
+        out, idx = np.full(keys.size, -1, np.int64), np.arange(keys.size)
+        slot, mask = self._slot(keys), (1 << self.log2) - 1
+        while idx.size:
+            k = self.keys[slot]
+            hit = k == keys[idx]
+            out[idx[hit]] = self.ids[slot[hit]]
+            go = ~hit & (k != self.EMPTY)
+            idx, slot = idx[go], (slot[go] + 1) & mask
+        return out
+
+    def _place(self, keys: np.ndarray, ids: np.ndarray):
+        """Write unique, absent keys: all claim their slot at once, one wins, the rest probe on."""
+        idx, slot, mask = np.arange(keys.size), self._slot(keys), (1 << self.log2) - 1
+        while idx.size:
+            free = np.flatnonzero(self.keys[slot] == self.EMPTY)
+            self.keys[slot[free]] = keys[idx[free]]
+            won = np.zeros(idx.size, bool)
+            won[free] = self.keys[slot[free]] == keys[idx[free]]
+            self.ids[slot[won]] = ids[idx[won]]
+            idx, slot = idx[~won], (slot[~won] + 1) & mask
+
+    def add(self, keys: np.ndarray) -> np.ndarray:
+        """Insert keys absent from the index (repeats allowed); returns the id of each."""
+        uniq, inv = np.unique(keys, return_inverse=True)
+        n = self.n + uniq.size
+        assert n < 2**31
+        if 2 * n > (1 << self.log2):  # grow: rehash every key into a table twice as large or more
+            old_k, old_i = self.keys, self.ids
+            live = old_k != self.EMPTY
+            self.log2 = (2 * n - 1).bit_length()
+            self.keys = np.full(1 << self.log2, self.EMPTY, np.uint64)
+            self.ids = np.zeros(1 << self.log2, np.int32)
+            self._place(old_k[live], old_i[live])
+            cols = np.zeros((self.cols.shape[0], 1 << (self.log2 - 1)), np.int32)
+            cols[:, :self.n] = self.cols[:, :self.n]
+            self.cols = cols
+        new = np.arange(self.n, n, dtype=np.int64)
+        self._place(uniq, new)
+        self.n = n
+        return new[inv.reshape(-1)]
+
+
+class BackoffNgramMixer:
+    """Interpolated Witten-Bell backoff n-gram cache over exact contexts, mixed into the model.
+
+    Every order m = 1..K keys its counts on the exact context t[j-m..j-1] (a trie: the key of an
+    order-m context is (id of its order-(m-1) suffix) * V + t[j-m], and a (context, next) pair's
+    key is context id * V + next), held in ExactKeyIndex tables: no collisions, no hashing of
+    contexts into shared rows, and memory that grows with the distinct pairs seen.
+
+    Legal by construction: a context row is found from the context alone (never the target), and
+    every event adds 1 to both its pair count and its context total (T counts the distinct pairs),
+    so every order's distribution sums to 1 and so does the mix (C2); the weight depends only on H
+    and the context's own counts (C1); each chunk is scored before its events enter the cache (C3),
+    each target once (C4). At max_memory_mb the tables stop taking new keys (checked before each
+    chunk's update, from that chunk's worst case); events of pairs already present still count, so
+    totals stay equal to the sum of counts and scoring goes on unchanged."""
+
+    def __init__(self, vocab_size: int, max_order: int, alpha: float, alpha_mode: str = "fixed",
+                 chunk: int = 2048, max_memory_mb: float = 4096):
+        assert alpha_mode in ("fixed", "entropy") and 0.0 <= alpha < 1.0 and max_order >= 1
+        self.V, self.K, self.alpha, self.mode, self.chunk = vocab_size, max_order, alpha, alpha_mode, chunk
+        self.ctx = [ExactKeyIndex(2) for _ in range(max_order)]  # columns: C (total), T (distinct)
+        self.pair = [ExactKeyIndex(1) for _ in range(max_order)]  # column: count
+        self.u, self.U = np.zeros(vocab_size, np.int64), 0  # unigram counts of scored targets
+        self.cap, self.frozen_at, self.next = int(max_memory_mb * 2**20), None, None
+        if self.nbytes > self.cap:
+            raise ValueError(f"max_memory_mb={max_memory_mb} is below the empty tables' {self.nbytes / 2**20:.1f} MiB")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.ctx + self.pair) + self.u.nbytes
 
     @staticmethod
-    def _window(tokens, a: int, b: int) -> mx.array:
-        """tokens[a:b] as int32, zero-padded on the left where a < 0 (those orders are masked)."""
-        pad, a = max(0, -a), max(a, 0)
-        w = tokens[a:b]
-        w = w.astype(mx.int32) if isinstance(w, mx.array) else mx.array(np.asarray(w, dtype=np.int32))
-        return mx.concatenate([mx.zeros((pad,), mx.int32), w]) if pad else w
+    def worst_case_nbytes(n_tokens: int, max_order: int, vocab_size: int) -> int:
+        """Upper bound of the memory for a split of n_tokens (every event a new context and pair)."""
+        per = ExactKeyIndex.bytes_at(n_tokens, 2) + ExactKeyIndex.bytes_at(n_tokens, 1)
+        return max_order * per + 8 * vocab_size
 
-    def _rows(self, tokens, s: int, e: int) -> list:
-        """Count row of each order for targets s..e-1, from the k context tokens alone (never the
-        target): order 1 is the previous token itself, orders >= 2 hash_ids of the context."""
-        K, n = self.K, e - s
-        w = self._window(tokens, s - K, e)  # w[K + (j - s) - i] == tokens[j - i]
-        ctx = [w[K - i:K - i + n] for i in range(1, K + 1)]
-        return [ctx[0]] + [hash_ids(ctx[:k], 200 + k, self.B) for k in range(2, K + 1)]
+    def _ids(self, tok, lo: int, j: np.ndarray, y):
+        """Per order: context ids and pair ids (-1: absent, or fewer than m tokens of history),
+        for targets j (absolute; tok[i] == tokens[lo + i]). The target is read only for the pair."""
+        prev, cids, pids = np.zeros(j.size, np.int64), [], []  # order 0: the empty context, id 0
+        for m in range(1, self.K + 1):
+            ok = np.flatnonzero((j >= m) & (prev >= 0))
+            cid, pid = np.full(j.size, -1, np.int64), np.full(j.size, -1, np.int64)
+            cid[ok] = self.ctx[m - 1].find((prev[ok] * self.V + tok[j[ok] - m - lo]).astype(np.uint64))
+            ok = np.flatnonzero(cid >= 0)
+            if y is not None:
+                pid[ok] = self.pair[m - 1].find((cid[ok] * self.V + y[ok]).astype(np.uint64))
+            cids.append(cid)
+            pids.append(pid)
+            prev = cid
+        return cids, pids
 
-    def _mix(self, gathered, u_t, H):
-        """p_ngram and a_eff from per-order (c, C, T) gathers; shared by scoring and distribution().
+    def _gather(self, cids, pids):
+        """Per-order (c, C, T) as float64; an absent context reads C = 0, so its order is skipped."""
+        out = []
+        for m in range(self.K):
+            cid, pid = cids[m], pids[m]
+            C, T = (np.where(cid >= 0, self.ctx[m].cols[i][cid], 0).astype(np.float64) for i in (0, 1))
+            out.append((np.where(pid >= 0, self.pair[m].cols[0][pid], 0).astype(np.float64), C, T))
+        return out
 
-        a_eff = a * C/(C+T) at the highest order with history (U/(U+V) with unigrams only): a
-        context never seen does not dilute the model. It reads only counts of the context, not the
-        target, so it is legal."""
-        p = (u_t.astype(mx.float32) + 1.0) / float(self.U + self.V)
-        conf = mx.array(self.U / (self.U + self.V), mx.float32)
+    def _mix(self, gathered, u_y, H):
+        """p_ngram and a_eff (float64) from per-order (c, C, T); shared by scoring and distribution().
+
+        a_eff = a * C/(C+T) at the highest order whose context was seen (U/(U+V) with unigrams
+        only), so an unseen context does not dilute the model; it reads only the context's counts."""
+        p = (u_y + 1.0) / (self.U + self.V)
+        conf = np.full(np.shape(H), self.U / (self.U + self.V))
         for c, C, T in gathered:
-            c, C, T = (x.astype(mx.float32) for x in (c, C, T))
-            seen, d = C > 0, mx.maximum(C + T, 1.0)
-            p = mx.where(seen, (c + T * p) / d, p)
-            conf = mx.where(seen, C / d, conf)
-        a = self.alpha
+            seen, d = C > 0, np.maximum(C + T, 1.0)
+            p = np.where(seen, (c + T * p) / d, p)
+            conf = np.where(seen, C / d, conf)
+        a = self.alpha * conf
         if self.mode == "entropy":
-            a = a * mx.minimum(1.0, H.astype(mx.float32) / math.log(self.V))
-        return p, a * conf
+            a = a * np.minimum(1.0, H / math.log(self.V))
+        return p, a
 
     def nll(self, tokens, start: int, lp: mx.array, H: mx.array) -> mx.array:
         """Mixed NLL (nats) float32 [M] of targets start..start+M-1, given the model's log-prob of
         each target (lp) and entropy (H). Calls must continue exactly where the last one ended."""
         assert self.next is None or start == self.next, f"expected start {self.next}, got {start}"
         assert start >= 1 and lp.shape == H.shape and lp.ndim == 1
-        M, out = lp.shape[0], []
+        M = lp.shape[0]
+        lp, H = np.array(lp, np.float64), np.array(H, np.float64)
+        lo = max(0, start - self.K)  # only the tokens this call needs: tok[i] == tokens[lo + i]
+        tok = np.array(tokens[lo:start + M]).astype(np.int64)
+        out = np.empty(M, np.float32)
         for s in range(start, start + M, self.chunk):
             e = min(s + self.chunk, start + M)
-            out.append(self._chunk(tokens, s, e, lp[s - start:e - start], H[s - start:e - start]))
+            out[s - start:e - start] = self._chunk(tok, lo, np.arange(s, e), lp[s - start:e - start],
+                                                   H[s - start:e - start])
         self.next = start + M
-        return mx.concatenate(out) if out else mx.zeros((0,), mx.float32)
+        return mx.array(out)
 
-    def _chunk(self, tokens, s: int, e: int, lp, H) -> mx.array:
-        """Score targets s..e-1 with the cache as it stands, then add their events (score first)."""
-        y, rows, jpos = self._window(tokens, s, e), self._rows(tokens, s, e), mx.arange(s, e)
-        cb = [self.counts[k][rows[k], y] for k in range(self.K)]  # counts before this chunk
-        g = [(cb[k], mx.where(jpos > k, self.C[k][rows[k]], 0), self.T[k][rows[k]])
-             for k in range(self.K)]  # j < k+1: too little history, C := 0 skips the order
-        p, a = self._mix(g, self.u[y], H)
-        lp = lp.astype(mx.float32)
-        mixed = -mx.logaddexp(mx.log1p(-a) + lp, mx.log(a) + mx.log(p))
-        out = mx.where(a > 0, mixed, -lp)  # alpha = 0 (or no history yet) is exactly -lp
-        mx.eval(out, cb)  # scores are fixed now; also leaves the tables free for in-place scatter
-        for k in range(self.K):
-            lo = max(0, k + 1 - s)
-            if lo >= e - s:
-                continue
-            r, v, c0 = rows[k][lo:], y[lo:], cb[k][lo:]
-            self.counts[k] = self.counts[k].at[r, v].add(1)
-            self.C[k] = self.C[k].at[r].add(1)
-            # (row, v) becomes distinct once: at its first occurrence in the chunk, if unseen before.
-            key = r * self.V + v
-            order = mx.argsort(key)
-            key = key[order]
-            first = mx.concatenate([mx.array([True]), key[1:] != key[:-1]])
-            self.T[k] = self.T[k].at[r[order]].add((first & (c0[order] == 0)).astype(mx.int32))
-        self.u, self.U = self.u.at[y].add(1), self.U + (e - s)
-        mx.eval(self.counts, self.C, self.T, self.u)
+    def _chunk(self, tok, lo: int, j: np.ndarray, lp, H) -> np.ndarray:
+        """Score targets j with the cache as it stands, then add their events (score first)."""
+        y = tok[j - lo]
+        cids, pids = self._ids(tok, lo, j, y)
+        p, a = self._mix(self._gather(cids, pids), self.u[y].astype(np.float64), H)
+        with np.errstate(divide="ignore"):
+            mixed = -np.logaddexp(np.log1p(-a) + lp, np.log(a) + np.log(p))
+        out = np.where(a > 0, mixed, -lp)  # alpha = 0 (or nothing seen yet) is exactly -lp
+        self._add(tok, lo, j, y, cids, pids)
         return out
+
+    def _fits(self, j, cids, pids) -> bool:
+        """Memory after this chunk's update in the worst case (every missing key new, the old
+        arrays of a growing table alive while it rehashes) stays within the cap."""
+        need, transient = self.u.nbytes, 0
+        for m in range(self.K):
+            elig = j > m
+            for t, new in ((self.ctx[m], cids[m] < 0), (self.pair[m], pids[m] < 0)):
+                after = max(t.nbytes, ExactKeyIndex.bytes_at(t.n + int((elig & new).sum()), t.cols.shape[0]))
+                need += after
+                transient = max(transient, t.nbytes if after > t.nbytes else 0)
+        return need + transient <= self.cap
+
+    def _add(self, tok, lo: int, j, y, cids, pids):
+        """Add the chunk's events to every order. New keys only while the cap allows (else freeze:
+        only pairs already present count, with their context totals, so sums stay consistent)."""
+        grow = self.frozen_at is None and self._fits(j, cids, pids)
+        if not grow and self.frozen_at is None:
+            self.frozen_at = int(j[0])
+        prev = np.zeros(j.size, np.int64)
+        for m in range(1, self.K + 1):
+            ctx, pair, cid, pid = self.ctx[m - 1], self.pair[m - 1], cids[m - 1], pids[m - 1]
+            if grow:  # lower orders were added first, so prev >= 0 wherever j >= m
+                miss = np.flatnonzero((j >= m) & (cid < 0))
+                if miss.size:
+                    cid[miss] = ctx.add((prev[miss] * self.V + tok[j[miss] - m - lo]).astype(np.uint64))
+                miss = np.flatnonzero((cid >= 0) & (pid < 0))
+                if miss.size:
+                    pid[miss] = pair.add((cid[miss] * self.V + y[miss]).astype(np.uint64))
+                    _, first = np.unique(pid[miss], return_index=True)
+                    np.add.at(ctx.cols[1], cid[miss[first]], 1)  # one new distinct pair each
+            live = np.flatnonzero(pid >= 0)
+            np.add.at(pair.cols[0], pid[live], 1)
+            np.add.at(ctx.cols[0], cid[live], 1)
+            prev = cid
+        self.u += np.bincount(y, minlength=self.V)
+        self.U += y.size
 
     def distribution(self, tokens, j: int, p_model: mx.array) -> mx.array:
         """Full mixed distribution [V] for target j from the current cache state (for tests)."""
-        rows = [r[0] for r in self._rows(tokens, j, j + 1)]
-        g = [(self.counts[k][rows[k]], self.C[k][rows[k]] if j > k else mx.array(0),
-              self.T[k][rows[k]]) for k in range(self.K)]
-        p_model = p_model.astype(mx.float32)
-        H = -(p_model * mx.log(mx.maximum(p_model, 1e-30))).sum()
-        p, a = self._mix(g, self.u, H)
-        return (1.0 - a) * p_model + a * p
+        lo = max(0, j - self.K)
+        tok = np.array(tokens[lo:j + 1]).astype(np.int64)
+        cids, _ = self._ids(tok, lo, np.array([j]), None)
+        g = []
+        for m in range(self.K):
+            cid = int(cids[m][0])
+            if cid < 0:
+                g.append((0.0, 0.0, 0.0))
+                continue
+            pid = self.pair[m].find((cid * self.V + np.arange(self.V)).astype(np.uint64))
+            c = np.where(pid >= 0, self.pair[m].cols[0][pid], 0).astype(np.float64)
+            g.append((c, float(self.ctx[m].cols[0][cid]), float(self.ctx[m].cols[1][cid])))
+        pm = np.array(p_model, np.float64)
+        H = -(pm * np.log(np.maximum(pm, 1e-30))).sum()
+        p, a = self._mix(g, self.u.astype(np.float64), H)
+        return mx.array(((1.0 - a) * pm + a * p).astype(np.float32))
 
 
 # =============================================================================
@@ -1679,7 +1807,7 @@ def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int) -> di
     if hp.complement_alpha > 0 and not hp.eval_only:
         need["COMPLEMENT_ALPHA/VOCAB_SIZE (bigram table, V x V)"] = V * V * (4 + 8)
     if hp.ngram_mixer_enabled:
-        need["NGRAM_MAX_ORDER/NGRAM_BUCKETS (mixer tables)"] = 4 * V * (V + (hp.ngram_max_order - 1) * hp.ngram_buckets)
+        need["NGRAM_MAX_MEMORY_MB (the n-gram mixer's cap)"] = hp.ngram_max_memory_mb * 2**20
     return need
 
 
@@ -1871,8 +1999,17 @@ def log_eval_config(hp: Hyperparameters, trained_seq: int, log):
     eval_seq = hp.eval_seq_len or trained_seq
     log(f"final_eval: seq_len:{eval_seq} stride:{hp.eval_stride_resolved or eval_seq} "
         f"batch_seqs:{hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq)} mixer:" + (
-            f"order{hp.ngram_max_order}/{hp.ngram_alpha_mode}/alpha{hp.ngram_alpha}/buckets{hp.ngram_buckets}"
+            f"order{hp.ngram_max_order}/{hp.ngram_alpha_mode}/alpha{hp.ngram_alpha}/cap{hp.ngram_max_memory_mb}MiB"
             if hp.ngram_mixer_enabled else "off"))
+
+
+def make_mixer(hp: Hyperparameters, vocab: int, n_tokens: int, log):
+    mixer = BackoffNgramMixer(vocab, hp.ngram_max_order, hp.ngram_alpha, hp.ngram_alpha_mode, hp.ngram_chunk,
+                              hp.ngram_max_memory_mb)
+    worst = mixer.worst_case_nbytes(n_tokens, hp.ngram_max_order, vocab) / 2**20
+    log(f"ngram_mixer: memory cap {hp.ngram_max_memory_mb} MiB, worst case for this split {worst:.0f} MiB"
+        + ("" if worst <= hp.ngram_max_memory_mb else "; new contexts stop at the cap, scoring goes on"))
+    return mixer
 
 
 def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, group=None):
@@ -1888,8 +2025,7 @@ def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, gr
         kw = dict(seq_len=eval_seq, stride=hp.eval_stride_resolved,
                   batch_seqs=hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq))
         if hp.ngram_mixer_enabled:
-            mixer = BackoffNgramMixer(model.cfg.vocab_size, hp.ngram_max_order, hp.ngram_buckets, hp.ngram_alpha,
-                                      hp.ngram_alpha_mode, hp.ngram_chunk)
+            mixer = make_mixer(hp, model.cfg.vocab_size, val_tokens.size, log)
             fn = fns.token_stats if hp.ngram_alpha_mode == "entropy" else fn
     try:
         loss, bpb, nll = evaluate(fn, val_tokens, tables=tables, mixer=mixer, log=log, label=label, group=group, **kw)

@@ -86,7 +86,7 @@ def main():
         tables = T.build_byte_tables(T.load_tokenizer(a.tokenizer), 1024)
         val = T.load_validation_tokens(str(tmp), 0, 1024)
         for mix in (False, True):
-            mixer = T.BackoffNgramMixer(1024, 2, 16384, 0.3, "entropy", 2048) if mix else None
+            mixer = T.BackoffNgramMixer(1024, 4, 0.7, "entropy", 2048) if mix else None
             fn = fns.token_stats if mix else fns.token_nll
             T.evaluate(fn, val[: 64 * a.seq + 1], a.seq, 64, tables, stride=a.stride)  # compile
             mx.reset_peak_memory()

@@ -66,7 +66,7 @@ def test_sliding_eval_scores_each_target_with_its_window_context(setup):
 
 
 def mixer(V, mode="entropy", order=3):
-    return T.BackoffNgramMixer(V, order, 64, 0.3, mode, chunk=100)
+    return T.BackoffNgramMixer(V, order, 0.3, mode, chunk=100)
 
 
 @pytest.mark.parametrize("stride", [0, 16])
@@ -100,7 +100,7 @@ def test_mixer_helps_on_repeated_text_and_off_equals_plain(setup):
     mixed = T.evaluate(fns.token_stats, rep, 64, 6, tables, stride=32, mixer=mixer(V, order=4))[2]
     assert mixed[1000:].mean() < plain[1000:].mean() - 1.0
     off = T.evaluate(fns.token_nll, rep, 64, 6, tables, stride=32)[2]
-    zero = T.evaluate(fns.token_stats, rep, 64, 6, tables, stride=32, mixer=T.BackoffNgramMixer(V, 3, 64, 0.0))[2]
+    zero = T.evaluate(fns.token_stats, rep, 64, 6, tables, stride=32, mixer=T.BackoffNgramMixer(V, 3, 0.0))[2]
     assert np.array_equal(off, plain) and np.array_equal(off, zero)
 
 
@@ -110,7 +110,7 @@ def test_eval_only_with_sliding_mixer_writes_per_token_nll(data, tmp_path):
     art = str(tmp_path / "tiny_model.int6.ptz")
     out = tmp_path / "nll.f32"
     env = tiny_env(data, tmp_path, EVAL_ONLY=1, LOAD_ARTIFACT=art, RUN_ID="ev", VAL_MAX_TOKENS=1500, EVAL_STRIDE=16,
-                   EVAL_SEQ_LEN=96, EVAL_BATCH_SEQS=8, NGRAM_MIXER_ENABLED=1, NGRAM_BUCKETS=256, NGRAM_MAX_ORDER=4,
+                   EVAL_SEQ_LEN=96, EVAL_BATCH_SEQS=8, NGRAM_MIXER_ENABLED=1, NGRAM_MAX_MEMORY_MB=64, NGRAM_MAX_ORDER=4,
                    EVAL_TOKEN_NLL_PATH=str(out))
     assert T.main(env) == 0
     log = (tmp_path / "ev.txt").read_text()
@@ -129,4 +129,4 @@ def test_eval_env_validation():
     with pytest.raises(T.ConfigError, match="NGRAM_ALPHA_MODE"):
         T.Hyperparameters.from_env(dict(NGRAM_ALPHA_MODE="magic"))
     with pytest.raises(T.ConfigError, match="NGRAM_BUCKETS"):
-        T.Hyperparameters.from_env(dict(NGRAM_MIXER_ENABLED="1", NGRAM_BUCKETS=str(2**20), VOCAB_SIZE="4096"))
+        T.Hyperparameters.from_env(dict(NGRAM_MIXER_ENABLED="1", NGRAM_BUCKETS=str(2**20)))  # retired
