@@ -1362,7 +1362,8 @@ class ExactKeyIndex:
         """Insert keys absent from the index (repeats allowed); returns the id of each."""
         uniq, inv = np.unique(keys, return_inverse=True)
         n = self.n + uniq.size
-        assert n < 2**31
+        if n >= 2**31:
+            raise MemoryError("n-gram table past 2^31 keys: lower NGRAM_MAX_MEMORY_MB")
         if 2 * n > (1 << self.log2):  # grow: rehash every key into a table twice as large or more
             old_k, old_i = self.keys, self.ids
             live = old_k != self.EMPTY
@@ -1397,7 +1398,8 @@ class BackoffNgramMixer:
 
     def __init__(self, vocab_size: int, max_order: int, alpha: float, alpha_mode: str = "fixed",
                  chunk: int = 2048, max_memory_mb: float = 4096):
-        assert alpha_mode in ("fixed", "entropy") and 0.0 <= alpha < 1.0 and max_order >= 1
+        if alpha_mode not in ("fixed", "entropy") or not 0.0 <= alpha < 1.0 or max_order < 1:
+            raise ValueError(f"bad mixer settings: alpha_mode={alpha_mode} alpha={alpha} max_order={max_order}")
         self.V, self.K, self.alpha, self.mode, self.chunk = vocab_size, max_order, alpha, alpha_mode, chunk
         self.ctx = [ExactKeyIndex(2) for _ in range(max_order)]  # columns: C (total), T (distinct)
         self.pair = [ExactKeyIndex(1) for _ in range(max_order)]  # column: count
@@ -1460,8 +1462,8 @@ class BackoffNgramMixer:
     def nll(self, tokens, start: int, lp: mx.array, H: mx.array) -> mx.array:
         """Mixed NLL (nats) float32 [M] of targets start..start+M-1, given the model's log-prob of
         each target (lp) and entropy (H). Calls must continue exactly where the last one ended."""
-        assert self.next is None or start == self.next, f"expected start {self.next}, got {start}"
-        assert start >= 1 and lp.shape == H.shape and lp.ndim == 1
+        if (self.next is not None and start != self.next) or start < 1 or lp.shape != H.shape or lp.ndim != 1:
+            raise RuntimeError(f"mixer calls must continue in order: expected start {self.next}, got {start}")
         M = lp.shape[0]
         lp, H = np.array(lp, np.float64), np.array(H, np.float64)
         lo = max(0, start - self.K)  # only the tokens this call needs: tok[i] == tokens[lo + i]
