@@ -865,7 +865,7 @@ def complement_weights(x, y, table, alpha: float, floor: float):
 # =============================================================================
 # Quantization, the artifact and checkpoints (no pickle: a JSON header plus raw arrays)
 # =============================================================================
-ARTIFACT_MAGIC = b"PGMLXv1\0"  # zstd payload; the same magic ending in "L" (magic[:7] + b"L") marks an lzma one
+ARTIFACT_MAGIC = b"PGMLXv1\0"
 GPTQ_LITE_PCTS = (1.0, 0.99999, 0.9999, 0.9995, 0.999)  # 1.0 first: a tie keeps the plain max-abs clip
 CONTROL_PATTERNS = ("resid_mix", "skip_weights", "attn_scale", "mlp_scale", "q_gain")
 CHECKPOINT_MAGIC = b"PGMLXck1"
@@ -895,8 +895,7 @@ def tensor_bits(name: str, plan) -> int:
 
 
 def quantize_rows(w: np.ndarray, bits: int, clip: np.ndarray | None = None):
-    """Symmetric per-row quantization: int values in [-qmax, qmax], one fp16 scale per row;
-    `clip` (one per row) defaults to the row's max |w|."""
+    """Symmetric per-row quantization: ints in [-qmax, qmax], one fp16 scale per row; clip defaults to max |w|."""
     qmax = 2 ** (bits - 1) - 1
     amax = np.abs(w).max(axis=1) if clip is None else clip
     scale = np.maximum(amax / qmax, 2.0 ** -24).astype(np.float16)
@@ -969,8 +968,7 @@ def atomic_write(path: str, data: bytes):
 
 
 def write_container(path: str, magic: bytes, header: dict, arrays: list, level: int, codec: str = "zstd") -> int:
-    """magic + zstd|xz(u32 header length, JSON header, raw LE arrays) -> file bytes; xz: magic ends in "L".
-    codec auto keeps the smaller (zstd-`level` with checksum; lzma preset 9e with CRC64)."""
+    """magic + zstd|xz(u32 header length, JSON header, raw LE arrays) -> bytes; xz: magic ends in L; auto: smaller."""
     import zstandard
     table, chunks, off = [], [], 0
     for name, role, arr in arrays:
