@@ -105,7 +105,7 @@ def trained_like(cfg, seed=0):
     return flat
 
 
-def size_table():
+def size_table(only):
     print("\nfull size, synthetic trained-like weights (Student-t(5), log-normal row scales); code bytes "
           f"{Path(T.__file__).stat().st_size:,} not included\n")
     print("| shape | setting | zstd-22 bytes | lzma-9e bytes | auto picks | pack s (GPTQ-lite incl.) | zstd s | lzma s |")
@@ -114,7 +114,7 @@ def size_table():
         cfg = T.ModelConfig.from_hparams(T.Hyperparameters.from_env(over))
         flat = trained_like(cfg)
         with tempfile.TemporaryDirectory() as tmp:
-            for name in SIZE_SETTINGS:
+            for name in [n for n in SIZE_SETTINGS if not only or any(o in f"{shape} {n}" for o in only)]:
                 hp = T.Hyperparameters.from_env(dict(over, **{k: str(v) for k, v in SETTINGS[name].items()}))
                 t0 = time.perf_counter()
                 arrays = T.pack_state(flat, T.quant_plan(hp), hp.gptq_lite)
@@ -135,12 +135,13 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--skip-gap", action="store_true")
     p.add_argument("--skip-size", action="store_true")
+    p.add_argument("--only", nargs="*", default=None, help="size rows: substrings of 'shape setting'")
     a = p.parse_args()
     mx.random.seed(0)
     if not a.skip_gap:
         gap_table(a.seeds, a.steps)
     if not a.skip_size:
-        size_table()
+        size_table(a.only)
 
 
 if __name__ == "__main__":
