@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import glob
 import json
+import lzma
 import math
 import os
 import re
@@ -150,6 +151,12 @@ class Hyperparameters:
     parallel_start_layer: int = _env("PARALLEL_START_LAYER", 0, int, 0, 127)
     recur_layers: str = _env("RECUR_LAYERS", "", str)
     recur_untied_mlp: bool = _env("RECUR_UNTIED_MLP", False, bool)
+    # mixed-precision artifact: bits per tensor group (0 = QUANT_BITS; 16 = fp16), clip search, codec
+    quant_bits_attn: int = _env("QUANT_BITS_ATTN", 0, int, choices=(0, 5, 6, 8, 16))
+    quant_bits_mlp: int = _env("QUANT_BITS_MLP", 0, int, choices=(0, 5, 6, 8, 16))
+    quant_bits_embed: int = _env("QUANT_BITS_EMBED", 0, int, choices=(0, 5, 6, 8, 16))
+    gptq_lite: bool = _env("GPTQ_LITE", False, bool)
+    compressor: str = _env("COMPRESSOR", "zstd", str, choices=("auto", "zstd", "lzma"))
     # not a variable: what unknown_env_notes found in the environment, for the log
     env_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
 
@@ -1004,6 +1011,7 @@ def complement_weights(x, y, table, alpha: float, floor: float):
 # Quantization, the artifact and checkpoints (no pickle: a JSON header plus raw arrays)
 # =============================================================================
 ARTIFACT_MAGIC = b"PGMLXv1\0"
+GPTQ_LITE_PCTS = (1.0, 0.99999, 0.9999, 0.9995, 0.999)  # 1.0 first: a tie keeps the plain max-abs clip
 CONTROL_PATTERNS = ("resid_mix", "skip_weights", "attn_scale", "mlp_scale", "q_gain", "lane_")
 CHECKPOINT_MAGIC = b"PGMLXck1"
 _NP_DTYPES = {n: np.dtype(n) for n in ("int8", "float16", "float32", "int32", "int64", "uint32", "uint64")}
@@ -1017,10 +1025,24 @@ def is_quantized(name: str, shape) -> bool:
     return len(shape) == 2 and not any(p in name for p in CONTROL_PATTERNS)
 
 
-def quantize_rows(w: np.ndarray, bits: int):
-    """Symmetric per-row quantization: int values in [-qmax, qmax], one fp16 scale per row."""
+def quant_plan(hp: Hyperparameters):
+    """Bits per tensor group; a plain int when all are QUANT_BITS (the default file stays byte-identical)."""
+    plan = {g: getattr(hp, f"quant_bits_{g}") or hp.quant_bits for g in ("attn", "mlp", "embed")}
+    return hp.quant_bits if set(plan.values()) == {hp.quant_bits} else dict(plan, other=hp.quant_bits)
+
+
+def tensor_bits(name: str, plan) -> int:
+    """attn: blocks' c_q/c_k/c_v/proj; mlp: their fc/proj; embed: tok_emb, lm_head and the hashed `.tables.`
+    (embeddings too; int8 in the records); other (hashed features' projections): QUANT_BITS. 16 = fp16."""
+    group = ("attn" if ".attn." in name else "mlp" if ".mlp" in name else
+             "embed" if name in ("tok_emb.weight", "lm_head.weight") or ".tables." in name else "other")
+    return plan if isinstance(plan, int) else plan[group]
+
+
+def quantize_rows(w: np.ndarray, bits: int, clip: np.ndarray | None = None):
+    """Symmetric per-row quantization: ints in [-qmax, qmax], one fp16 scale per row; clip defaults to max |w|."""
     qmax = 2 ** (bits - 1) - 1
-    amax = np.abs(w).max(axis=1)
+    amax = np.abs(w).max(axis=1) if clip is None else clip
     scale = np.maximum(amax / qmax, 2.0 ** -24).astype(np.float16)
     if not (np.isfinite(w).all() and np.isfinite(scale).all()):
         raise ArtifactError("cannot quantize non-finite weights (or a row beyond float16 scale range)")
@@ -1032,8 +1054,22 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale.astype(np.float32)[:, None]
 
 
+def gptq_lite_rows(w: np.ndarray, bits: int):
+    """GPTQ-lite (#414): clip each row at its own |w| quantile, one percentile per matrix, the least-MSE one:
+    clipping a few outliers buys a finer grid for all other weights. Needs no data. -> (q, scale, pct)"""
+    best = None
+    for pct, clip in zip(GPTQ_LITE_PCTS, np.quantile(np.abs(w), GPTQ_LITE_PCTS, axis=1)):
+        q, s = quantize_rows(w, bits, clip.astype(np.float32))
+        err = float(np.square(dequantize_rows(q, s) - w).mean())
+        if best is None or err < best[0]:
+            best = (err, q, s, pct)
+    return best[1:]
+
+
 def fake_quant(w: mx.array, bits: int) -> mx.array:
-    """QAT: forward = exactly dequantize_rows(quantize_rows(w)); gradient = identity (STE)."""
+    """QAT: forward = exactly dequantize_rows(quantize_rows(w)) (or the fp16 cast); gradient = identity."""
+    if bits == 16:
+        return mx.stop_gradient(w.astype(mx.float16).astype(mx.float32)) + (w - mx.stop_gradient(w))
     qmax = 2 ** (bits - 1) - 1
     amax = mx.max(mx.abs(w), axis=1, keepdims=True)
     scale = mx.maximum(amax / qmax, 2.0 ** -24).astype(mx.float16).astype(mx.float32)
@@ -1041,16 +1077,21 @@ def fake_quant(w: mx.array, bits: int) -> mx.array:
     return mx.stop_gradient(deq) + (w - mx.stop_gradient(w))
 
 
-def pack_state(flat: dict, bits: int) -> list:
-    """name -> float32 array  ==>  [(name, role, array)]: 2-D weights quantized per row."""
+def pack_state(flat: dict, bits, gptq_lite: bool = False) -> list:
+    """name -> float32 array  ==>  [(name, role, array)]: 2-D weights per row at tensor_bits (16: fp16)."""
     out = []
     for name in sorted(flat):
         w = np.asarray(flat[name], dtype=np.float32)
         if not np.isfinite(w).all():
             raise ArtifactError(f"weight {name} has non-finite values (NaN/inf): training diverged; "
                                 "nothing valid to write (lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR)")
-        if is_quantized(name, w.shape):
-            q, scale = quantize_rows(w, bits)
+        b = tensor_bits(name, bits) if is_quantized(name, w.shape) else 0
+        if b == 16:
+            if np.abs(w).max() > 65504:
+                raise ArtifactError(f"weight {name} exceeds the float16 range: it cannot be kept as fp16")
+            out.append((name, "raw", w.astype(np.float16)))
+        elif b:
+            q, scale = gptq_lite_rows(w, b)[:2] if gptq_lite else quantize_rows(w, b)
             out += [(name, "q", q), (name, "scale", scale)]
         else:
             out.append((name, "raw", w))
@@ -1071,8 +1112,8 @@ def atomic_write(path: str, data: bytes):
         raise
 
 
-def write_container(path: str, magic: bytes, header: dict, arrays: list, level: int) -> int:
-    """magic + zstd(u32 header length, JSON header, raw little-endian arrays). Returns file bytes."""
+def write_container(path: str, magic: bytes, header: dict, arrays: list, level: int, codec: str = "zstd") -> int:
+    """magic + zstd|xz(u32 header length, JSON header, raw LE arrays) -> bytes; xz: magic ends in L; auto: smaller."""
     import zstandard
     table, chunks, off = [], [], 0
     for name, role, arr in arrays:
@@ -1084,7 +1125,11 @@ def write_container(path: str, magic: bytes, header: dict, arrays: list, level: 
         off += arr.nbytes
     hjson = json.dumps(dict(header, tensors=table, blob_bytes=off)).encode()
     payload = struct.pack("<I", len(hjson)) + hjson + b"".join(chunks)
-    data = magic + zstandard.ZstdCompressor(level=level, write_checksum=True).compress(payload)
+    zst = zstandard.ZstdCompressor(level=level, write_checksum=True)
+    files = [] if codec == "lzma" else [magic + zst.compress(payload)]
+    if codec != "zstd":
+        files.append(magic[:7] + b"L" + lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME))
+    data = min(files, key=len)
     atomic_write(path, data)
     return len(data)
 
@@ -1097,12 +1142,13 @@ def read_container(path: str, magic: bytes, what: str):
             data = f.read()
     except OSError as e:
         raise ArtifactError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
-    if not data.startswith(magic):
+    codec = "zstd" if data.startswith(magic) else "lzma" if data.startswith(magic[:7] + b"L") else None
+    if codec is None:
         raise ArtifactError(f"{path}: not a parameter-golf-mlx {what} (bad magic bytes)")
-    dec = zstandard.ZstdDecompressor().decompressobj()
+    dec = zstandard.ZstdDecompressor().decompressobj() if codec == "zstd" else lzma.LZMADecompressor(lzma.FORMAT_XZ)
     try:
         payload = dec.decompress(data[len(magic):])
-    except zstandard.ZstdError as e:
+    except (zstandard.ZstdError, lzma.LZMAError) as e:
         raise ArtifactError(f"{path}: compressed payload is truncated or corrupted ({e})") from None
     if not dec.eof:
         raise ArtifactError(f"{path}: compressed payload is truncated or corrupted (frame incomplete)")
@@ -1114,6 +1160,7 @@ def read_container(path: str, magic: bytes, what: str):
         blob = memoryview(payload)[4 + hlen:]
         if header.get("format") != "parameter-golf-mlx" or header.get("version") != 1:
             raise ArtifactError(f"{path}: unknown format/version {header.get('format')}/{header.get('version')}")
+        header["codec"] = codec
         if len(blob) != header["blob_bytes"]:
             raise ArtifactError(f"{path}: blob has {len(blob)} bytes, header says {header['blob_bytes']}")
         arrays = {}
@@ -1142,14 +1189,16 @@ def record_base_off() -> dict:
     return {n: Hyperparameters.__dataclass_fields__[n].default for n in RECORD_BASE_FIELDS}
 
 
-def write_artifact(path: str, flat: dict, cfg: ModelConfig, bits: int, meta: dict | None = None) -> int:
-    """Quantize, compress (zstd 22, with checksum) and write atomically. Returns file bytes. Record-base
-    fields at their off values stay out of the header: a baseline artifact is byte-identical to one
-    written before they existed, and such older artifacts still load."""
+def write_artifact(path: str, flat: dict, cfg: ModelConfig, bits, meta: dict | None = None,
+                   gptq_lite: bool = False, codec: str = "zstd") -> int:
+    """Quantize (bits: int or quant_plan), compress (codec, zstd at level 22), write atomically -> bytes.
+    Record-base fields at their off values stay out of the header: a baseline artifact is byte-identical
+    to one written before they existed, and such older artifacts still load."""
     off = record_base_off()
     config = {k: v for k, v in asdict(cfg).items() if k not in off or off[k] != v}
     header = dict(format="parameter-golf-mlx", version=1, quant_bits=bits, config=config, meta=meta or {})
-    return write_container(path, ARTIFACT_MAGIC, header, pack_state(flat, bits), level=22)
+    header.update(dict(gptq_lite=list(GPTQ_LITE_PCTS)) if gptq_lite else {})
+    return write_container(path, ARTIFACT_MAGIC, header, pack_state(flat, bits, gptq_lite), 22, codec)
 
 
 def read_artifact(path: str):
@@ -1168,7 +1217,8 @@ def read_artifact(path: str):
     return cfg, flat, header
 
 
-RESUME_MUST_MATCH = ("engram_proj_optimizer", "skipgram_proj_optimizer", "train_seq_len", "quant_bits")
+RESUME_MUST_MATCH = ("engram_proj_optimizer", "skipgram_proj_optimizer", "train_seq_len", "quant_bits",
+                     "quant_bits_attn", "quant_bits_mlp", "quant_bits_embed")
 
 
 def write_checkpoint(path: str, model: GPT, opt: Optimizers, meta: dict) -> int:
@@ -1552,15 +1602,15 @@ class Compiled:
     a feature enabled, weights restored) can never leave a stale graph behind: the caller
     builds a new Compiled instead of mutating a flag a traced graph has baked in."""
 
-    def __init__(self, model: GPT, opt: Optimizers, compile_fns: bool = True, qat_bits: int = 0,
+    def __init__(self, model: GPT, opt: Optimizers, compile_fns: bool = True, qat_bits=0,
                  complement: mx.array | None = None):
         c = mx.compile if compile_fns else (lambda f, **kw: f)
         hp, state = opt.hp, [model.state, opt.state]
 
         def train_loss(params, x, y):
             if qat_bits:  # forward through the artifact's quantizer, straight-through gradient
-                params = tree_unflatten([(n, fake_quant(p, qat_bits) if is_quantized(n, p.shape) else p)
-                                         for n, p in tree_flatten(params)])
+                params = tree_unflatten([(n, fake_quant(p, tensor_bits(n, qat_bits)) if is_quantized(n, p.shape)
+                                          else p) for n, p in tree_flatten(params)])
             model.update(params)
             nll = model.token_nll(x, y)
             if complement is None:
@@ -1858,7 +1908,7 @@ def setup(r: Run, sp):
             f"{time.perf_counter() - t0:.1f}s (alpha:{hp.complement_alpha} floor:{hp.complement_floor})")
     # The only place compiled functions are built: one complete set per training mode, so
     # switching QAT on swaps whole graph sets instead of touching a flag a graph has baked in.
-    r.graphs = {qat: Compiled(r.model, r.opt, qat_bits=hp.quant_bits if qat else 0, complement=complement)
+    r.graphs = {qat: Compiled(r.model, r.opt, qat_bits=quant_plan(hp) if qat else 0, complement=complement)
                 for qat in ((False, True) if hp.qat_start_frac < 1.0 else (False,))}
     r.stream = TokenStream(files, cfg.vocab_size, log)
     log(f"train_shards:{len(files)} batch_tokens:{hp.train_batch_tokens} seq_len:{seq} "
@@ -1929,7 +1979,7 @@ def train(r: Run):
         progress = max(r.step / max(hp.iterations, 1), r.train_ms / max_ms if max_ms > 0 else 0.0)
         if not r.qat_on and hp.qat_start_frac < 1.0 and progress >= hp.qat_start_frac:
             r.qat_on = True
-            r.log(f"qat:on step:{r.step} (int{hp.quant_bits} fake quantization, straight-through)")
+            r.log(f"qat:on step:{r.step} (bits {quant_plan(hp)} fake quantization, max-abs clip, straight-through)")
         try:
             loss = one_step(r)
         except KeyboardInterrupt:
@@ -2074,27 +2124,28 @@ def write_and_prove_artifact(r: Run):
         log(f"ema: saving the EMA weights (decay {hp.ema_decay})")
     path = r.path(f"_model.int{hp.quant_bits}.ptz") if not r.group.rank() else os.path.join(  # ranks > 0: a private
         tempfile.gettempdir(), f"{r.run_id}_rank{r.group.rank()}.ptz")  # copy to round-trip
-    log(f"writing artifact {path} (int{hp.quant_bits} + zstd-22)...")
+    log(f"writing artifact {path} (bits {quant_plan(hp)} gptq_lite:{int(hp.gptq_lite)} {hp.compressor})...")
     r.phase = "writing the artifact"
     try:
-        model_bytes = write_artifact(path, flat_numpy(r.model), r.model.cfg, hp.quant_bits,
-                                     dict(run_id=r.run_id, step=r.step, train_seq_len=hp.train_seq_len))
+        model_bytes = write_artifact(path, flat_numpy(r.model), r.model.cfg, quant_plan(hp),
+                                     dict(run_id=r.run_id, step=r.step, train_seq_len=hp.train_seq_len),
+                                     hp.gptq_lite, hp.compressor)
     except OSError as e:
         raise OSError(f"cannot write the artifact {path} ({e.strerror or e}); {rescue_weights(r)}") from None
+    _, flat, header = read_artifact(path)
     total = r.code_bytes + model_bytes
     log(f"artifact: code_bytes:{r.code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
-        f"cap:{ARTIFACT_CAP_BYTES} {'OK' if total <= ARTIFACT_CAP_BYTES else 'OVER'}")
+        f"cap:{ARTIFACT_CAP_BYTES} {'OK' if total <= ARTIFACT_CAP_BYTES else 'OVER'} codec:{header['codec']}")
     if total > ARTIFACT_CAP_BYTES:
         log(f"WARNING: artifact is OVER the {ARTIFACT_CAP_BYTES}-byte cap by {total - ARTIFACT_CAP_BYTES} bytes: "
             "this cannot be submitted; shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT)")
     r.phase = "the round-trip evaluation"
-    _, flat, _ = read_artifact(path)
     if r.group.rank():
         os.unlink(path)
     load_flat_into(r.model, flat)
     loss, bpb, ms = run_eval(hp, r.model, r.opt, r.graphs[False], r.val_tokens, r.tables, log, "roundtrip",
                              final=True, seq=hp.train_seq_len, group=r.group)
-    tag = f"final_int{hp.quant_bits}_zstd_roundtrip"
+    tag = f"final_int{hp.quant_bits}_{header['codec']}_roundtrip"
     log(f"{tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if hp.submission_dir and not r.group.rank():
