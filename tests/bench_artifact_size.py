@@ -3,7 +3,7 @@ the moonshot stack. Untrained weights compress too well (zero-initialised projec
 2-D weight is replaced by a Gaussian of its layer's init scale, a pessimistic stand-in for trained
 weights (heavy-tailed trained rows quantize to fewer distinct int6 levels and compress better).
 
-    python tests/bench_artifact_size.py [KEY=VALUE ...]   # extra env for every configuration
+    python tests/bench_artifact_size.py [KEY=VALUE ...] [--only=SUBSTRING ...]  # extra env for every config
 """
 import os
 import sys
@@ -30,11 +30,14 @@ CONFIGS = {"baseline (9x512)": {}, "engram (logit, defaults)": dict(ENGRAM_LITE_
 
 
 def main():
-    extra = dict(kv.split("=", 1) for kv in sys.argv[1:])
+    only = [a[len("--only="):] for a in sys.argv[1:] if a.startswith("--only=")]
+    extra = dict(kv.split("=", 1) for kv in sys.argv[1:] if not kv.startswith("--only="))
     code = os.path.getsize(T.__file__)
     print(f"code_bytes: {code:,} (train_gpt_mlx.py)\n")
     print("| config | params | model bytes | total bytes | fits 16,000,000 |\n|---|---|---|---|---|")
     for name, over in CONFIGS.items():
+        if only and not any(o in name for o in only):
+            continue
         hp = T.Hyperparameters.from_env(dict(over, **extra))
         mx.random.seed(0)
         cfg = T.ModelConfig.from_hparams(hp)
@@ -45,7 +48,8 @@ def main():
                 flat[n] = (rng.standard_normal(w.shape) / np.sqrt(w.shape[1])).astype(np.float32)
         with tempfile.TemporaryDirectory() as tmp:
             t = time.time()
-            nbytes = T.write_artifact(os.path.join(tmp, "a.ptz"), flat, cfg, hp.quant_bits)
+            nbytes = T.write_artifact(os.path.join(tmp, "a.ptz"), flat, cfg, T.quant_plan(hp), None, hp.gptq_lite,
+                                      hp.compressor)
         n_params = sum(w.size for w in flat.values())
         total = code + nbytes
         print(f"| {name} | {n_params:,} | {nbytes:,} | {total:,} | {'yes' if total <= 16_000_000 else 'NO'} |",
