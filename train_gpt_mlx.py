@@ -1197,7 +1197,7 @@ class TestTimeTrainer:
 
     def prime(self, compiled):  # trace on synthetic tokens, never validation ones, then undo
         self.compiled = compiled
-        ids = mx.array(np.arange(self.rows * self.L).reshape(self.rows, self.L) % self.model.cfg.vocab_size)
+        ids = mx.array(np.arange(self.rows * self.L, dtype=np.int32).reshape(self.rows, -1) % self.model.cfg.vocab_size)
         mx.eval(compiled(ids, ids, mx.ones(ids.shape), mx.array(0.0)), self.state)
         self.reset()
 
