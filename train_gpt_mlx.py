@@ -157,6 +157,17 @@ class Hyperparameters:
     quant_bits_embed: int = _env("QUANT_BITS_EMBED", 0, int, choices=(0, 5, 6, 8, 16))
     gptq_lite: bool = _env("GPTQ_LITE", False, bool)
     compressor: str = _env("COMPRESSOR", "zstd", str, choices=("auto", "zstd", "lzma"))
+    # test-time training at evaluation (score a chunk, then train on it; README "Test-time training")
+    ttt_enabled: bool = _env("TTT_ENABLED", False, bool)
+    ttt_mode: str = _env("TTT_MODE", "lora", str, choices=("lora", "full"))
+    ttt_rank: int = _env("TTT_RANK", 8, int, 1, 1024)
+    ttt_targets: str = _env("TTT_TARGETS", "all", str)
+    ttt_lr: float = _env("TTT_LR", 0.01, float, 0.0)
+    ttt_epochs: int = _env("TTT_EPOCHS", 1, int, 1, 64)
+    ttt_chunk: int = _env("TTT_CHUNK", 2048, int, 1)
+    ttt_batch_seqs: int = _env("TTT_BATCH_SEQS", 8, int, 1)
+    ttt_grad_clip: float = _env("TTT_GRAD_CLIP", 1.0, float, 0.0)
+    ttt_reset: str = _env("TTT_RESET", "never", str, choices=("never", "doc"))
     # not a variable: what unknown_env_notes found in the environment, for the log
     env_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
 
@@ -222,6 +233,8 @@ class Hyperparameters:
             errs.append(f"EVAL_MODE=standard scores non-overlapping windows: unset EVAL_STRIDE={self.eval_stride}")
         if self.checkpoint_every and self.eval_only:
             errs.append("CHECKPOINT_EVERY needs a training run (EVAL_ONLY=1 trains nothing)")
+        if not set(self.ttt_targets.split(",")) <= set(TTT_TARGET_KEYS) | {"all"}:
+            errs.append(f"TTT_TARGETS={self.ttt_targets!r}: allowed: all, or some of {','.join(TTT_TARGET_KEYS)}")
         if self.eval_only and not self.load_artifact:
             errs.append("EVAL_ONLY=1 needs LOAD_ARTIFACT=path/to/artifact")
         if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
@@ -1282,38 +1295,47 @@ def eval_windows(n_tgt: int, seq_len: int, stride: int):
 
 
 def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stride: int = 0,
-             mixer=None, log=None, label="val", group=None):
+             mixer=None, log=None, label="val", group=None, ttt: "TestTimeTrainer | None" = None):
     """Score every target of `tokens` exactly once, in order, through the compiled model `fn`
     (returning per-position NLL, or (NLL, entropy) for the entropy-weighted mixer) in batches of
     [batch_seqs, seq_len] windows (one compiled shape), optionally mixed with the n-gram cache.
-    Returns (val_loss, val_bpb, per-target NLL in nats, float32)."""
+    With `ttt`, each chunk of ttt.per_chunk windows is scored (model and mixer) and recorded, then
+    trained on, except the last. With a `group` of ranks, each scores a share of the batches and
+    the mixer runs on the gathered stream; TTT adapts between chunks, so with TTT every rank scores
+    everything, identically. Returns (val_loss, val_bpb, per-target NLL in nats, float32)."""
     n_tgt, L = tokens.size - 1, seq_len
     starts, offsets = eval_windows(n_tgt, L, stride or L)
-    batch_seqs = min(batch_seqs, starts.size)
-    nb, dp = -(-starts.size // batch_seqs), group is not None and group.size() > 1
-    ids = np.array_split(np.arange(nb), group.size())[group.rank()] if dp else range(nb)
-    batches = model_scores(fn, tokens, starts, offsets, L, batch_seqs, ids, log, label)
+    per_chunk = ttt.per_chunk if ttt else starts.size
+    batch_seqs = min(batch_seqs, starts.size, per_chunk)
+    bounds = [(lo, min(lo + batch_seqs, c + per_chunk, starts.size)) for c in range(0, starts.size, per_chunk)
+              for lo in range(c, min(c + per_chunk, starts.size), batch_seqs)]
+    dp = group is not None and group.size() > 1 and ttt is None
+    mine = np.array_split(np.arange(len(bounds)), group.size())[group.rank()] if dp else range(len(bounds))
+    batches = model_scores(fn, tokens, starts, offsets, L, batch_seqs, [bounds[i] for i in mine], log, label)
     if dp:
         batches = gathered_scores(batches, starts, offsets, n_tgt, L, batch_seqs, group, mixer is not None)
     nll_out, done = np.empty(n_tgt, np.float32), 0
-    for nll, ent in batches:
+    for (_, hi), (nll, ent) in zip(bounds, batches):
         if mixer is not None:
             nll = mixer.nll(tokens, done + 1, -nll, ent if ent is not None else mx.zeros_like(nll))
         nll = np.array(nll)
         nll_out[done:done + nll.size] = nll
         done += nll.size
+        if ttt and hi % per_chunk == 0 and hi < starts.size:  # chunk scored and recorded: now train on it
+            ttt.train(tokens, int(starts[hi - per_chunk] + offsets[hi - per_chunk]), done, hi // per_chunk - 1,
+                      -(-starts.size // per_chunk))
     if done != n_tgt:  # a bug, never a number to report
         raise RuntimeError(f"evaluation scored {done} of {n_tgt} targets")
     return summarize_nll(nll_out, tokens, tables)
 
 
-def model_scores(fn, tokens, starts, offsets, L: int, batch_seqs: int, batch_ids, log, label):
-    """Yield the model's (NLL, entropy or None) at the scored positions of each batch, in target order."""
+def model_scores(fn, tokens, starts, offsets, L: int, batch_seqs: int, bounds, log, label):
+    """Yield the model's (NLL, entropy or None) at the scored positions of each batch (windows
+    lo..hi-1 of `bounds`), in target order. Lazily: each batch is scored only when it is asked for."""
     n_tgt, pos = tokens.size - 1, np.arange(L)
     t0 = last_print = time.perf_counter()
-    for i, bi in enumerate(batch_ids):
-        st = starts[bi * batch_seqs:(bi + 1) * batch_seqs]
-        off = offsets[bi * batch_seqs:(bi + 1) * batch_seqs]
+    for i, (lo, hi) in enumerate(bounds):
+        st, off = starts[lo:hi], offsets[lo:hi]
         idx = np.minimum(st[:, None] + pos, n_tgt - 1)  # only a split shorter than L is clipped
         keep = (pos >= off[:, None]) & (st[:, None] + pos < n_tgt)
         x = np.zeros((batch_seqs, L), np.int32)
@@ -1323,9 +1345,9 @@ def model_scores(fn, tokens, starts, offsets, L: int, batch_seqs: int, batch_ids
         nll, ent = out if isinstance(out, tuple) else (out, None)
         flat = mx.array(np.flatnonzero(keep).astype(np.int32))  # scored positions, in target order
         yield mx.take(nll.reshape(-1), flat), None if ent is None else mx.take(ent.reshape(-1), flat)
-        if log and time.perf_counter() - last_print > 30 and i + 1 < len(batch_ids):
+        if log and time.perf_counter() - last_print > 30 and i + 1 < len(bounds):
             last_print = time.perf_counter()
-            el, n = last_print - t0, len(batch_ids)
+            el, n = last_print - t0, len(bounds)
             log(f"{label}_progress: {i + 1}/{n} batches eta:{el / (i + 1) * (n - i - 1):.0f}s")
 
 
@@ -1350,6 +1372,85 @@ def summarize_nll(nll: np.ndarray, tokens: np.ndarray, tables):
     total_bytes = int(target_bytes(tokens[:n], tokens[1:n + 1], tables).sum())
     total_nll = float(nll.astype(np.float64).sum())
     return total_nll / n, total_nll / math.log(2) / max(total_bytes, 1), nll
+
+
+TTT_TARGET_KEYS = {"q": ".attn.c_q.", "k": ".attn.c_k.", "v": ".attn.c_v.", "o": ".attn.proj.", "up": ".mlp.fc.",
+                   "down": ".mlp.proj.", "head": "lm_head.weight"}  # head: the shared table when tied
+
+
+class TestTimeTrainer:
+    """Score-first test-time training (C3): evaluate() calls train() only after a chunk's targets are
+    scored and recorded, on those tokens alone. 'full' trains the weights (SGD momentum 0.9, as #461);
+    'lora' trains rank-r adapters merged into them, W + B A (Adam, as the LoRA records; B = 0 at start).
+    close() restores the unadapted weights: nothing reaches the artifact. Compiled builds the step."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, seq_len: int, stride: int):
+        self.model, self.hp, self.L = model, hp, seq_len
+        self.per_chunk = max(1, hp.ttt_chunk // stride)  # windows scored between two training rounds
+        self.rows = min(hp.ttt_batch_seqs, -(-(seq_len + (self.per_chunk - 1) * stride) // seq_len))
+        self.base = dict(tree_flatten(model.trainable_parameters()))
+        keys = hp.ttt_targets.split(",")  # all: every parameter (full), every block matrix and the head (lora)
+        pat = [TTT_TARGET_KEYS[k] if k != "head" or "lm_head.weight" in self.base else "tok_emb.weight"
+                for k in (TTT_TARGET_KEYS if "all" in keys else keys)]
+        self.names = sorted(n for n in self.base if any(p in n for p in pat) or "all" in keys and hp.ttt_mode == "full")
+        self.init = {n: self.base[n] for n in self.names}
+        if hp.ttt_mode == "lora":
+            shapes = [(n, *self.base[n].shape) for n in self.names]
+            self.init = dict([(n + ".a", mx.random.uniform(-1, 1, (hp.ttt_rank, din), key=mx.random.key(hp.seed + i))
+                               / math.sqrt(din)) for i, (n, _, din) in enumerate(shapes)]
+                             + [(n + ".b", mx.zeros((dout, hp.ttt_rank))) for n, dout, _ in shapes])
+        self.opt = optim.SGD(hp.ttt_lr, momentum=0.9) if hp.ttt_mode == "full" else optim.Adam(
+            hp.ttt_lr, [hp.beta1, hp.beta2], hp.adam_eps, bias_correction=True)
+        self.params = dict(self.init)
+        self.state = [self.params, self.opt.state, self.base]  # the compiled step's inputs and outputs
+
+    def weights(self, p: dict) -> dict:
+        return p if self.hp.ttt_mode == "full" else {n: self.base[n] + p[n + ".b"] @ p[n + ".a"] for n in self.names}
+
+    def step(self, x, y, mask, lr):
+        """One optimizer step on already-scored tokens; mask marks the targets that count."""
+        def loss_fn(p):
+            self.model.update(tree_unflatten(list(self.weights(p).items())))
+            return (self.model.token_nll(x, y) * mask).sum() / mx.maximum(mask.sum(), 1.0)
+        loss, grads = mx.value_and_grad(loss_fn)(self.params)
+        clip = self.hp.ttt_grad_clip
+        self.opt.state["learning_rate"] = lr
+        self.params.update(self.opt.apply_gradients(optim.clip_grad_norm(grads, clip)[0] if clip else grads,
+                                                    self.params))
+        self.model.update(tree_unflatten(list(self.weights(self.params).items())))
+        return loss
+
+    def reset(self):
+        self.params.update(self.init)
+        self.opt.state.update({"step": mx.array(0, mx.uint64)}, **{n: {} for n in self.params})
+        self.opt.init(self.params)
+        self.model.update(tree_unflatten(list(self.weights(self.params).items())))
+        mx.eval(self.state)
+
+    def prime(self, compiled):  # trace on synthetic tokens, never validation ones, then undo
+        self.compiled = compiled
+        ids = mx.array(np.arange(self.rows * self.L, dtype=np.int32).reshape(self.rows, -1) % self.model.cfg.vocab_size)
+        mx.eval(compiled(ids, ids, mx.ones(ids.shape), mx.array(0.0)), self.state)
+        self.reset()
+
+    def train(self, tokens: np.ndarray, lo: int, hi: int, chunk: int, n_chunks: int):
+        """TTT_EPOCHS passes over targets lo+1..hi in rows of the eval window, LR cosine over the chunks.
+        TTT_RESET=doc: a BOS among them resets, and only the tokens from the last BOS on are trained."""
+        bos = np.flatnonzero(tokens[lo + 1:hi + 1] == 1) if self.hp.ttt_reset == "doc" else ()  # 1: BOS
+        if len(bos):
+            self.reset()
+            lo += int(bos[-1]) + 1
+        n, shape = hi - lo, (-1, self.rows, self.L)
+        buf = np.zeros(-(-n // (self.rows * self.L)) * self.rows * self.L + 1, np.int32)
+        buf[:n + 1] = tokens[lo:hi + 1]
+        mask = (np.arange(buf.size - 1) < n).astype(np.float32).reshape(shape)
+        lr = mx.array(self.hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(n_chunks - 1, 1))))
+        for _ in range(self.hp.ttt_epochs):
+            for x, y, m in zip(buf[:-1].reshape(shape), buf[1:].reshape(shape), mask):
+                mx.eval(self.compiled(mx.array(x), mx.array(y), mx.array(m), lr), self.state)
+
+    def close(self):
+        self.model.update(tree_unflatten(list(self.base.items())))
 
 
 class ExactKeyIndex:
@@ -1602,7 +1703,7 @@ class Compiled:
     builds a new Compiled instead of mutating a flag a traced graph has baked in."""
 
     def __init__(self, model: GPT, opt: Optimizers, compile_fns: bool = True, qat_bits=0,
-                 complement: mx.array | None = None):
+                 complement: mx.array | None = None, ttt: "TestTimeTrainer | None" = None):
         c = mx.compile if compile_fns else (lambda f, **kw: f)
         hp, state = opt.hp, [model.state, opt.state]
 
@@ -1644,6 +1745,8 @@ class Compiled:
         self.update = c(update, inputs=state, outputs=state)
         self.token_nll = c(model.token_nll, inputs=state)
         self.token_stats = c(model.token_stats, inputs=state)
+        if ttt:
+            self.ttt_step = c(ttt.step, inputs=state + ttt.state, outputs=state + ttt.state)
 
 
 def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_mul: float, momentum: float,
@@ -1857,6 +1960,8 @@ def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int) -> di
             "VAL_BATCH_SIZE/EVAL_BATCH_SEQS (one evaluation batch)": eval_tokens * 4 * (L * d * 8 + 4 * V)}
     if hp.complement_alpha > 0 and not hp.eval_only:
         need["COMPLEMENT_ALPHA/VOCAB_SIZE (bigram table, V x V)"] = V * V * (4 + 8)
+    if hp.ttt_enabled:
+        need["TTT_BATCH_SEQS (a test-time training step)"] = hp.ttt_batch_seqs * eval_seq * 4 * L * d * (16 + 4 * mlp)
     if hp.ngram_mixer_enabled:
         need["NGRAM_MAX_MEMORY_MB (the n-gram mixer's cap)"] = hp.ngram_max_memory_mb * 2**20
     return need
@@ -2048,10 +2153,11 @@ def periodic_eval(r: Run, final: bool) -> bool:
 # ---------------------------------------------------------------------------- evaluate
 def log_eval_config(hp: Hyperparameters, trained_seq: int, log):
     eval_seq = hp.eval_seq_len or trained_seq
+    ttt = ",".join(f"{f.name[4:]}={getattr(hp, f.name)}" for f in env_fields() if f.name.startswith("ttt_"))
     log(f"final_eval: seq_len:{eval_seq} stride:{hp.eval_stride_resolved or eval_seq} "
         f"batch_seqs:{hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq)} mixer:" + (
             f"order{hp.ngram_max_order}/{hp.ngram_alpha_mode}/alpha{hp.ngram_alpha}/cap{hp.ngram_max_memory_mb}MiB"
-            if hp.ngram_mixer_enabled else "off"))
+            if hp.ngram_mixer_enabled else "off") + f" ttt:{ttt if hp.ttt_enabled else 'off'}")
 
 
 def make_mixer(hp: Hyperparameters, vocab: int, n_tokens: int, log):
@@ -2070,17 +2176,24 @@ def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, gr
     if opt is not None and opt.ema and label == "val":
         raw = model.trainable_parameters()
         model.update(tree_unflatten(list(opt.ema.items())))
-    mixer, fn, kw = None, fns.token_nll, dict(seq_len=seq, batch_seqs=eval_batch_seqs(hp, seq))
+    mixer, ttt, kw = None, None, dict(seq_len=seq, batch_seqs=eval_batch_seqs(hp, seq))
     if final:
         eval_seq = hp.eval_seq_len or seq
         kw = dict(seq_len=eval_seq, stride=hp.eval_stride_resolved,
                   batch_seqs=hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq))
         if hp.ngram_mixer_enabled:
             mixer = make_mixer(hp, model.cfg.vocab_size, val_tokens.size, log)
-            fn = fns.token_stats if hp.ngram_alpha_mode == "entropy" else fn
+        if hp.ttt_enabled:  # adapts the weights evaluated here (the EMA when on); close() restores them
+            ttt = TestTimeTrainer(model, hp, eval_seq, hp.eval_stride_resolved or eval_seq)
+            fns = Compiled(model, opt or Optimizers(model, hp), ttt=ttt)
+            ttt.prime(fns.ttt_step)
+    fn = fns.token_stats if mixer and hp.ngram_alpha_mode == "entropy" else fns.token_nll
     try:
-        loss, bpb, nll = evaluate(fn, val_tokens, tables=tables, mixer=mixer, log=log, label=label, group=group, **kw)
+        loss, bpb, nll = evaluate(fn, val_tokens, tables=tables, mixer=mixer, log=log, label=label, group=group,
+                                  ttt=ttt, **kw)
     finally:
+        if ttt:
+            ttt.close()
         if raw is not None:
             model.update(raw)
     if hp.eval_token_nll_path and label != "val" and not (group and group.rank()):

@@ -58,7 +58,7 @@ def run_one(base: dict, over: dict, seed: int, out: Path, rid: str) -> dict:
     log = (out / f"{rid}.txt").read_text()
     steps = re.findall(r"^step:(\d+)/\d+ train_loss:[\d.]+ train_time:(\d+)ms", log, re.M)
     (s0, t0), (s1, t1) = steps[4], steps[-1]  # skip the first steps (QAT switch recompiles later)
-    return dict(bpb=float(re.search(r"^final_int6_zstd_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M)[1]),
+    return dict(bpb=float(re.search(r"^final_int6_[a-z]+_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M)[1]),
                 ms=(int(t1) - int(t0)) / (int(s1) - int(s0)),
                 params=int(re.search(r"params:(\d+)", log)[1]),
                 bytes=int(re.search(r"model_bytes:(\d+)", log)[1]))
