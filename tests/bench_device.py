@@ -85,18 +85,23 @@ def main():
         fns = T.Compiled(model, T.Optimizers(model, hp))
         tables = T.build_byte_tables(T.load_tokenizer(a.tokenizer), 1024)
         val = T.load_validation_tokens(str(tmp), 0, 1024)
-        for mix in (False, True):
-            mixer = T.BackoffNgramMixer(1024, 4, 0.7, "entropy", 2048) if mix else None
-            fn = fns.token_stats if mix else fns.token_nll
+        for mode in ("sliding", "sliding + mixer", "sliding + TTT lora (chunk 32768, 32 rows)"):
+            mixer = T.BackoffNgramMixer(1024, 4, 0.7, "entropy", 2048) if "mixer" in mode else None
+            fn, ttt = (fns.token_stats if mixer else fns.token_nll), None
             T.evaluate(fn, val[: 64 * a.seq + 1], a.seq, 64, tables, stride=a.stride)  # compile
+            if "TTT" in mode:
+                thp = T.Hyperparameters.from_env(dict(env, TTT_ENABLED="1", TTT_CHUNK="32768", TTT_BATCH_SEQS="32"))
+                ttt = T.TestTimeTrainer(model, thp, a.seq, a.stride)
+                ttt.prime(T.Compiled(model, T.Optimizers(model, thp), ttt=ttt).ttt_step)
             mx.reset_peak_memory()
             t = time.perf_counter()
-            T.evaluate(fn, val, a.seq, 64, tables, stride=a.stride, mixer=mixer)
+            T.evaluate(fn, val, a.seq, 64, tables, stride=a.stride, mixer=mixer, ttt=ttt)
             dt = time.perf_counter() - t
-            print(f"3. sliding eval stride {a.stride}{' + mixer' if mix else ''}: {a.eval_tokens / dt:,.0f} tokens/s, "
+            if ttt:
+                ttt.close()
+            print(f"3. {mode}, stride {a.stride}: {a.eval_tokens / dt:,.0f} tokens/s, "
                   f"{mx.get_peak_memory() / 2**20:.0f} MiB peak; full split projected "
                   f"{FULL_VAL_TOKENS / (a.eval_tokens / dt) / 60:.1f} min", flush=True)
-
 
 if __name__ == "__main__":
     main()
