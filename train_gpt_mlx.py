@@ -459,8 +459,7 @@ def build_byte_tables(sp, vocab_size: int):
     n = sp.vocab_size()
     if n > vocab_size:
         raise ValueError(f"tokenizer has {n} pieces but VOCAB_SIZE={vocab_size}")
-    base = np.zeros(vocab_size, np.int64)
-    space = np.zeros(vocab_size, bool)
+    base, space = np.zeros(vocab_size, np.int64), np.zeros(vocab_size, bool)
     boundary = np.ones(vocab_size, bool)  # ids beyond the tokenizer: 0 bytes, boundary
     for i in range(n):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
@@ -640,8 +639,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn = Attention(dim, heads, kv_heads, rope_base, qk_gain, rope_dims)
         self.mlp = MLP(dim, mlp_mult, slope)
-        self.attn_scale = mx.ones((dim,))
-        self.mlp_scale = mx.ones((dim,))
+        self.attn_scale, self.mlp_scale = mx.ones((dim,)), mx.ones((dim,))
         self.resid_mix = mx.stack([mx.ones((dim,)), mx.zeros((dim,))])
         if parallel:
             self.lane_r, self.lane_p = mx.full((2,), math.sqrt(1.1)), mx.ones((2, 2))
@@ -1158,9 +1156,8 @@ def record_base_off() -> dict:
 
 def write_artifact(path: str, flat: dict, cfg: ModelConfig, bits, meta: dict | None = None,
                    gptq_lite: bool = False, codec: str = "zstd") -> int:
-    """Quantize (bits: int or quant_plan), compress (codec, zstd at level 22), write atomically -> bytes.
-    Record-base fields at their off values stay out of the header: a baseline artifact is byte-identical
-    to one written before they existed, and such older artifacts still load."""
+    """Quantize (bits: int or quant_plan), compress (codec; zstd level 22), write atomically -> bytes. Record-base
+    fields at their off values stay out of the header, so baseline artifacts stay byte-identical with older ones."""
     off = record_base_off()
     config = {k: v for k, v in asdict(cfg).items() if k not in off or off[k] != v}
     header = dict(format="parameter-golf-mlx", version=1, quant_bits=bits, config=config, meta=meta or {})
@@ -1614,8 +1611,7 @@ class BackoffNgramMixer:
 # Compiled functions: one builder for all of them
 # =============================================================================
 class Compiled:
-    """Every compiled function, built in one place: a change of mode builds a new Compiled, so no traced
-    graph keeps a stale flag."""
+    """Every compiled function, in one place: a change of mode builds a new Compiled, never a stale graph."""
 
     def __init__(self, model: GPT, opt: Optimizers, compile_fns: bool = True, qat_bits=0,
                  complement: mx.array | None = None, ttt: "TestTimeTrainer | None" = None):
@@ -1927,8 +1923,7 @@ def setup(r: Run, sp):
 
 
 def warmup(r: Run):
-    """Prime every compiled graph on training tokens, then restore weights, optimizer state and data
-    order, so training starts from the true initialisation."""
+    """Prime every compiled graph on training tokens, then restore weights, optimizer state and data order."""
     hp, log = r.hp, r.log
     if not hp.warmup_steps or not hp.iterations:
         return
