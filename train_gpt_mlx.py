@@ -1,11 +1,6 @@
 #!/usr/bin/env python3
-"""Parameter Golf in MLX: train a small GPT on the challenge's FineWeb shards,
-score it in exact bits-per-byte, and write a <=16,000,000-byte submission artifact.
-
-Everything is driven by environment variables (see Hyperparameters). Sections, in
-reading order: hyperparameters -> data -> model pieces -> model -> optimizers ->
-quantization/artifact -> evaluation -> compiled functions -> main.
-"""
+"""Parameter Golf in MLX: train a small GPT on the challenge's FineWeb shards, score it in exact
+bits-per-byte, and write a <=16,000,000-byte submission artifact. Driven by environment variables."""
 from __future__ import annotations
 
 import difflib
@@ -207,9 +202,7 @@ class Hyperparameters:
     @property
     def eval_stride_resolved(self) -> int:
         """EVAL_MODE=sliding without EVAL_STRIDE means the records' stride 64; 0 = standard."""
-        if self.eval_mode == "sliding" and not self.eval_stride:
-            return 64
-        return self.eval_stride
+        return 64 if self.eval_mode == "sliding" and not self.eval_stride else self.eval_stride
 
     def check_relations(self):
         errs = []
@@ -303,9 +296,8 @@ def env_fields() -> list:
 
 
 def unknown_env_notes(env) -> list[str]:
-    """One line per variable that looks like ours but is not read (a typo, wrong case, another
-    script's name), naming the closest known variable. Silence here would mean a knob the user
-    believes is on is off."""
+    """One line per variable that looks like ours but is not read (typo, case, another script's name),
+    naming the closest known one: silence would leave a knob the user believes on, off."""
     known = {f.metadata["env"] for f in env_fields()} | set(ENV_ALIASES) | set(ENV_RETIRED)
     notes = []
     for name in sorted(env):
@@ -349,20 +341,15 @@ def recur_span(text: str, num_layers: int):
 def _parse(raw: str, m: dict):
     kind, lo, hi, choices = m["kind"], m["lo"], m["hi"], m["choices"]
     if kind is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("expected 0/1 (or true/false)")
-    if kind is str:
-        v = raw
-    else:
-        try:
-            v = kind(raw)
-        except ValueError:
-            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
-        if kind is float and not math.isfinite(v):
-            raise ValueError("expected a finite number")
+        if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError("expected 0/1 (or true/false)")
+        return raw.lower() in ("1", "true", "yes", "on")
+    try:
+        v = raw if kind is str else kind(raw)
+    except ValueError:
+        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(v):
+        raise ValueError("expected a finite number")
     if choices is not None and v not in choices:
         raise ValueError(f"allowed values: {', '.join(map(str, choices))}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
@@ -414,9 +401,8 @@ def load_validation_tokens(data_path: str, max_tokens: int, vocab_size: int) -> 
 
 
 class TokenStream:
-    """Sequential tokens over the sorted train shards, wrapping around (and saying so: a second
-    pass repeats data); one shard in memory. (file_idx, pos, epoch) is its whole state, so a
-    checkpoint can resume it exactly."""
+    """Sequential tokens over the sorted train shards, wrapping around (and saying so); one shard in
+    memory. (file_idx, pos, epoch) is its whole state, so a checkpoint resumes it exactly."""
 
     def __init__(self, files: list[str], vocab_size: int, log=None):
         self.files, self.vocab_size, self.log = files, vocab_size, log
@@ -473,8 +459,7 @@ def build_byte_tables(sp, vocab_size: int):
     n = sp.vocab_size()
     if n > vocab_size:
         raise ValueError(f"tokenizer has {n} pieces but VOCAB_SIZE={vocab_size}")
-    base = np.zeros(vocab_size, np.int64)
-    space = np.zeros(vocab_size, bool)
+    base, space = np.zeros(vocab_size, np.int64), np.zeros(vocab_size, bool)
     boundary = np.ones(vocab_size, bool)  # ids beyond the tokenizer: 0 bytes, boundary
     for i in range(n):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
@@ -553,9 +538,8 @@ class Attention(nn.Module):
 
 
 def exclusive(y, v):
-    """XSA: remove from each head's output y [B,H,T,D] its component along the position's own value
-    vector v [B,Hkv,T,D], so attention must carry context, not the token itself. The unit v is
-    broadcast over each GQA group instead of being repeated."""
+    """XSA: remove from each head's output y [B,H,T,D] its component along the position's own value v
+    [B,Hkv,T,D] (broadcast over each GQA group), so attention must carry context, not the token itself."""
     B, H, T, D = y.shape
     vn = (v * mx.rsqrt(mx.sum(v * v, axis=-1, keepdims=True) + 1e-12))[:, :, None]
     y = y.reshape(B, v.shape[1], H // v.shape[1], T, D)
@@ -580,8 +564,7 @@ _HASH_MULT = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2
 
 
 def hash_ids(cols: list, seed: int, size: int) -> mx.array:
-    """Hash aligned int token arrays into [0, size). uint32 multiply/xor-shift wraps mod 2^32
-    by definition, so no V or size can overflow it."""
+    """Hash aligned int token arrays into [0, size); uint32 arithmetic wraps, so nothing can overflow."""
     h = mx.full(cols[0].shape, (seed * 0x61C88647 + 0x7F4A7C15) & 0xFFFFFFFF, dtype=mx.uint32)
     for i, c in enumerate(cols):
         h = (h ^ c.astype(mx.uint32)) * mx.array(_HASH_MULT[i % len(_HASH_MULT)], mx.uint32)
@@ -600,10 +583,8 @@ def history_mask(T: int, d: int, dtype):
 
 
 class EngramLite(nn.Module):
-    """Gated multi-head hashed bigram (t-1, t) and trigram (t-2, t-1, t) features of the
-    input tokens. Each order averages `heads` independent hashes into its table, so one
-    head's collision is outvoted; a per-order gate starts suppressed (sigmoid(-2) ~ 0.12).
-    With orders=(2,), one head and an input projection it is the records' BigramHash."""
+    """Gated hashed bigram/trigram features; `heads` hashes per order outvote one collision, gates start at
+    sigmoid(-2). With orders=(2,), one head and an input projection it is the records' BigramHash."""
 
     def __init__(self, hash_size, dim, heads, out_dim, orders=(2, 3)):
         super().__init__()
@@ -622,9 +603,8 @@ class EngramLite(nn.Module):
 
 
 class SkipGramHash(nn.Module):
-    """Hashed non-adjacent token pairs as an additive logit bias. Offsets count back from the
-    predicted token: at position t (predicting t+1), -1 is input token t, -3 is input t-2.
-    Narrow tables (one per pattern) share one zero-initialised projection to the vocabulary."""
+    """Hashed non-adjacent token pairs as an additive logit bias; offsets count back from the predicted
+    token (-1 is input token t). One narrow table per pattern, one shared zero-initialised projection."""
 
     def __init__(self, hash_size, dim, patterns, vocab):
         super().__init__()
@@ -652,16 +632,14 @@ def smear(x, ids, w):
 
 
 class Block(nn.Module):
-    """Pre-norm block with learned output scales and a learned mix with the embedding x0. In the
-    parallel-residual region (#1204) it carries two lanes: attention reads lane 0, the MLP lane 1,
-    and each writes both lanes through learned weights (lane_r: keep, lane_p: write)."""
+    """Pre-norm block, learned output scales and mix with x0. Parallel residuals (#1204): attention reads
+    lane 0, the MLP lane 1, each writes both through learned weights (lane_r: keep, lane_p: write)."""
 
     def __init__(self, dim, heads, kv_heads, mlp_mult, rope_base, qk_gain, rope_dims=0, slope=0.0, parallel=False):
         super().__init__()
         self.attn = Attention(dim, heads, kv_heads, rope_base, qk_gain, rope_dims)
         self.mlp = MLP(dim, mlp_mult, slope)
-        self.attn_scale = mx.ones((dim,))
-        self.mlp_scale = mx.ones((dim,))
+        self.attn_scale, self.mlp_scale = mx.ones((dim,)), mx.ones((dim,))
         self.resid_mix = mx.stack([mx.ones((dim,)), mx.zeros((dim,))])
         if parallel:
             self.lane_r, self.lane_p = mx.full((2,), math.sqrt(1.1)), mx.ones((2, 2))
@@ -683,39 +661,21 @@ class Block(nn.Module):
 # =============================================================================
 # Model
 # =============================================================================
+RECORD_BASE_FIELDS = ("smear_gate", "bigram_hash_size", "bigram_dim", "xsa_last_n", "rope_dims", "ln_scale",
+                      "leaky_relu_slope", "parallel_start_layer", "recur_layers", "recur_untied_mlp")
+
+
+MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
+                "tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "engram_lite_enabled",
+                "engram_mode", "engram_hash_size", "engram_dim", "engram_heads", "skipgram_hash_size", "skipgram_dim",
+                "skipgram_patterns") + RECORD_BASE_FIELDS
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """What it takes to rebuild the network; stored in the artifact header. No defaults of its own:
-    Hyperparameters is the one source of defaults (from_hparams)."""
-    vocab_size: int
-    num_layers: int
-    model_dim: int
-    num_heads: int
-    num_kv_heads: int
-    mlp_mult: int
-    tie_embeddings: bool
-    tied_embed_init_std: float
-    logit_softcap: float
-    rope_base: float
-    qk_gain_init: float
-    engram_lite_enabled: bool
-    engram_mode: str
-    engram_hash_size: int
-    engram_dim: int
-    engram_heads: int
-    skipgram_hash_size: int
-    skipgram_dim: int
-    skipgram_patterns: str
-    smear_gate: bool
-    bigram_hash_size: int
-    bigram_dim: int
-    xsa_last_n: int
-    rope_dims: int
-    ln_scale: bool
-    leaky_relu_slope: float
-    parallel_start_layer: int
-    recur_layers: str
-    recur_untied_mlp: bool
+    """What it takes to rebuild the network; stored in the artifact header. Fields: MODEL_FIELDS, typed as
+    in Hyperparameters, the one source of defaults (from_hparams)."""
+    __annotations__ = {n: Hyperparameters.__dataclass_fields__[n].type for n in MODEL_FIELDS}
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
@@ -805,8 +765,7 @@ class GPT(nn.Module):
     def token_stats(self, ids, targets):
         """(NLL, entropy of the model's distribution), both [B, T] float32 nats."""
         logits = self(ids)
-        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
-        logp = logits - lse
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         ent = -mx.sum(mx.exp(logp) * logp, axis=-1)
         return -mx.take_along_axis(logp, targets[..., None], -1)[..., 0], ent
 
@@ -815,9 +774,7 @@ class GPT(nn.Module):
 # Optimizers: Muon for the blocks' matrices, Adam for everything else
 # =============================================================================
 def param_group(name: str, p: mx.array, proj_optimizer: dict | None = None) -> str:
-    """Which optimizer owns a parameter: 'muon', or Adam's 'embed', 'table', 'head', 'scalar'.
-    proj_optimizer maps the hashed features' projections to 'muon' or 'adam' (by measurement:
-    the bench_ablation table in README.md)."""
+    """'muon', or Adam's 'embed'/'table'/'head'/'scalar'; proj_optimizer: hashed projections' 'muon'|'adam'."""
     if name == "tok_emb.weight":
         return "embed"
     if name == "lm_head.weight":
@@ -845,9 +802,8 @@ def newton_schulz(g, steps: int):
 
 
 class Muon(optim.Optimizer):
-    """Muon for 2-D matrices: Nesterov momentum, orthogonalised by Newton-Schulz. The momentum is a
-    state entry set every step from its schedule, and the weight decay is decoupled
-    (p <- p (1 - lr wd)), so both compile into the step like the learning rate."""
+    """Muon: Nesterov momentum orthogonalised by Newton-Schulz; momentum (a state entry) and decoupled
+    weight decay compile into the step like the learning rate."""
 
     def __init__(self, learning_rate: float, momentum: float, backend_steps: int, weight_decay: float):
         super().__init__()
@@ -869,10 +825,8 @@ class Muon(optim.Optimizer):
 
 
 class Optimizers:
-    """Muon for the block matrices, one mlx Adam (bias-corrected, as the baseline) per other group,
-    the global gradient clip, and the EMA of the weights: all array math, so the whole update
-    compiles into the step. `state` is the compiled step's input and output; reset and restore
-    mutate it in place, never rebind it, so compiled graphs keep valid references."""
+    """Muon, one bias-corrected Adam per other group, the gradient clip and the EMA, all compiled into the
+    step. `state` is mutated in place, never rebound, so compiled graphs keep valid references."""
 
     def __init__(self, model: GPT, hp: Hyperparameters):
         self.hp = hp
@@ -932,14 +886,10 @@ class Optimizers:
 
 
 def flatten_tree(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
+    if not isinstance(tree, (dict, list, tuple)):
         return {prefix: tree}
     out = {}
-    for k, v in items:
+    for k, v in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
         out.update(flatten_tree(v, f"{prefix}/{k}" if prefix else str(k)))
     return out
 
@@ -962,13 +912,8 @@ def assign_tree(tree, flat: dict, prefix: str = ""):
 
 
 def ema_decay_at(t, hp: Hyperparameters):
-    """EMA decay for the update after optimizer step t (1 on the first; an mx scalar inside the
-    compiled step, so no Python step is baked into the graph): min(EMA_DECAY, (1+t)/(W+t)).
-    A constant d leaves d^t of the weight on the untrained initialisation (0.997^100 = 74%), so a
-    short run would save mostly its starting point; with the warm-up that weight is
-    prod (1+s)/(W+s) (0.2% after 50 steps at W = 3) and the EMA spans about the last t/(W-1)
-    steps until it reaches EMA_DECAY (t ~ 670 for 0.997 at W = 3; W = 3 measured best of 3, 10,
-    30 at every cell of bench_ablation's grid). EMA_WARMUP=0: the records' constant d."""
+    """min(EMA_DECAY, (1+t)/(W+t)) after step t (an mx scalar in the compiled step): a constant d would leave
+    d^t of the weight on the initialisation, mostly the start in a short run. EMA_WARMUP=0: constant d."""
     if hp.ema_warmup <= 0:
         return hp.ema_decay
     return mx.minimum(hp.ema_decay, (1 + t) / (hp.ema_warmup + t))
@@ -982,11 +927,8 @@ WARMDOWN_MAX_BUDGET_SHARE = 0.5
 
 
 def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
-    """Linear warmdown to 0 at the end of the run, which ends at ITERATIONS steps or at the
-    wall-clock cap, whichever comes first. WARMDOWN_FRAC > 0: over that fraction of the run
-    (progress = the larger of the step and time shares). Otherwise over the last WARMDOWN_ITERS
-    steps; under a cap, their duration at the measured step time is capped at half the budget:
-    the public script's uncapped form starts a slow machine (5 s x 1200 steps > 600 s) decayed."""
+    """Linear warmdown to 0 at ITERATIONS or the wall-clock cap: over WARMDOWN_FRAC of the run, else the
+    last WARMDOWN_ITERS steps, timed at most half the budget (else a slow machine starts decayed)."""
     cap_ms = hp.max_wallclock_seconds * 1000.0
     if hp.warmdown_frac > 0:
         progress = step / max(hp.iterations, 1)
@@ -1028,9 +970,8 @@ def bigram_table(files: list[str], vocab: int, max_tokens: int) -> np.ndarray:
 
 
 def complement_weights(x, y, table, alpha: float, floor: float):
-    """clip(1 - alpha * P_bigram(y | x), floor, 1), renormalised to mean 1 over the (micro)batch
-    the compiled loss sees. Indexed [x, y], never by a flat x * V + y (int32 overflows past
-    V = 46,340)."""
+    """clip(1 - alpha * P_bigram(y | x), floor, 1), mean 1 over the (micro)batch; indexed [x, y], as a flat
+    x * V + y overflows int32 past V = 46,340."""
     w = mx.clip(1.0 - alpha * table[x, y], floor, 1.0)
     return w / mx.mean(w)
 
@@ -1209,19 +1150,14 @@ def read_container(path: str, magic: bytes, what: str):
     return header, arrays
 
 
-RECORD_BASE_FIELDS = ("smear_gate", "bigram_hash_size", "bigram_dim", "xsa_last_n", "rope_dims", "ln_scale",
-                      "leaky_relu_slope", "parallel_start_layer", "recur_layers", "recur_untied_mlp")
-
-
 def record_base_off() -> dict:
     return {n: Hyperparameters.__dataclass_fields__[n].default for n in RECORD_BASE_FIELDS}
 
 
 def write_artifact(path: str, flat: dict, cfg: ModelConfig, bits, meta: dict | None = None,
                    gptq_lite: bool = False, codec: str = "zstd") -> int:
-    """Quantize (bits: int or quant_plan), compress (codec, zstd at level 22), write atomically -> bytes.
-    Record-base fields at their off values stay out of the header: a baseline artifact is byte-identical
-    to one written before they existed, and such older artifacts still load."""
+    """Quantize (bits: int or quant_plan), compress (codec; zstd level 22), write atomically -> bytes. Record-base
+    fields at their off values stay out of the header, so baseline artifacts stay byte-identical with older ones."""
     off = record_base_off()
     config = {k: v for k, v in asdict(cfg).items() if k not in off or off[k] != v}
     header = dict(format="parameter-golf-mlx", version=1, quant_bits=bits, config=config, meta=meta or {})
@@ -1245,6 +1181,10 @@ def read_artifact(path: str):
     return cfg, flat, header
 
 
+def flat_numpy(model) -> dict:
+    return {n: np.array(p.astype(mx.float32)) for n, p in tree_flatten(model.parameters())}
+
+
 RESUME_MUST_MATCH = ("engram_proj_optimizer", "skipgram_proj_optimizer", "train_seq_len", "quant_bits",
                      "quant_bits_attn", "quant_bits_mlp", "quant_bits_embed")
 
@@ -1252,7 +1192,7 @@ RESUME_MUST_MATCH = ("engram_proj_optimizer", "skipgram_proj_optimizer", "train_
 def write_checkpoint(path: str, model: GPT, opt: Optimizers, meta: dict) -> int:
     """The whole training state: float32 weights, optimizer state and EMA, plus `meta` (step, train
     time, data position, QAT state, hyperparameters). zstd level 3: it is written often."""
-    arrays = [(n, "param", np.array(p.astype(mx.float32))) for n, p in tree_flatten(model.parameters())]
+    arrays = [(n, "param", a) for n, a in flat_numpy(model).items()]
     arrays += [(n, "state", np.array(a)) for n, a in opt.arrays().items()]
     header = dict(format="parameter-golf-mlx", version=1, kind="checkpoint", config=asdict(model.cfg), meta=meta)
     return write_container(path, CHECKPOINT_MAGIC, header, arrays, level=3)
@@ -1292,12 +1232,8 @@ def load_flat_into(model: GPT, flat: dict):
 # Evaluation: exact val_bpb over the validation split, streamed in batches
 # =============================================================================
 def eval_windows(n_tgt: int, seq_len: int, stride: int):
-    """Sliding windows over targets 1..n_tgt: (window starts, first scored offset in each).
-
-    A window starting at w reads tokens[w:w+L] and predicts targets w+1..w+L. Every target is
-    scored exactly once, by the first window that reaches it, so all but the first L targets get
-    at least L - stride tokens of context; the last window is aligned to end at the final target
-    so the tail is scored once too. stride == L is the standard non-overlapping evaluation."""
+    """(window starts, first scored offset in each) over targets 1..n_tgt: each target scored once, by the
+    first window reaching it; the last window ends at the final target. stride == L: standard eval."""
     L = seq_len
     if not 1 <= stride <= L:
         raise ValueError(f"eval stride {stride} must be in [1, window length {L}] (EVAL_STRIDE)")
@@ -1312,13 +1248,9 @@ def eval_windows(n_tgt: int, seq_len: int, stride: int):
 
 def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stride: int = 0,
              mixer=None, log=None, label="val", group=None, ttt: "TestTimeTrainer | None" = None):
-    """Score every target of `tokens` exactly once, in order, through the compiled model `fn`
-    (returning per-position NLL, or (NLL, entropy) for the entropy-weighted mixer) in batches of
-    [batch_seqs, seq_len] windows (one compiled shape), optionally mixed with the n-gram cache.
-    With `ttt`, each chunk of ttt.per_chunk windows is scored (model and mixer) and recorded, then
-    trained on, except the last. With a `group` of ranks, each scores a share of the batches and
-    the mixer runs on the gathered stream; TTT adapts between chunks, so with TTT every rank scores
-    everything, identically. Returns (val_loss, val_bpb, per-target NLL in nats, float32)."""
+    """Score every target once, in order, through `fn` (NLL, or (NLL, entropy)) in one compiled batch shape,
+    optionally mixed with the n-gram cache; with `ttt`, each scored chunk is then trained on (C3). A `group`
+    splits the batches (not with TTT). Returns (val_loss, val_bpb, per-target NLL in nats, float32)."""
     n_tgt, L = tokens.size - 1, seq_len
     starts, offsets = eval_windows(n_tgt, L, stride or L)
     per_chunk = ttt.per_chunk if ttt else starts.size
@@ -1346,8 +1278,7 @@ def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stri
 
 
 def model_scores(fn, tokens, starts, offsets, L: int, batch_seqs: int, bounds, log, label):
-    """Yield the model's (NLL, entropy or None) at the scored positions of each batch (windows
-    lo..hi-1 of `bounds`), in target order. Lazily: each batch is scored only when it is asked for."""
+    """Lazily yield the model's (NLL, entropy or None) at the scored positions of each batch, in order."""
     n_tgt, pos = tokens.size - 1, np.arange(L)
     t0 = last_print = time.perf_counter()
     for i, (lo, hi) in enumerate(bounds):
@@ -1395,10 +1326,8 @@ TTT_TARGET_KEYS = {"q": ".attn.c_q.", "k": ".attn.c_k.", "v": ".attn.c_v.", "o":
 
 
 class TestTimeTrainer:
-    """Score-first test-time training (C3): evaluate() calls train() only after a chunk's targets are
-    scored and recorded, on those tokens alone. 'full' trains the weights (SGD momentum 0.9, as #461);
-    'lora' trains rank-r adapters merged into them, W + B A (Adam, as the LoRA records; B = 0 at start).
-    close() restores the unadapted weights: nothing reaches the artifact. Compiled builds the step."""
+    """Score-first test-time training (C3): train() runs only on a chunk already scored and recorded. 'full':
+    SGD momentum 0.9 (#461); 'lora': rank-r W + B A, Adam, B = 0. close() restores the weights."""
 
     def __init__(self, model: GPT, hp: Hyperparameters, seq_len: int, stride: int):
         self.model, self.hp, self.L = model, hp, seq_len
@@ -1452,7 +1381,7 @@ class TestTimeTrainer:
     def train(self, tokens: np.ndarray, lo: int, hi: int, chunk: int, n_chunks: int):
         """TTT_EPOCHS passes over targets lo+1..hi in rows of the eval window, LR cosine over the chunks.
         TTT_RESET=doc: a BOS among them resets, and only the tokens from the last BOS on are trained."""
-        bos = np.flatnonzero(tokens[lo + 1:hi + 1] == 1) if self.hp.ttt_reset == "doc" else ()  # 1: BOS
+        bos = np.flatnonzero(tokens[lo + 1:hi + 1] == BOS_ID) if self.hp.ttt_reset == "doc" else ()
         if len(bos):
             self.reset()
             lo += int(bos[-1]) + 1
@@ -1470,12 +1399,8 @@ class TestTimeTrainer:
 
 
 class ExactKeyIndex:
-    """Open-addressing (linear probing) hash index from unique uint64 keys to dense ids 0..n-1,
-    with int32 value columns per id (counts, totals).
-
-    Why this shape: memory grows with the keys actually stored (never V x rows), a batch lookup or
-    insert is a few vectorized numpy passes (one per probe step, not per key), and ids never move,
-    so value columns are plain arrays indexed by id. Load stays <= 1/2: short probe runs."""
+    """Linear-probing hash index, unique uint64 keys -> dense ids with int32 value columns: memory grows with
+    the keys stored, lookups are vectorized per probe step, ids never move; load <= 1/2."""
 
     EMPTY = np.uint64(2**64 - 1)  # real keys are < 2^63
 
@@ -1547,20 +1472,12 @@ class ExactKeyIndex:
 
 
 class BackoffNgramMixer:
-    """Interpolated Witten-Bell backoff n-gram cache over exact contexts, mixed into the model.
-
-    Every order m = 1..K keys its counts on the exact context t[j-m..j-1] (a trie: the key of an
-    order-m context is (id of its order-(m-1) suffix) * V + t[j-m], and a (context, next) pair's
-    key is context id * V + next), held in ExactKeyIndex tables: no collisions, no hashing of
-    contexts into shared rows, and memory that grows with the distinct pairs seen.
-
-    Legal by construction: a context row is found from the context alone (never the target), and
-    every event adds 1 to both its pair count and its context total (T counts the distinct pairs),
-    so every order's distribution sums to 1 and so does the mix (C2); the weight depends only on H
-    and the context's own counts (C1); each chunk is scored before its events enter the cache (C3),
-    each target once (C4). At max_memory_mb the tables stop taking new keys (checked before each
-    chunk's update, from that chunk's worst case); events of pairs already present still count, so
-    totals stay equal to the sum of counts and scoring goes on unchanged."""
+    """Interpolated Witten-Bell backoff n-gram cache over exact contexts (a trie of ExactKeyIndex tables:
+    context key = suffix id * V + t[j-m], pair key = context id * V + next), mixed into the model.
+    Legal: contexts are found without the target and each event adds 1 to its pair count and context
+    total, so every order and the mix sum to 1 (C2); the weight reads only H and the context's counts
+    (C1); chunks are scored before they enter the cache (C3), each target once (C4). At max_memory_mb
+    new keys stop; known pairs still count, so the sums stay consistent."""
 
     def __init__(self, vocab_size: int, max_order: int, alpha: float, alpha_mode: str = "fixed",
                  chunk: int = 2048, max_memory_mb: float = 4096):
@@ -1610,10 +1527,8 @@ class BackoffNgramMixer:
         return out
 
     def _mix(self, gathered, u_y, H):
-        """p_ngram and a_eff (float64) from per-order (c, C, T); shared by scoring and distribution().
-
-        a_eff = a * C/(C+T) at the highest order whose context was seen (U/(U+V) with unigrams
-        only), so an unseen context does not dilute the model; it reads only the context's counts."""
+        """p_ngram and a_eff = a * C/(C+T) at the highest seen order (U/(U+V) for unigrams only), from
+        per-order (c, C, T): an unseen context does not dilute the model."""
         p = (u_y + 1.0) / (self.U + self.V)
         conf = np.full(np.shape(H), self.U / (self.U + self.V))
         for c, C, T in gathered:
@@ -1690,33 +1605,13 @@ class BackoffNgramMixer:
         self.u += np.bincount(y, minlength=self.V)
         self.U += y.size
 
-    def distribution(self, tokens, j: int, p_model: mx.array) -> mx.array:
-        """Full mixed distribution [V] for target j from the current cache state (for tests)."""
-        lo = max(0, j - self.K)
-        tok = np.array(tokens[lo:j + 1]).astype(np.int64)
-        cids, _ = self._ids(tok, lo, np.array([j]), None)
-        g = []
-        for m in range(self.K):
-            cid = int(cids[m][0])
-            if cid < 0:
-                g.append((0.0, 0.0, 0.0))
-                continue
-            pid = self.pair[m].find((cid * self.V + np.arange(self.V)).astype(np.uint64))
-            c = np.where(pid >= 0, self.pair[m].cols[0][pid], 0).astype(np.float64)
-            g.append((c, float(self.ctx[m].cols[0][cid]), float(self.ctx[m].cols[1][cid])))
-        pm = np.array(p_model, np.float64)
-        H = -(pm * np.log(np.maximum(pm, 1e-30))).sum()
-        p, a = self._mix(g, self.u.astype(np.float64), H)
-        return mx.array(((1.0 - a) * pm + a * p).astype(np.float32))
 
 
 # =============================================================================
 # Compiled functions: one builder for all of them
 # =============================================================================
 class Compiled:
-    """Every compiled function, built in one place so a change of mode (QAT switched on,
-    a feature enabled, weights restored) can never leave a stale graph behind: the caller
-    builds a new Compiled instead of mutating a flag a traced graph has baked in."""
+    """Every compiled function, in one place: a change of mode builds a new Compiled, never a stale graph."""
 
     def __init__(self, model: GPT, opt: Optimizers, compile_fns: bool = True, qat_bits=0,
                  complement: mx.array | None = None, ttt: "TestTimeTrainer | None" = None):
@@ -1767,9 +1662,8 @@ class Compiled:
 
 def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_mul: float, momentum: float,
                group=None, bucket_bytes: int = 32 << 20):
-    """One optimizer step over a batch, split into microbatches of at most micro_seqs rows to
-    bound memory; with W ranks, on this rank's 1/W of the rows, gradients and loss averaged by all_sums over
-    bucket_bytes buckets (0: one per tensor). Returns the mean loss as an (unevaluated) mx scalar."""
+    """One optimizer step in microbatches of <= micro_seqs rows; with W ranks, on this rank's 1/W of the rows,
+    gradients and loss averaged in bucket_bytes buckets. Returns the mean loss (unevaluated)."""
     lr, mom, W = mx.array(lr_mul), mx.array(momentum), 1 if group is None else group.size()
     if W > 1:  # this rank's rows
         x, y = (a[group.rank() * (len(a) // W):(group.rank() + 1) * (len(a) // W)] for a in (x, y))
@@ -1851,10 +1745,6 @@ def count_params(model) -> int:
     return sum(p.size for _, p in tree_flatten(model.parameters()))
 
 
-def flat_numpy(model) -> dict:
-    return {n: np.array(p.astype(mx.float32)) for n, p in tree_flatten(model.parameters())}
-
-
 def eval_batch_seqs(hp: Hyperparameters, seq_len: int) -> int:
     return max(1, hp.val_batch_size // hp.grad_accum_steps // seq_len)
 
@@ -1889,16 +1779,12 @@ def check_ranks_agree(r: Run, what: str):
 def main(env=None) -> int:
     try:
         hp = Hyperparameters.from_env(env)
-    except ConfigError as e:
+        group, backend = init_world(hp.dist_backend)
+        check_out_dir(hp.out_dir)
+    except (ConfigError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
-    try:
-        group, backend = init_world(hp.dist_backend)
-        check_out_dir(hp.out_dir)
-    except SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     log_path = os.path.join(hp.out_dir, f"{run_id}.txt")
     reused = os.path.exists(log_path) and not group.rank()
     log = Logger(None if group.rank() else log_path, group.rank())
@@ -1925,7 +1811,7 @@ def main(env=None) -> int:
 
 def run(r: Run) -> int:
     """The method, one line per step."""
-    hp, log = r.hp, r.log
+    hp = r.hp
     sp = load_tokenizer(hp.tokenizer_path)
     preflight_paths(hp)
     if hp.eval_only:
@@ -1996,15 +1882,15 @@ def check_memory(need: dict, log):
                          f"the largest part is {big / 2**30:.1f} GiB from {knob}: lower it")
 
 
-def log_hparams(hp: Hyperparameters, log):
-    log("hparams: " + " ".join(f"{f.metadata['env']}={getattr(hp, f.name)}" for f in env_fields()))
+def log_run_header(r: Run, hp: Hyperparameters):
+    r.log(f"run_id:{r.run_id} mlx:{mx.__version__} device:{mx.default_device()} compute_dtype:{hp.dtype()}")
+    r.log("hparams: " + " ".join(f"{f.metadata['env']}={getattr(hp, f.name)}" for f in env_fields()))
 
 
 # ---------------------------------------------------------------------------- set up and warm up
 def setup(r: Run, sp):
     hp, log = r.hp, r.log
-    log(f"run_id:{r.run_id} mlx:{mx.__version__} device:{mx.default_device()} compute_dtype:{hp.dtype()}")
-    log_hparams(hp, log)
+    log_run_header(r, hp)
     cfg = ModelConfig.from_hparams(hp)
     seq, W = hp.train_seq_len, r.group.size()
     if hp.train_batch_tokens // seq % W:
@@ -2026,8 +1912,7 @@ def setup(r: Run, sp):
         complement = mx.array(bigram_table(files, cfg.vocab_size, hp.complement_max_tokens))
         log(f"complement: bigram table from <= {hp.complement_max_tokens} train tokens in "
             f"{time.perf_counter() - t0:.1f}s (alpha:{hp.complement_alpha} floor:{hp.complement_floor})")
-    # The only place compiled functions are built: one complete set per training mode, so
-    # switching QAT on swaps whole graph sets instead of touching a flag a graph has baked in.
+    # one complete graph set per training mode: switching QAT on swaps sets, never a baked-in flag
     r.graphs = {qat: Compiled(r.model, r.opt, qat_bits=quant_plan(hp) if qat else 0, complement=complement)
                 for qat in ((False, True) if hp.qat_start_frac < 1.0 else (False,))}
     r.stream = TokenStream(files, cfg.vocab_size, log)
@@ -2038,9 +1923,7 @@ def setup(r: Run, sp):
 
 
 def warmup(r: Run):
-    """Prime every compiled graph (each training mode at least once, and the periodic eval's batch
-    shape), then restore weights, optimizer state and data order: training starts from the true
-    initialisation. Graphs are primed on training tokens, never validation ones."""
+    """Prime every compiled graph on training tokens, then restore weights, optimizer state and data order."""
     hp, log = r.hp, r.log
     if not hp.warmup_steps or not hp.iterations:
         return
@@ -2226,8 +2109,7 @@ def eval_only(r: Run, sp) -> int:
     hp = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq)
     hp.check_relations()
     log = r.log
-    log(f"run_id:{r.run_id} mlx:{mx.__version__} device:{mx.default_device()} compute_dtype:{hp.dtype()}")
-    log_hparams(hp, log)
+    log_run_header(r, hp)
     check_memory(memory_needs(hp, cfg, 0), log)
     model = GPT(cfg, hp.dtype())
     load_flat_into(model, flat)

@@ -6,6 +6,8 @@ import random
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +20,26 @@ def load_script(rel: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def mixer_distribution(mix, tokens, j: int, p_model):
+    """Full mixed distribution [V] for target j from a BackoffNgramMixer's current cache state."""
+    lo = max(0, j - mix.K)
+    tok = np.array(tokens[lo:j + 1]).astype(np.int64)
+    cids, _ = mix._ids(tok, lo, np.array([j]), None)
+    g = []
+    for m in range(mix.K):
+        cid = int(cids[m][0])
+        if cid < 0:
+            g.append((0.0, 0.0, 0.0))
+            continue
+        pid = mix.pair[m].find((cid * mix.V + np.arange(mix.V)).astype(np.uint64))
+        c = np.where(pid >= 0, mix.pair[m].cols[0][pid], 0).astype(np.float64)
+        g.append((c, float(mix.ctx[m].cols[0][cid]), float(mix.ctx[m].cols[1][cid])))
+    pm = np.array(p_model, np.float64)
+    H = -(pm * np.log(np.maximum(pm, 1e-30))).sum()
+    p, a = mix._mix(g, mix.u.astype(np.float64), H)
+    return mx.array(((1.0 - a) * pm + a * p).astype(np.float32))
 
 
 def generated_docs(n: int, seed: int = 0) -> list[str]:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import train_gpt_mlx as T
+from conftest import mixer_distribution
 from train_gpt_mlx import BackoffNgramMixer, ExactKeyIndex
 
 
@@ -17,7 +18,7 @@ def model_outputs(tokens, V, seed=1):
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     P = mx.exp(logp)
     lp = mx.take_along_axis(logp, mx.array(np.asarray(tokens[1:]).astype(np.int32))[:, None], axis=-1)[:, 0]
-    H = -(P * mx.log(mx.maximum(P, 1e-30))).sum(-1)  # same formula as distribution()
+    H = -(P * mx.log(mx.maximum(P, 1e-30))).sum(-1)  # same formula as mixer_distribution()
     return P, lp, H
 
 
@@ -103,9 +104,9 @@ def test_normalized_and_consistent(V, mode, K):
     mix = BackoffNgramMixer(V, K, 0.4, mode, chunk=chunk)
     rng = np.random.default_rng(2)
     checked = set(rng.choice(np.arange(1, n), size=20, replace=False).tolist()) | {1, 2, 3, 4, 5, 6}
-    for s in range(1, n, chunk):  # one call per chunk: distribution() sees the pre-chunk state
+    for s in range(1, n, chunk):  # one call per chunk: mixer_distribution() sees the pre-chunk state
         e = min(s + chunk, n)
-        dists = {j: mix.distribution(toks, j, P[j - 1]) for j in checked if s <= j < e}
+        dists = {j: mixer_distribution(mix, toks, j, P[j - 1]) for j in checked if s <= j < e}
         out = mix.nll(toks, s, lp[s - 1:e - 1], H[s - 1:e - 1])
         for j, d in dists.items():
             assert abs(d.sum().item() - 1.0) < 1e-5
@@ -214,10 +215,10 @@ def test_short_history_skips_orders():
     ms = [BackoffNgramMixer(V, K, 0.5, "fixed", chunk=64) for K in (1, 2, 6)]
     for m in ms:
         m.nll(toks, 1, lp, H)
-    d = [np.array(m.distribution(toks, 1, P[0])) for m in ms]
+    d = [np.array(mixer_distribution(m, toks, 1, P[0])) for m in ms]
     assert np.array_equal(d[0], d[2]) and abs(d[0].sum() - 1) < 1e-5
-    assert np.array_equal(np.array(ms[1].distribution(toks, 2, P[1])),
-                          np.array(ms[2].distribution(toks, 2, P[1])))
+    assert np.array_equal(np.array(mixer_distribution(ms[1], toks, 2, P[1])),
+                          np.array(mixer_distribution(ms[2], toks, 2, P[1])))
 
 
 def test_memory_cap_stops_new_keys_and_keeps_scoring():
@@ -240,7 +241,7 @@ def test_memory_cap_stops_new_keys_and_keeps_scoring():
     ref = reference_probs(toks, lp, H, V, K, 0.5, "fixed", chunk, frozen_at=m.frozen_at, cuts=cuts)
     np.testing.assert_allclose(np.exp(-np.concatenate(got)), ref, rtol=1e-6, atol=1e-6)
     P, lp2, H2 = model_outputs(toks[:3], V)
-    d = np.array(m.distribution(toks, n - 1, P[0]), np.float64)
+    d = np.array(mixer_distribution(m, toks, n - 1, P[0]), np.float64)
     assert abs(d.sum() - 1) < 1e-5
     for table in decode(m):
         assert all(C == sum(r.values()) and Tn == len(r) for C, Tn, r in table.values())
