@@ -292,15 +292,12 @@ def unknown_env_notes(env) -> list[str]:
     naming the closest known one: silence would leave a knob the user believes on, off."""
     known = {f.metadata["env"] for f in env_fields()} | set(ENV_ALIASES) | set(ENV_RETIRED)
     notes = []
-    for name in sorted(env):
-        if name in known:
-            continue
-        if name in ENV_NOTES:
-            notes.append(f"{name}: {ENV_NOTES[name]}")
-            continue
+    for name in sorted(set(env) - known):
         up = name.upper()
         close = difflib.get_close_matches(up, known, n=1, cutoff=0.6 if up.startswith(ENV_FAMILIES) else 0.85)
-        if up in known:
+        if name in ENV_NOTES:
+            notes.append(f"{name}: {ENV_NOTES[name]}")
+        elif up in known:
             notes.append(f"{name} is not read: did you mean {up}? (names are upper case)")
         elif close:
             notes.append(f"{name} is not read: did you mean {close[0]}?")
@@ -380,9 +377,7 @@ def shard_files(data_path: str, split: str) -> list[str]:
 
 
 def load_validation_tokens(data_path: str, max_tokens: int, vocab_size: int) -> np.ndarray:
-    toks = np.concatenate([load_data_shard(f) for f in shard_files(data_path, "val")])
-    if max_tokens:
-        toks = toks[:max_tokens]
+    toks = np.concatenate([load_data_shard(f) for f in shard_files(data_path, "val")])[:max_tokens or None]
     if toks.size < 2:
         raise ValueError(f"validation split in {data_path} has {toks.size} tokens; need at least 2")
     if int(toks.max()) >= vocab_size:
@@ -670,8 +665,7 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype=mx.float32):
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
-        d = cfg.model_dim
+        self.cfg, self.dtype, d = cfg, dtype, cfg.model_dim
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.tok_emb.weight = mx.random.normal((cfg.vocab_size, d)) * cfg.tied_embed_init_std
         par = cfg.parallel_start_layer or cfg.num_layers
@@ -717,9 +711,7 @@ class GPT(nn.Module):
             e = e + self.engram(ids, self.dtype)
         if cfg.bigram_hash_size:
             e = e + self.bigram(ids, self.dtype)
-        x = rms_norm(e)
-        if cfg.smear_gate:
-            x = smear(x, ids, self.smear_gate)
+        x = smear(rms_norm(e), ids, self.smear_gate) if cfg.smear_gate else rms_norm(e)
         x0, skips, lanes = x, [], [x]
         for i, (block, kw) in enumerate(self.virtual_layers()):
             if i >= self.n_enc and skips:  # decoder half: add encoder outputs in reverse order
@@ -795,8 +787,7 @@ class Muon(optim.Optimizer):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         lr, mom = self.learning_rate, self.state["momentum"]
-        buf = mom * state["buf"] + gradient
-        state["buf"] = buf
+        state["buf"] = buf = mom * state["buf"] + gradient
         ortho = newton_schulz((gradient + mom * buf).astype(mx.bfloat16 if _on_gpu() else mx.float32),
                               self.backend_steps).astype(mx.float32)
         scale = math.sqrt(max(1.0, parameter.shape[0] / parameter.shape[1]))
@@ -831,10 +822,7 @@ class Optimizers:
     def reset(self, params: dict):
         """Fresh optimizer state (and EMA = params), in place."""
         for g, sub in self.split(params).items():
-            st = self.opts[g].state
-            st["step"] = mx.array(0, mx.uint64)
-            for n in sub:
-                st[n] = {}
+            self.opts[g].state.update({"step": mx.array(0, mx.uint64)}, **{n: {} for n in sub})
             self.opts[g].init(sub)
         self.ema.clear()
         if self.hp.ema_decay > 0:
@@ -908,9 +896,7 @@ def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
     last WARMDOWN_ITERS steps, timed at most half the budget (else a slow machine starts decayed)."""
     cap_ms = hp.max_wallclock_seconds * 1000.0
     if hp.warmdown_frac > 0:
-        progress = step / max(hp.iterations, 1)
-        if cap_ms > 0:
-            progress = max(progress, elapsed_ms / cap_ms)
+        progress = max(step / max(hp.iterations, 1), elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
         return min(1.0, max(1.0 - progress, 0.0) / hp.warmdown_frac)
     if hp.warmdown_iters <= 0:
         return 1.0
@@ -922,9 +908,7 @@ def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
 
 
 def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
-    if hp.muon_momentum_warmup_steps <= 0:
-        return hp.muon_momentum
-    f = min(step / hp.muon_momentum_warmup_steps, 1.0)
+    f = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - f) * hp.muon_momentum_warmup_start + f * hp.muon_momentum
 
 
@@ -1249,8 +1233,7 @@ def model_scores(fn, tokens, starts, offsets, L: int, batch_seqs: int, bounds, l
         st, off = starts[lo:hi], offsets[lo:hi]
         idx = np.minimum(st[:, None] + pos, n_tgt - 1)  # only a split shorter than L is clipped
         keep = (pos >= off[:, None]) & (st[:, None] + pos < n_tgt)
-        x = np.zeros((batch_seqs, L), np.int32)
-        y = np.zeros((batch_seqs, L), np.int32)
+        x, y = np.zeros((2, batch_seqs, L), np.int32)
         x[:st.size], y[:st.size] = tokens[idx], tokens[idx + 1]
         out = fn(mx.array(x), mx.array(y))
         nll, ent = out if isinstance(out, tuple) else (out, None)
@@ -1279,9 +1262,8 @@ def gathered_scores(mine, starts, offsets, n_tgt: int, L: int, batch_seqs: int, 
 
 def summarize_nll(nll: np.ndarray, tokens: np.ndarray, tables):
     """(mean NLL in nats, bits per byte, nll) over exactly the targets tokens[1:len(nll)+1]."""
-    n = nll.size
+    n, total_nll = nll.size, float(nll.astype(np.float64).sum())
     total_bytes = int(target_bytes(tokens[:n], tokens[1:n + 1], tables).sum())
-    total_nll = float(nll.astype(np.float64).sum())
     return total_nll / n, total_nll / math.log(2) / max(total_bytes, 1), nll
 
 
@@ -1923,9 +1905,8 @@ def save_checkpoint(r: Run, path: str | None = None) -> str:
 def train(r: Run):
     """Step until ITERATIONS, the wall-clock cap or Ctrl-C; evaluate periodically and at the end."""
     hp = r.hp
-    max_ms, stop_at, interrupted = hp.max_wallclock_seconds * 1000.0, None, False
+    max_ms, stop_at, interrupted, t_last = hp.max_wallclock_seconds * 1000.0, None, False, time.perf_counter()
     r.phase = "training"
-    t_last = time.perf_counter()
     while True:
         last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or interrupted
         if last or (hp.val_loss_every and r.step and r.step % hp.val_loss_every == 0):
