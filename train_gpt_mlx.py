@@ -29,9 +29,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 ARTIFACT_CAP_BYTES = 16_000_000
 
 
-# =============================================================================
-# Hyperparameters
-# =============================================================================
+# ======== Hyperparameters ============================================================================================
 class ConfigError(ValueError):
     """A bad environment value; the message names the variable and what is allowed."""
 
@@ -178,8 +176,7 @@ class Hyperparameters:
         env = {**RECIPES.get(env.get("RECIPE", "baseline").strip(), {}), **env}  # explicit values win
         values, errors = {}, [f"{k}={env[k]!r}: {why}" for k, why in ENV_RETIRED.items() if k in env]
         for f in env_fields():
-            m = f.metadata
-            raw = env.get(m["env"])
+            m, raw = f.metadata, env.get(f.metadata["env"])
             if raw is None:
                 values[f.name] = f.default
                 continue
@@ -205,61 +202,56 @@ class Hyperparameters:
         return 64 if self.eval_mode == "sliding" and not self.eval_stride else self.eval_stride
 
     def check_relations(self):
-        errs = []
-        if self.model_dim % self.num_heads:
-            errs.append(f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
-        elif (self.model_dim // self.num_heads) % 2:
-            errs.append(f"MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even (RoPE)")
-        if self.num_heads % self.num_kv_heads:
-            errs.append(f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
-        if not self.eval_only and self.train_batch_tokens % self.train_seq_len:
-            errs.append(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of "
-                        f"TRAIN_SEQ_LEN={self.train_seq_len}")
+        hd, eval_len = self.model_dim // self.num_heads, self.eval_seq_len or self.train_seq_len
         try:
-            parse_patterns(self.skipgram_patterns)
+            pat_err = parse_patterns(self.skipgram_patterns) and None  # only whether it raises matters here
         except ValueError as e:
-            errs.append(f"SKIPGRAM_PATTERNS={self.skipgram_patterns!r}: {e}")
-        eval_len = self.eval_seq_len or self.train_seq_len
-        if self.eval_stride_resolved > eval_len:
-            errs.append(f"EVAL_STRIDE={self.eval_stride_resolved} must be <= the eval window "
-                        f"(EVAL_SEQ_LEN, else the training length: {eval_len})")
-        if self.eval_mode == "standard" and self.eval_stride not in (0, eval_len):
-            errs.append(f"EVAL_MODE=standard scores non-overlapping windows: unset EVAL_STRIDE={self.eval_stride}")
-        if self.checkpoint_every and self.eval_only:
-            errs.append("CHECKPOINT_EVERY needs a training run (EVAL_ONLY=1 trains nothing)")
-        if not set(self.ttt_targets.split(",")) <= set(TTT_TARGET_KEYS) | {"all"}:
-            errs.append(f"TTT_TARGETS={self.ttt_targets!r}: allowed: all, or some of {','.join(TTT_TARGET_KEYS)}")
-        if 0 < self.ema_warmup <= 1:
-            errs.append(f"EMA_WARMUP={self.ema_warmup} must be 0 (off) or > 1 (decay (1+t)/(W+t) must stay below 1)")
-        if self.eval_only and not self.load_artifact:
-            errs.append("EVAL_ONLY=1 needs LOAD_ARTIFACT=path/to/artifact")
-        if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
-            errs.append(f"RUN_ID={self.run_id!r} must be a plain name: letters, digits, '.', '_', '-' "
-                        "(it names files in OUT_DIR)")
-        if self.submission_dir and (self.eval_only or self.val_max_tokens or not (
-                self.submission_author and self.submission_github_id and self.submission_name)):
-            errs.append("SUBMISSION_DIR needs a training run scored on the whole validation split (no EVAL_ONLY, "
-                        "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME")
+            pat_err = f"SKIPGRAM_PATTERNS={self.skipgram_patterns!r}: {e}"
+        errs = [msg for bad, msg in (
+            (self.model_dim % self.num_heads, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}"),
+            (not self.model_dim % self.num_heads and hd % 2, f"MODEL_DIM/NUM_HEADS={hd} must be even (RoPE)"),
+            (self.num_heads % self.num_kv_heads,
+             f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}"),
+            (not self.eval_only and self.train_batch_tokens % self.train_seq_len,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}"),
+            (pat_err, pat_err),
+            (self.eval_stride_resolved > eval_len, f"EVAL_STRIDE={self.eval_stride_resolved} must be <= the eval "
+             f"window (EVAL_SEQ_LEN, else the training length: {eval_len})"),
+            (self.eval_mode == "standard" and self.eval_stride not in (0, eval_len),
+             f"EVAL_MODE=standard scores non-overlapping windows: unset EVAL_STRIDE={self.eval_stride}"),
+            (self.checkpoint_every and self.eval_only,
+             "CHECKPOINT_EVERY needs a training run (EVAL_ONLY=1 trains nothing)"),
+            (not set(self.ttt_targets.split(",")) <= set(TTT_TARGET_KEYS) | {"all"},
+             f"TTT_TARGETS={self.ttt_targets!r}: allowed: all, or some of {','.join(TTT_TARGET_KEYS)}"),
+            (0 < self.ema_warmup <= 1,
+             f"EMA_WARMUP={self.ema_warmup} must be 0 (off) or > 1 (decay (1+t)/(W+t) must stay below 1)"),
+            (self.eval_only and not self.load_artifact, "EVAL_ONLY=1 needs LOAD_ARTIFACT=path/to/artifact"),
+            (self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id),
+             f"RUN_ID={self.run_id!r} must be a plain name: letters, digits, '.', '_', '-' "
+             "(it names files in OUT_DIR)"),
+            (self.submission_dir and (self.eval_only or self.val_max_tokens or not (
+                self.submission_author and self.submission_github_id and self.submission_name)),
+             "SUBMISSION_DIR needs a training run scored on the whole validation split (no EVAL_ONLY, "
+             "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME")) if bad]
         errs += self.record_base_errors()
         if errs:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(errs))
 
     def record_base_errors(self) -> list:
-        errs, L, hd = [], self.num_layers, self.model_dim // self.num_heads
-        if self.rope_dims % 2 or self.rope_dims > hd:
-            errs.append(f"ROPE_DIMS={self.rope_dims} must be even and <= the head dim {hd} (0 = all)")
+        L, hd = self.num_layers, self.model_dim // self.num_heads
         try:
-            span = recur_span(self.recur_layers, L)
+            span, recur_err = recur_span(self.recur_layers, L), None
         except ValueError as e:
-            span = errs.append(f"RECUR_LAYERS={self.recur_layers!r}: {e}")
+            span, recur_err = None, f"RECUR_LAYERS={self.recur_layers!r}: {e}"
         n = L + (span[1] - span[0] + 1 if span else 0)
-        if self.xsa_last_n > n:
-            errs.append(f"XSA_LAST_N={self.xsa_last_n} must be <= the {n} (virtual) layers")
-        if self.parallel_start_layer >= L:
-            errs.append(f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={L} (0 = off)")
-        if self.recur_untied_mlp and not self.recur_layers:
-            errs.append("RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b")
-        return errs
+        return [msg for bad, msg in (
+            (self.rope_dims % 2 or self.rope_dims > hd,
+             f"ROPE_DIMS={self.rope_dims} must be even and <= the head dim {hd} (0 = all)"),
+            (recur_err, recur_err),
+            (self.xsa_last_n > n, f"XSA_LAST_N={self.xsa_last_n} must be <= the {n} (virtual) layers"),
+            (self.parallel_start_layer >= L,
+             f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={L} (0 = off)"),
+            (self.recur_untied_mlp and not self.recur_layers, "RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b")) if bad]
 
     def dtype(self):
         if self.compute_dtype == "auto":  # bf16 matmul is ~30x slower than fp32 on CPU
@@ -300,15 +292,12 @@ def unknown_env_notes(env) -> list[str]:
     naming the closest known one: silence would leave a knob the user believes on, off."""
     known = {f.metadata["env"] for f in env_fields()} | set(ENV_ALIASES) | set(ENV_RETIRED)
     notes = []
-    for name in sorted(env):
-        if name in known:
-            continue
-        if name in ENV_NOTES:
-            notes.append(f"{name}: {ENV_NOTES[name]}")
-            continue
+    for name in sorted(set(env) - known):
         up = name.upper()
         close = difflib.get_close_matches(up, known, n=1, cutoff=0.6 if up.startswith(ENV_FAMILIES) else 0.85)
-        if up in known:
+        if name in ENV_NOTES:
+            notes.append(f"{name}: {ENV_NOTES[name]}")
+        elif up in known:
             notes.append(f"{name} is not read: did you mean {up}? (names are upper case)")
         elif close:
             notes.append(f"{name} is not read: did you mean {close[0]}?")
@@ -357,9 +346,7 @@ def _parse(raw: str, m: dict):
     return v
 
 
-# =============================================================================
-# Data: challenge shards, the training token stream, the bits-per-byte table
-# =============================================================================
+# ======== Data: challenge shards, the training token stream, the bits-per-byte table =================================
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 DATA_HELP = ("Download the challenge data:  python data/cached_challenge_fineweb.py --variant sp1024 "
              "--train-shards 1\nor build shards offline:  python data/build_shards.py --docs docs.jsonl "
@@ -390,9 +377,7 @@ def shard_files(data_path: str, split: str) -> list[str]:
 
 
 def load_validation_tokens(data_path: str, max_tokens: int, vocab_size: int) -> np.ndarray:
-    toks = np.concatenate([load_data_shard(f) for f in shard_files(data_path, "val")])
-    if max_tokens:
-        toks = toks[:max_tokens]
+    toks = np.concatenate([load_data_shard(f) for f in shard_files(data_path, "val")])[:max_tokens or None]
     if toks.size < 2:
         raise ValueError(f"validation split in {data_path} has {toks.size} tokens; need at least 2")
     if int(toks.max()) >= vocab_size:
@@ -490,9 +475,7 @@ def load_tokenizer(path: str):
         raise ValueError(f"TOKENIZER_PATH={path} is not a SentencePiece model ({e})") from None
 
 
-# =============================================================================
-# Model pieces
-# =============================================================================
+# ======== Model pieces ===============================================================================================
 def rms_norm(x):
     return mx.fast.rms_norm(x, None, 1e-6)
 
@@ -525,11 +508,10 @@ class Attention(nn.Module):
 
     def __call__(self, x, xsa=False):
         B, T, D = x.shape
-        q = self.c_q(x).reshape(B, T, self.heads, self.hd).transpose(0, 2, 1, 3)
-        k = self.c_k(x).reshape(B, T, self.kv_heads, self.hd).transpose(0, 2, 1, 3)
-        v = self.c_v(x).reshape(B, T, self.kv_heads, self.hd).transpose(0, 2, 1, 3)
-        q = mx.fast.rope(rms_norm(q), self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
-        k = mx.fast.rope(rms_norm(k), self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
+        q, k, v = (lin(x).reshape(B, T, h, self.hd).transpose(0, 2, 1, 3)
+                   for lin, h in ((self.c_q, self.heads), (self.c_k, self.kv_heads), (self.c_v, self.kv_heads)))
+        q, k = (mx.fast.rope(rms_norm(t), self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
+                for t in (q, k))
         q = q * self.q_gain.astype(q.dtype)[:, None, None]
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.hd ** -0.5, mask="causal")
         if xsa:
@@ -658,13 +640,9 @@ class Block(nn.Module):
         return [r[1] * h + p[1, k] * m for k, h in enumerate(lanes)]
 
 
-# =============================================================================
-# Model
-# =============================================================================
+# ======== Model ======================================================================================================
 RECORD_BASE_FIELDS = ("smear_gate", "bigram_hash_size", "bigram_dim", "xsa_last_n", "rope_dims", "ln_scale",
                       "leaky_relu_slope", "parallel_start_layer", "recur_layers", "recur_untied_mlp")
-
-
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
                 "tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "engram_lite_enabled",
                 "engram_mode", "engram_hash_size", "engram_dim", "engram_heads", "skipgram_hash_size", "skipgram_dim",
@@ -687,8 +665,7 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype=mx.float32):
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
-        d = cfg.model_dim
+        self.cfg, self.dtype, d = cfg, dtype, cfg.model_dim
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.tok_emb.weight = mx.random.normal((cfg.vocab_size, d)) * cfg.tied_embed_init_std
         par = cfg.parallel_start_layer or cfg.num_layers
@@ -734,9 +711,7 @@ class GPT(nn.Module):
             e = e + self.engram(ids, self.dtype)
         if cfg.bigram_hash_size:
             e = e + self.bigram(ids, self.dtype)
-        x = rms_norm(e)
-        if cfg.smear_gate:
-            x = smear(x, ids, self.smear_gate)
+        x = smear(rms_norm(e), ids, self.smear_gate) if cfg.smear_gate else rms_norm(e)
         x0, skips, lanes = x, [], [x]
         for i, (block, kw) in enumerate(self.virtual_layers()):
             if i >= self.n_enc and skips:  # decoder half: add encoder outputs in reverse order
@@ -753,8 +728,7 @@ class GPT(nn.Module):
             logits = logits + self.engram(ids, self.dtype)
         if cfg.skipgram_hash_size:
             logits = logits + self.skipgram(ids, self.dtype)
-        logits = logits.astype(mx.float32)
-        c = cfg.logit_softcap
+        logits, c = logits.astype(mx.float32), cfg.logit_softcap
         return c * mx.tanh(logits / c) if c > 0 else logits
 
     def token_nll(self, ids, targets):
@@ -770,9 +744,7 @@ class GPT(nn.Module):
         return -mx.take_along_axis(logp, targets[..., None], -1)[..., 0], ent
 
 
-# =============================================================================
-# Optimizers: Muon for the blocks' matrices, Adam for everything else
-# =============================================================================
+# ======== Optimizers: Muon for the blocks' matrices, Adam for everything else ========================================
 def param_group(name: str, p: mx.array, proj_optimizer: dict | None = None) -> str:
     """'muon', or Adam's 'embed'/'table'/'head'/'scalar'; proj_optimizer: hashed projections' 'muon'|'adam'."""
     if name == "tok_emb.weight":
@@ -793,8 +765,7 @@ def newton_schulz(g, steps: int):
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g / (mx.sqrt(mx.sum(g * g)) + 1e-7)
     tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
+    x = x.T if tall else x
     for _ in range(steps):
         s = x @ x.T
         x = a * x + (b * s + c * (s @ s)) @ x
@@ -816,8 +787,7 @@ class Muon(optim.Optimizer):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         lr, mom = self.learning_rate, self.state["momentum"]
-        buf = mom * state["buf"] + gradient
-        state["buf"] = buf
+        state["buf"] = buf = mom * state["buf"] + gradient
         ortho = newton_schulz((gradient + mom * buf).astype(mx.bfloat16 if _on_gpu() else mx.float32),
                               self.backend_steps).astype(mx.float32)
         scale = math.sqrt(max(1.0, parameter.shape[0] / parameter.shape[1]))
@@ -852,10 +822,7 @@ class Optimizers:
     def reset(self, params: dict):
         """Fresh optimizer state (and EMA = params), in place."""
         for g, sub in self.split(params).items():
-            st = self.opts[g].state
-            st["step"] = mx.array(0, mx.uint64)
-            for n in sub:
-                st[n] = {}
+            self.opts[g].state.update({"step": mx.array(0, mx.uint64)}, **{n: {} for n in sub})
             self.opts[g].init(sub)
         self.ema.clear()
         if self.hp.ema_decay > 0:
@@ -914,9 +881,7 @@ def assign_tree(tree, flat: dict, prefix: str = ""):
 def ema_decay_at(t, hp: Hyperparameters):
     """min(EMA_DECAY, (1+t)/(W+t)) after step t (an mx scalar in the compiled step): a constant d would leave
     d^t of the weight on the initialisation, mostly the start in a short run. EMA_WARMUP=0: constant d."""
-    if hp.ema_warmup <= 0:
-        return hp.ema_decay
-    return mx.minimum(hp.ema_decay, (1 + t) / (hp.ema_warmup + t))
+    return hp.ema_decay if hp.ema_warmup <= 0 else mx.minimum(hp.ema_decay, (1 + t) / (hp.ema_warmup + t))
 
 
 def _on_gpu() -> bool:
@@ -931,9 +896,7 @@ def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
     last WARMDOWN_ITERS steps, timed at most half the budget (else a slow machine starts decayed)."""
     cap_ms = hp.max_wallclock_seconds * 1000.0
     if hp.warmdown_frac > 0:
-        progress = step / max(hp.iterations, 1)
-        if cap_ms > 0:
-            progress = max(progress, elapsed_ms / cap_ms)
+        progress = max(step / max(hp.iterations, 1), elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
         return min(1.0, max(1.0 - progress, 0.0) / hp.warmdown_frac)
     if hp.warmdown_iters <= 0:
         return 1.0
@@ -945,15 +908,11 @@ def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
 
 
 def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
-    if hp.muon_momentum_warmup_steps <= 0:
-        return hp.muon_momentum
-    f = min(step / hp.muon_momentum_warmup_steps, 1.0)
+    f = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - f) * hp.muon_momentum_warmup_start + f * hp.muon_momentum
 
 
-# =============================================================================
-# Complementary training: a bigram model of the training data sets per-token loss weights
-# =============================================================================
+# ======== Complementary training: a bigram model of the training data sets per-token loss weights ====================
 def bigram_table(files: list[str], vocab: int, max_tokens: int) -> np.ndarray:
     """P(next | prev) with Laplace smoothing, [V, V] float32, from train shards only."""
     counts, seen = np.zeros(vocab * vocab, np.int64), 0
@@ -976,9 +935,7 @@ def complement_weights(x, y, table, alpha: float, floor: float):
     return w / mx.mean(w)
 
 
-# =============================================================================
-# Quantization, the artifact and checkpoints (no pickle: a JSON header plus raw arrays)
-# =============================================================================
+# ======== Quantization, the artifact and checkpoints (no pickle: a JSON header plus raw arrays) ======================
 ARTIFACT_MAGIC = b"PGMLXv1\0"
 GPTQ_LITE_PCTS = (1.0, 0.99999, 0.9999, 0.9995, 0.999)  # 1.0 first: a tie keeps the plain max-abs clip
 CONTROL_PATTERNS = ("resid_mix", "skip_weights", "attn_scale", "mlp_scale", "q_gain", "lane_")
@@ -1107,8 +1064,7 @@ def read_container(path: str, magic: bytes, what: str):
     """(header, {(name, role): array}); raises ArtifactError for anything but an intact file."""
     import zstandard
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise ArtifactError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     codec = "zstd" if data.startswith(magic) else "lzma" if data.startswith(magic[:7] + b"L") else None
@@ -1134,8 +1090,7 @@ def read_container(path: str, magic: bytes, what: str):
             raise ArtifactError(f"{path}: blob has {len(blob)} bytes, header says {header['blob_bytes']}")
         arrays = {}
         for t in header["tensors"]:
-            dt = np.dtype(_NP_DTYPES[t["dtype"]]).newbyteorder("<")
-            shape = tuple(int(s) for s in t["shape"])
+            dt, shape = np.dtype(_NP_DTYPES[t["dtype"]]).newbyteorder("<"), tuple(int(s) for s in t["shape"])
             off, nb = int(t["offset"]), int(t["nbytes"])
             if nb != int(np.prod(shape)) * dt.itemsize or off < 0 or off + nb > len(blob):
                 raise ArtifactError(f"{path}: tensor {t['name']} has inconsistent size/offset")
@@ -1170,12 +1125,8 @@ def read_artifact(path: str):
     header, arrays = read_container(path, ARTIFACT_MAGIC, "artifact")
     try:
         cfg = ModelConfig(**{**record_base_off(), **header["config"]})
-        flat = {}
-        for (name, role), a in arrays.items():
-            if role == "raw":
-                flat[name] = a.astype(np.float32)
-            elif role == "q":
-                flat[name] = dequantize_rows(a, arrays[(name, "scale")])
+        flat = {name: a.astype(np.float32) if role == "raw" else dequantize_rows(a, arrays[(name, "scale")])
+                for (name, role), a in arrays.items() if role in ("raw", "q")}
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"{path}: malformed artifact header ({type(e).__name__}: {e})") from None
     return cfg, flat, header
@@ -1211,8 +1162,7 @@ def read_checkpoint(path: str, hp: Hyperparameters):
     if (saved["ema_decay"] > 0) != (hp.ema_decay > 0):
         raise ConfigError(f"RESUME_FROM={path}: EMA_DECAY must be {'> 0' if saved['ema_decay'] > 0 else '0'} "
                           "as in the checkpoint (the EMA is part of the saved state)")
-    params = {n: a for (n, role), a in arrays.items() if role == "param"}
-    state = {n: a for (n, role), a in arrays.items() if role == "state"}
+    params, state = ({n: a for (n, role), a in arrays.items() if role == want} for want in ("param", "state"))
     return header["meta"], params, state
 
 
@@ -1228,9 +1178,7 @@ def load_flat_into(model: GPT, flat: dict):
     model.update(tree_unflatten([(n, mx.array(a)) for n, a in flat.items()]))
 
 
-# =============================================================================
-# Evaluation: exact val_bpb over the validation split, streamed in batches
-# =============================================================================
+# ======== Evaluation: exact val_bpb over the validation split, streamed in batches ===================================
 def eval_windows(n_tgt: int, seq_len: int, stride: int):
     """(window starts, first scored offset in each) over targets 1..n_tgt: each target scored once, by the
     first window reaching it; the last window ends at the final target. stride == L: standard eval."""
@@ -1285,8 +1233,7 @@ def model_scores(fn, tokens, starts, offsets, L: int, batch_seqs: int, bounds, l
         st, off = starts[lo:hi], offsets[lo:hi]
         idx = np.minimum(st[:, None] + pos, n_tgt - 1)  # only a split shorter than L is clipped
         keep = (pos >= off[:, None]) & (st[:, None] + pos < n_tgt)
-        x = np.zeros((batch_seqs, L), np.int32)
-        y = np.zeros((batch_seqs, L), np.int32)
+        x, y = np.zeros((2, batch_seqs, L), np.int32)
         x[:st.size], y[:st.size] = tokens[idx], tokens[idx + 1]
         out = fn(mx.array(x), mx.array(y))
         nll, ent = out if isinstance(out, tuple) else (out, None)
@@ -1315,9 +1262,8 @@ def gathered_scores(mine, starts, offsets, n_tgt: int, L: int, batch_seqs: int, 
 
 def summarize_nll(nll: np.ndarray, tokens: np.ndarray, tables):
     """(mean NLL in nats, bits per byte, nll) over exactly the targets tokens[1:len(nll)+1]."""
-    n = nll.size
+    n, total_nll = nll.size, float(nll.astype(np.float64).sum())
     total_bytes = int(target_bytes(tokens[:n], tokens[1:n + 1], tables).sum())
-    total_nll = float(nll.astype(np.float64).sum())
     return total_nll / n, total_nll / math.log(2) / max(total_bytes, 1), nll
 
 
@@ -1405,10 +1351,15 @@ class ExactKeyIndex:
     EMPTY = np.uint64(2**64 - 1)  # real keys are < 2^63
 
     def __init__(self, ncols: int, log2: int = 10):
-        self.n, self.log2 = 0, log2
-        self.keys = np.full(1 << log2, self.EMPTY, np.uint64)
-        self.ids = np.zeros(1 << log2, np.int32)
-        self.cols = np.zeros((ncols, 1 << (log2 - 1)), np.int32)
+        self.n, self.cols = 0, np.zeros((ncols, 0), np.int32)
+        self._alloc(log2)
+
+    def _alloc(self, log2: int):
+        """Empty slots for 2^log2 keys; the value columns grow to 2^(log2-1) ids, keeping those stored."""
+        self.log2, self.keys, self.ids = log2, np.full(1 << log2, self.EMPTY, np.uint64), np.zeros(1 << log2, np.int32)
+        cols = np.zeros((self.cols.shape[0], 1 << (log2 - 1)), np.int32)
+        cols[:, :self.n] = self.cols[:, :self.n]
+        self.cols = cols
 
     @staticmethod
     def bytes_at(n: int, ncols: int) -> int:
@@ -1457,14 +1408,8 @@ class ExactKeyIndex:
             raise MemoryError("n-gram table past 2^31 keys: lower NGRAM_MAX_MEMORY_MB")
         if 2 * n > (1 << self.log2):  # grow: rehash every key into a table twice as large or more
             old_k, old_i = self.keys, self.ids
-            live = old_k != self.EMPTY
-            self.log2 = (2 * n - 1).bit_length()
-            self.keys = np.full(1 << self.log2, self.EMPTY, np.uint64)
-            self.ids = np.zeros(1 << self.log2, np.int32)
-            self._place(old_k[live], old_i[live])
-            cols = np.zeros((self.cols.shape[0], 1 << (self.log2 - 1)), np.int32)
-            cols[:, :self.n] = self.cols[:, :self.n]
-            self.cols = cols
+            self._alloc((2 * n - 1).bit_length())
+            self._place(old_k[old_k != self.EMPTY], old_i[old_k != self.EMPTY])
         new = np.arange(self.n, n, dtype=np.int64)
         self._place(uniq, new)
         self.n = n
@@ -1545,11 +1490,9 @@ class BackoffNgramMixer:
         each target (lp) and entropy (H). Calls must continue exactly where the last one ended."""
         if (self.next is not None and start != self.next) or start < 1 or lp.shape != H.shape or lp.ndim != 1:
             raise RuntimeError(f"mixer calls must continue in order: expected start {self.next}, got {start}")
-        M = lp.shape[0]
-        lp, H = np.array(lp, np.float64), np.array(H, np.float64)
+        M, lp, H = lp.shape[0], np.array(lp, np.float64), np.array(H, np.float64)
         lo = max(0, start - self.K)  # only the tokens this call needs: tok[i] == tokens[lo + i]
-        tok = np.array(tokens[lo:start + M]).astype(np.int64)
-        out = np.empty(M, np.float32)
+        tok, out = np.array(tokens[lo:start + M]).astype(np.int64), np.empty(M, np.float32)
         for s in range(start, start + M, self.chunk):
             e = min(s + self.chunk, start + M)
             out[s - start:e - start] = self._chunk(tok, lo, np.arange(s, e), lp[s - start:e - start],
@@ -1606,10 +1549,7 @@ class BackoffNgramMixer:
         self.U += y.size
 
 
-
-# =============================================================================
-# Compiled functions: one builder for all of them
-# =============================================================================
+# ======== Compiled functions: one builder for all of them ============================================================
 class Compiled:
     """Every compiled function, in one place: a change of mode builds a new Compiled, never a stale graph."""
 
@@ -1686,9 +1626,7 @@ def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_
     return loss
 
 
-# =============================================================================
-# Main: set up, warm up, train, write the artifact and prove it
-# =============================================================================
+# ======== Main: set up, warm up, train, write the artifact and prove it ==============================================
 class SetupError(ValueError):
     """Something outside the environment's values makes the run impossible (a path, memory)."""
 
@@ -1967,9 +1905,8 @@ def save_checkpoint(r: Run, path: str | None = None) -> str:
 def train(r: Run):
     """Step until ITERATIONS, the wall-clock cap or Ctrl-C; evaluate periodically and at the end."""
     hp = r.hp
-    max_ms, stop_at, interrupted = hp.max_wallclock_seconds * 1000.0, None, False
+    max_ms, stop_at, interrupted, t_last = hp.max_wallclock_seconds * 1000.0, None, False, time.perf_counter()
     r.phase = "training"
-    t_last = time.perf_counter()
     while True:
         last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or interrupted
         if last or (hp.val_loss_every and r.step and r.step % hp.val_loss_every == 0):
@@ -2027,8 +1964,7 @@ def one_step(r: Run) -> float:
 def log_step(r: Run, loss: float, capped: bool):
     hp, step = r.hp, r.step
     if step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations or capped:
-        avg = r.train_ms / step
-        left = hp.iterations - step
+        avg, left = r.train_ms / step, hp.iterations - step
         if hp.max_wallclock_seconds > 0:
             left = min(left, max(hp.max_wallclock_seconds * 1000 - r.train_ms, 0) / avg)
         r.log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} train_time:{r.train_ms:.0f}ms "
@@ -2208,7 +2144,8 @@ def rescue_weights(r: Run) -> str:
     """Save the trained state somewhere (OUT_DIR, else the temp folder) and say where."""
     for folder in (r.hp.out_dir, tempfile.gettempdir()):
         try:
-            return f"the trained weights are saved in the checkpoint {save_checkpoint(r, os.path.join(folder, f'{r.run_id}_ckpt.pgck'))}"
+            path = save_checkpoint(r, os.path.join(folder, f"{r.run_id}_ckpt.pgck"))
+            return f"the trained weights are saved in the checkpoint {path}"
         except OSError:
             continue
     return "the trained weights could not be saved anywhere (disk full?)"
