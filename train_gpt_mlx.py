@@ -145,6 +145,7 @@ class Hyperparameters:
     parallel_start_layer: int = _env("PARALLEL_START_LAYER", 0, int, 0, 127)
     recur_layers: str = _env("RECUR_LAYERS", "", str)
     recur_untied_mlp: bool = _env("RECUR_UNTIED_MLP", False, bool)
+    recur_start_frac: float = _env("RECUR_START_FRAC", 0.0, float, 0.0, 1.0)
     # mixed-precision artifact: bits per tensor group (0 = QUANT_BITS; 16 = fp16), clip search, codec
     quant_bits_attn: int = _env("QUANT_BITS_ATTN", 0, int, choices=(0, 5, 6, 8, 16))
     quant_bits_mlp: int = _env("QUANT_BITS_MLP", 0, int, choices=(0, 5, 6, 8, 16))
@@ -251,7 +252,8 @@ class Hyperparameters:
             (self.xsa_last_n > n, f"XSA_LAST_N={self.xsa_last_n} must be <= the {n} (virtual) layers"),
             (self.parallel_start_layer >= L,
              f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={L} (0 = off)"),
-            (self.recur_untied_mlp and not self.recur_layers, "RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b")) if bad]
+            (self.recur_untied_mlp and not self.recur_layers, "RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b"),
+            (self.recur_start_frac and not self.recur_layers, "RECUR_START_FRAC > 0 needs RECUR_LAYERS=a,b")) if bad]
 
     def dtype(self):
         if self.compute_dtype == "auto":  # bf16 matmul is ~30x slower than fp32 on CPU
@@ -675,11 +677,10 @@ class GPT(nn.Module):
         if self.span and cfg.recur_untied_mlp:  # the second pass's own MLPs (attention stays shared)
             n = self.span[1] - self.span[0] + 1
             self.recur_mlps = [MLP(d, cfg.mlp_mult, cfg.leaky_relu_slope) for _ in range(n)]
-        n_virtual = len(self.virtual_layers())
-        self.n_enc, self.par_from = n_virtual // 2, n_virtual - (cfg.num_layers - par)
-        n_skip = min(self.n_enc, n_virtual - self.n_enc)
-        if n_skip:
-            self.skip_weights = mx.ones((n_skip, d))
+        self.recur_on = True  # False: the plain order (RECUR_START_FRAC; each Compiled sets it for its graphs)
+        n_virtual, self.n_parallel = len(self.virtual_layers()), cfg.num_layers - par
+        if n_virtual // 2:  # one row per U-Net skip, sized for the longer (recurrent) order
+            self.skip_weights = mx.ones((n_virtual // 2, d))
         if not cfg.tie_embeddings:
             self.lm_head = Linear(d, cfg.vocab_size, zero_init=True)
         if cfg.engram_lite_enabled:
@@ -697,11 +698,17 @@ class GPT(nn.Module):
         """(block, keyword arguments) per virtual layer, in order: layers a..b of RECUR_LAYERS run twice
         (#1204), the second pass with its own MLP copies when untied. LN scale and XSA go by virtual index."""
         cfg, L = self.cfg, self.cfg.num_layers
-        a, b = self.span or (L, L - 1)
-        order = list(range(b + 1)) + list(range(a, L))
+        a, b = self.span if self.span and self.recur_on else (L, L - 1)
+        order, untied = list(range(b + 1)) + list(range(a, L)), "recur_mlps" in self and self.recur_on
         return [(self.blocks[j], dict(s=(i + 1) ** -0.5 if cfg.ln_scale else 1.0, xsa=i >= len(order) - cfg.xsa_last_n,
-                                      mlp=self.recur_mlps[i - b - 1] if "recur_mlps" in self and b < i <= 2 * b - a + 1
+                                      mlp=self.recur_mlps[i - b - 1] if untied and b < i <= 2 * b - a + 1
                                       else None)) for i, j in enumerate(order)]
+
+    def untie_copies(self) -> dict:
+        """The second pass's MLPs as copies of the first's, for the delayed switch-on (#1204 copies at activation)."""
+        a, b = self.span
+        return {f"recur_mlps.{k}.{n}": p for k in range(b - a + 1)
+                for n, p in tree_flatten(self.blocks[a + k].mlp.parameters())}
 
     def __call__(self, ids):
         """Logits [B, T, V] in float32, softcapped."""
@@ -712,14 +719,15 @@ class GPT(nn.Module):
         if cfg.bigram_hash_size:
             e = e + self.bigram(ids, self.dtype)
         x = smear(rms_norm(e), ids, self.smear_gate) if cfg.smear_gate else rms_norm(e)
-        x0, skips, lanes = x, [], [x]
-        for i, (block, kw) in enumerate(self.virtual_layers()):
-            if i >= self.n_enc and skips:  # decoder half: add encoder outputs in reverse order
-                skip = self.skip_weights[i - self.n_enc].astype(x0.dtype) * skips.pop()
+        x0, skips, lanes, layers = x, [], [x], self.virtual_layers()
+        n_enc, par_from = len(layers) // 2, len(layers) - self.n_parallel
+        for i, (block, kw) in enumerate(layers):
+            if i >= n_enc and skips:  # decoder half: add encoder outputs in reverse order
+                skip = self.skip_weights[i - n_enc].astype(x0.dtype) * skips.pop()
                 lanes = [h + skip for h in lanes]
-            lanes = lanes * 2 if i == self.par_from else lanes
+            lanes = lanes * 2 if i == par_from else lanes
             lanes = block(lanes, x0, **kw)
-            if i < self.n_enc:
+            if i < n_enc:
                 skips.append(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5)
         x = rms_norm(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5)
         w = self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
@@ -1137,7 +1145,7 @@ def flat_numpy(model) -> dict:
 
 
 RESUME_MUST_MATCH = ("engram_proj_optimizer", "skipgram_proj_optimizer", "train_seq_len", "quant_bits",
-                     "quant_bits_attn", "quant_bits_mlp", "quant_bits_embed")
+                     "quant_bits_attn", "quant_bits_mlp", "quant_bits_embed", "qat_start_frac", "recur_start_frac")
 
 
 def write_checkpoint(path: str, model: GPT, opt: Optimizers, meta: dict) -> int:
@@ -1554,16 +1562,25 @@ class Compiled:
     """Every compiled function, in one place: a change of mode builds a new Compiled, never a stale graph."""
 
     def __init__(self, model: GPT, opt: Optimizers, compile_fns: bool = True, qat_bits=0,
-                 complement: mx.array | None = None, ttt: "TestTimeTrainer | None" = None):
+                 complement: mx.array | None = None, ttt: "TestTimeTrainer | None" = None, recur: bool = True):
         c = mx.compile if compile_fns else (lambda f, **kw: f)
         hp, state = opt.hp, [model.state, opt.state]
+
+        def moded(f):  # traced with this set's recurrence mode; the model is left in the full (artifact) mode
+            def in_mode(*args):
+                model.recur_on = recur
+                try:
+                    return f(*args)
+                finally:
+                    model.recur_on = True
+            return in_mode
 
         def train_loss(params, x, y):
             if qat_bits:  # forward through the artifact's quantizer, straight-through gradient
                 params = tree_unflatten([(n, fake_quant(p, tensor_bits(n, qat_bits)) if is_quantized(n, p.shape)
                                           else p) for n, p in tree_flatten(params)])
             model.update(params)
-            nll = model.token_nll(x, y)
+            nll = moded(model.token_nll)(x, y)
             if complement is None:
                 return nll.mean()
             w = complement_weights(x, y, complement, hp.complement_alpha, hp.complement_floor)
@@ -1594,10 +1611,10 @@ class Compiled:
         self.step = c(step, inputs=state, outputs=state)
         self.grads = c(loss_and_grad, inputs=state, outputs=state)
         self.update = c(update, inputs=state, outputs=state)
-        self.token_nll = c(model.token_nll, inputs=state)
-        self.token_stats = c(model.token_stats, inputs=state)
+        self.token_nll = c(moded(model.token_nll), inputs=state)
+        self.token_stats = c(moded(model.token_stats), inputs=state)
         if ttt:
-            self.ttt_step = c(ttt.step, inputs=state + ttt.state, outputs=state + ttt.state)
+            self.ttt_step = c(moded(ttt.step), inputs=state + ttt.state, outputs=state + ttt.state)
 
 
 def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_mul: float, momentum: float,
@@ -1662,7 +1679,7 @@ class Run:
     code_bytes: int
     model: GPT = None
     opt: Optimizers = None
-    graphs: dict = None  # {qat_on: Compiled}
+    graphs: dict = None  # {(qat_on, recur_on): Compiled}
     tables: tuple = None
     val_tokens: np.ndarray = None
     stream: TokenStream = None
@@ -1670,10 +1687,15 @@ class Run:
     step: int = 0
     train_ms: float = 0.0
     qat_on: bool = False
+    recur_on: bool = True  # False until RECUR_START_FRAC
     phase: str = "setup"
     group: mx.distributed.Group = None  # the ranks mlx.launch started (size 1: one process)
     backend: str = "none"
     pre_quant: tuple = (math.nan, math.nan)  # the last full-precision (val_loss, val_bpb)
+
+    @property
+    def graph(self) -> "Compiled":
+        return self.graphs[self.qat_on, self.recur_on]
 
     def path(self, suffix: str) -> str:
         return os.path.join(self.hp.out_dir, f"{self.run_id}{suffix}")
@@ -1850,9 +1872,11 @@ def setup(r: Run, sp):
         complement = mx.array(bigram_table(files, cfg.vocab_size, hp.complement_max_tokens))
         log(f"complement: bigram table from <= {hp.complement_max_tokens} train tokens in "
             f"{time.perf_counter() - t0:.1f}s (alpha:{hp.complement_alpha} floor:{hp.complement_floor})")
-    # one complete graph set per training mode: switching QAT on swaps sets, never a baked-in flag
-    r.graphs = {qat: Compiled(r.model, r.opt, qat_bits=quant_plan(hp) if qat else 0, complement=complement)
-                for qat in ((False, True) if hp.qat_start_frac < 1.0 else (False,))}
+    # one complete graph set per training mode: switching QAT or recurrence on swaps sets, never a baked-in flag
+    r.recur_on = hp.recur_start_frac == 0
+    r.graphs = {(qat, rec): Compiled(r.model, r.opt, qat_bits=quant_plan(hp) if qat else 0, complement=complement,
+                                     recur=rec) for qat in ((False, True) if hp.qat_start_frac < 1.0 else (False,))
+                for rec in sorted({r.recur_on, True})}
     r.stream = TokenStream(files, cfg.vocab_size, log)
     log(f"train_shards:{len(files)} batch_tokens:{hp.train_batch_tokens} seq_len:{seq} "
         f"microbatch_seqs:{r.micro_seqs} iterations:{hp.iterations} max_wallclock:{hp.max_wallclock_seconds}s "
@@ -1867,34 +1891,38 @@ def warmup(r: Run):
         return
     r.phase = "warmup"
     init_params = dict(tree_flatten(r.model.parameters()))
-    modes = [False] * max(hp.warmup_steps - (len(r.graphs) - 1), 1) + [True] * (len(r.graphs) - 1)
+    first = (False, r.recur_on)
+    later = [mode for mode in r.graphs if mode != first]  # each later mode's graphs once
+    modes = [first] * max(hp.warmup_steps - len(later), 1) + later
     t0 = time.perf_counter()
-    for i, qat in enumerate(modes):
+    for i, (qat, rec) in enumerate(modes):
         x, y = r.stream.next_batch(hp.train_batch_tokens, hp.train_seq_len)
-        mx.eval(train_step(r.graphs[qat], x, y, r.micro_seqs, 1.0, muon_momentum_at(0, hp), r.group))
-        log(f"warmup_step:{i + 1}/{len(modes)}{' (qat graphs)' if qat else ''} {time.perf_counter() - t0:.1f}s")
+        mx.eval(train_step(r.graphs[qat, rec], x, y, r.micro_seqs, 1.0, muon_momentum_at(0, hp), r.group))
+        log(f"warmup_step:{i + 1}/{len(modes)}{' (qat graphs)' if qat else ''}"
+            f"{' (recurrence graphs)' if rec != r.recur_on else ''} {time.perf_counter() - t0:.1f}s")
     r.model.update(tree_unflatten(list(init_params.items())))
     r.opt.reset(dict(tree_flatten(r.model.trainable_parameters())))
     seq, n_windows = hp.train_seq_len, -(-(r.val_tokens.size - 1) // hp.train_seq_len)
-    mx.eval(r.graphs[False].token_nll(*[mx.zeros((min(eval_batch_seqs(hp, seq), n_windows), seq), mx.int32)] * 2))
+    mx.eval(r.graphs[first].token_nll(*[mx.zeros((min(eval_batch_seqs(hp, seq), n_windows), seq), mx.int32)] * 2))
     r.stream = TokenStream(r.stream.files, r.stream.vocab_size, log)
     log(f"warmup:{len(modes)} steps {time.perf_counter() - t0:.1f}s (compile; state restored)")
 
 
 def resume(r: Run, meta: dict, params: dict, state: dict):
-    """Continue from a checkpoint: weights, optimizer state, EMA, step, time, data position, QAT."""
+    """Continue from a checkpoint: weights, optimizer state, EMA, step, time, data position, QAT, recurrence."""
     load_flat_into(r.model, params)
     r.opt.load_arrays(state)
-    r.step, r.train_ms, r.qat_on = meta["step"], meta["train_ms"], meta["qat_on"]
+    r.step, r.train_ms, r.qat_on, r.recur_on = meta["step"], meta["train_ms"], meta["qat_on"], meta["recur_on"]
     r.stream.restore(meta["stream"])
-    r.log(f"resumed from {r.hp.resume_from}: step:{r.step} train_time:{r.train_ms:.0f}ms qat:{r.qat_on}")
+    r.log(f"resumed from {r.hp.resume_from}: step:{r.step} train_time:{r.train_ms:.0f}ms qat:{r.qat_on} "
+          f"recurrence:{r.recur_on}")
 
 
 def save_checkpoint(r: Run, path: str | None = None) -> str:
     path = path or r.path("_ckpt.pgck")
     if r.group.rank():  # rank 0 saves; every rank holds the same state
         return path
-    meta = dict(step=r.step, train_ms=r.train_ms, qat_on=r.qat_on, stream=r.stream.state(),
+    meta = dict(step=r.step, train_ms=r.train_ms, qat_on=r.qat_on, recur_on=r.recur_on, stream=r.stream.state(),
                 run_id=r.run_id, hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
     n = write_checkpoint(path, r.model, r.opt, meta)
     r.log(f"checkpoint: step:{r.step} {path} ({n} bytes)")
@@ -1909,6 +1937,8 @@ def train(r: Run):
     r.phase = "training"
     while True:
         last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or interrupted
+        progress = max(r.step / max(hp.iterations, 1), r.train_ms / max_ms if max_ms > 0 else 0.0)
+        switch_modes(r, progress, last)
         if last or (hp.val_loss_every and r.step and r.step % hp.val_loss_every == 0):
             r.train_ms = ranks_max(r, r.train_ms + (time.perf_counter() - t_last) * 1000)
             interrupted = periodic_eval(r, final=last) or interrupted
@@ -1916,10 +1946,6 @@ def train(r: Run):
             last = last or interrupted
         if last:
             break
-        progress = max(r.step / max(hp.iterations, 1), r.train_ms / max_ms if max_ms > 0 else 0.0)
-        if not r.qat_on and hp.qat_start_frac < 1.0 and progress >= hp.qat_start_frac:
-            r.qat_on = True
-            r.log(f"qat:on step:{r.step} (bits {quant_plan(hp)} fake quantization, max-abs clip, straight-through)")
         try:
             loss = one_step(r)
         except KeyboardInterrupt:
@@ -1942,12 +1968,30 @@ def train(r: Run):
     r.log(f"peak_memory:{mx.get_peak_memory() / 2**20:.0f}MiB")
 
 
+def switch_modes(r: Run, progress: float, last: bool):
+    """Late QAT and delayed recurrence: move to the next graph set once training is that far along. Recurrence
+    also comes on before the last evaluation, as the artifact's model has it."""
+    hp = r.hp
+    if not r.qat_on and hp.qat_start_frac < 1.0 and progress >= hp.qat_start_frac and not last:
+        r.qat_on = True
+        r.log(f"qat:on step:{r.step} (bits {quant_plan(hp)} fake quantization, max-abs clip, straight-through)")
+    if not r.recur_on and (progress >= hp.recur_start_frac or last):
+        r.recur_on = True
+        if "recur_mlps" in r.model:  # the second pass's MLPs (and their EMA) start as copies of the first's
+            copies = r.model.untie_copies()
+            r.model.update(tree_unflatten(list(copies.items())))
+            if r.opt.ema:
+                r.opt.ema.update(copies)
+        r.log(f"recurrence:on step:{r.step} layers {hp.recur_layers} run twice" +
+              (" (at the end: training stopped before RECUR_START_FRAC)" if progress < hp.recur_start_frac else ""))
+
+
 def one_step(r: Run) -> float:
     hp = r.hp
     before = r.stream.state()
     x, y = r.stream.next_batch(hp.train_batch_tokens, hp.train_seq_len)
     try:
-        loss = float(train_step(r.graphs[r.qat_on], x, y, r.micro_seqs, lr_multiplier(r.step, r.train_ms, hp),
+        loss = float(train_step(r.graph, x, y, r.micro_seqs, lr_multiplier(r.step, r.train_ms, hp),
                                 muon_momentum_at(r.step, hp), r.group))
     except KeyboardInterrupt:  # this batch was not trained on: a checkpoint must not skip it
         r.stream.restore(before)
@@ -1974,7 +2018,7 @@ def log_step(r: Run, loss: float, capped: bool):
 def periodic_eval(r: Run, final: bool) -> bool:
     """The val line of the baseline's log. Returns True when Ctrl-C skipped it."""
     try:
-        loss, bpb, _ = run_eval(r.hp, r.model, r.opt, r.graphs[r.qat_on], r.val_tokens, r.tables, r.log,
+        loss, bpb, _ = run_eval(r.hp, r.model, r.opt, r.graph, r.val_tokens, r.tables, r.log,
                                 "val", final=final, seq=r.hp.train_seq_len, group=r.group)
     except KeyboardInterrupt:
         r.log("evaluation interrupted: skipped; training stops and the artifact is still written")
@@ -2089,7 +2133,7 @@ def write_and_prove_artifact(r: Run):
     if r.group.rank():
         os.unlink(path)
     load_flat_into(r.model, flat)
-    loss, bpb, ms = run_eval(hp, r.model, r.opt, r.graphs[False], r.val_tokens, r.tables, log, "roundtrip",
+    loss, bpb, ms = run_eval(hp, r.model, r.opt, r.graphs[False, True], r.val_tokens, r.tables, log, "roundtrip",
                              final=True, seq=hp.train_seq_len, group=r.group)
     tag = f"final_int{hp.quant_bits}_{header['codec']}_roundtrip"
     log(f"{tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")

@@ -112,7 +112,11 @@ def test_virtual_layers_recurrence_and_scales():
     assert vl[4][1]["mlp"] is model.recur_mlps[1] and vl[1][1]["mlp"] is None
     assert [kw["xsa"] for _, kw in vl] == [False] * 4 + [True] * 3
     assert vl[6][1]["s"] == pytest.approx(1 / 7 ** 0.5)
-    assert model.n_enc == 3 and model.skip_weights.shape[0] == 3
+    assert model.skip_weights.shape[0] == 3  # 7 virtual layers: 3 encoder, 4 decoder
+    model.recur_on = False  # the plain order before RECUR_START_FRAC: no second pass, no untied MLPs
+    vl = model.virtual_layers()
+    assert [[i for i, blk in enumerate(model.blocks) if blk is b] for b, _ in vl] == [[0], [1], [2], [3], [4]]
+    assert all(kw["mlp"] is None for _, kw in vl) and [kw["xsa"] for _, kw in vl] == [False] * 2 + [True] * 3
 
 
 def test_every_new_tensor_in_exactly_one_group_and_controls_stay_raw():
@@ -172,3 +176,70 @@ def test_recipe_trains_end_to_end_and_logs_resolved_values(data, tmp_path):
         assert kv in hp_line.split(), kv
     assert re.search(r"^final_int6_[a-z]+_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+", log, re.M)
     assert os.path.getsize(tmp_path / "tiny_model.int6.ptz") > 0
+
+
+def _losses(log):
+    return [m[1] for m in re.finditer(r"^step:\d+/\d+ train_loss:(\S+)", log, re.M)]
+
+
+def test_delayed_recurrence_trains_the_plain_order_first_then_switches_and_resumes(data, tmp_path, monkeypatch):
+    over = dict(NUM_LAYERS=3, ITERATIONS=8, WARMDOWN_ITERS=3, VAL_MAX_TOKENS=1024, EMA_DECAY=0.9, WARMUP_STEPS=2)
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="plain", **over)) == 0
+    delayed = dict(over, RECUR_LAYERS="1,1", RECUR_START_FRAC=0.5)
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="full", **delayed)) == 0
+    plain, full = ((tmp_path / f"{r}.txt").read_text() for r in ("plain", "full"))
+    assert "warmup_step:2/2 (recurrence graphs)" in full and "recurrence:on step:4 layers 1,1" in full
+    assert _losses(full)[:4] == _losses(plain)[:4]  # same init (skip rows are ones): the plain order, bit for bit
+    assert _losses(full)[4:] != _losses(plain)[4:]
+    real, calls = T.train_step, []
+
+    def stop_after_6(*a, **kw):  # 2 warmup steps, 6 training steps, then Ctrl-C: the checkpoint is past the switch
+        calls.append(1)
+        if len(calls) == 2 + 6 + 1:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(T, "train_step", stop_after_6)
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="first", CHECKPOINT_EVERY=3, **delayed)) == 0
+    monkeypatch.undo()
+    env = tiny_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=str(tmp_path / "first_ckpt.pgck"), **delayed)
+    assert T.main(env) == 0
+    resumed = (tmp_path / "resumed.txt").read_text()
+    assert "recurrence:True" in resumed and "recurrence:on" not in resumed
+    assert _losses(resumed) == _losses(full)[6:]
+    exact = r"^final_int6_zstd_roundtrip_exact .*$"
+    assert re.search(exact, resumed, re.M)[0] == re.search(exact, full, re.M)[0]
+    env = tiny_env(data, tmp_path, RUN_ID="other", RESUME_FROM=str(tmp_path / "first_ckpt.pgck"), **over,
+                   RECUR_LAYERS="1,1")
+    assert T.main(env) == 2 and "RECUR_START_FRAC=0.0 but the checkpoint" in (tmp_path / "other.txt").read_text()
+
+
+def test_switching_recurrence_on_copies_the_untied_mlps_and_their_ema():
+    hp = hp_of(RECUR_LAYERS="0,1", RECUR_UNTIED_MLP=1, RECUR_START_FRAC=0.5, EMA_DECAY=0.9)
+    model = live_model(hp)
+    opt, logged = T.Optimizers(model, hp), []
+    r = T.Run(hp=hp, log=logged.append, run_id="x", code_bytes=0, model=model, opt=opt, recur_on=False, step=7)
+    T.switch_modes(r, 0.4, last=False)
+    assert not r.recur_on and not logged
+    T.switch_modes(r, 0.5, last=False)
+    assert r.recur_on and logged == ["recurrence:on step:7 layers 0,1 run twice"]
+    params = dict(tree_flatten(model.parameters()))
+    for k in (0, 1):
+        for n in ("fc.weight", "proj.weight"):
+            mine, first = params[f"recur_mlps.{k}.{n}"], params[f"blocks.{k}.mlp.{n}"]
+            assert mx.array_equal(mine, first) and mx.array_equal(opt.ema[f"recur_mlps.{k}.{n}"], first)
+    r.recur_on, logged[:] = False, []
+    T.switch_modes(r, 0.1, last=True)  # a run that stops early still ends with the artifact's model
+    assert r.recur_on and "training stopped before RECUR_START_FRAC" in logged[0]
+
+
+def test_graph_sets_differ_only_in_the_recurrence_mode():
+    hp = hp_of(RECUR_LAYERS="1,1", RECUR_START_FRAC=0.5)
+    model = live_model(hp)
+    opt, x = T.Optimizers(model, hp), mx.array(np.random.default_rng(0).integers(0, 128, (2, 16)), mx.int32)
+    plain, full = T.Compiled(model, opt, recur=False), T.Compiled(model, opt)
+    a, b = plain.token_nll(x, x), full.token_nll(x, x)
+    assert model.recur_on and not mx.allclose(a, b)  # the flag is back in the artifact's mode after tracing
+    assert mx.array_equal(b, model.token_nll(x, x))
+    model.recur_on = False
+    assert mx.allclose(a, model.token_nll(x, x), atol=1e-6)
