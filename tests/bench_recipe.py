@@ -1,12 +1,12 @@
 """Record-base benchmark (prints numbers; not a test). Three parts:
 
     python tests/bench_recipe.py ablation  [--seeds 1337 1338] [--steps 100] [--only NAME ...]
-    python tests/bench_recipe.py wallclock [--seeds 1337 1338] [--seconds 90]
+    python tests/bench_recipe.py wallclock [--seeds 1337 1338] [--seconds 90] [--only NAME ...]
     python tests/bench_recipe.py overhead  [--reps 5]
 
 ablation: bench_ablation's tiny config (2 x 128, seq 128, 100 steps), each piece alone, the tuned
-optimizer values alone, the recipe scaled to 2 layers, and recipe + EngramLite, val_bpb after the int6
-round trip. wallclock: 4 x 128, seq 256, baseline vs recipe for the same training seconds, interleaved.
+optimizer values alone, the recipe scaled to 2 layers, the recipe minus each piece, and the recipe plus each
+moonshot training piece, val_bpb after the round trip. wallclock: 4 x 128, seq 256, baseline vs recipe variants for the same training seconds, interleaved.
 overhead: compiled step time of each piece at equal shape, interleaved with the baseline, as ratios.
 """
 import argparse
@@ -32,6 +32,8 @@ PIECES = {"smeargate": dict(SMEAR_GATE=1), "bigram 2048x32": dict(BIGRAM_HASH_SI
           "xsa (all layers)": dict(XSA_LAST_N=2), "partial rope 8/32 + ln scale": dict(ROPE_DIMS=8, LN_SCALE=1),
           "leaky relu 0.5 ^2": dict(LEAKY_RELU_SLOPE=0.5), "parallel from layer 1": dict(PARALLEL_START_LAYER=1),
           "recurrence 0,0": dict(RECUR_LAYERS="0,0"), "mlp x3": dict(MLP_MULT=3)}
+BASE_OPT = dict(MATRIX_LR=0.04, TIED_EMBED_LR=0.05, SCALAR_LR=0.04, GRAD_CLIP_NORM=0, MUON_MOMENTUM=0.95,
+                MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=500, MUON_WEIGHT_DECAY=0, WARMDOWN_FRAC=0)
 # The recipe with its shape scaled to 2 layers (and EMA to a 100-step run: 0.997 keeps 74% of the init weights)
 RECIPE2 = dict(RECIPE="sp1024_record", NUM_LAYERS=2, PARALLEL_START_LAYER=1, RECUR_LAYERS="0,0", XSA_LAST_N=3,
                ROPE_DIMS=8, BIGRAM_HASH_SIZE=2048, BIGRAM_DIM=32, EMA_DECAY=0.95, ENGRAM_LITE_ENABLED=0)
@@ -40,11 +42,19 @@ ABLATION = {"baseline": {}, **PIECES, "tuned optimizer values only": TUNED, "rec
             "recipe, EMA 0.997 as is": dict(RECIPE2, EMA_DECAY=0.997), "recipe + engram (logit)": dict(RECIPE2, **ENGRAM),
             **{f"recipe without {k}": dict(RECIPE2, **off) for k, off in (
                 ("smeargate", dict(SMEAR_GATE=0)), ("bigram", dict(BIGRAM_HASH_SIZE=0)), ("xsa", dict(XSA_LAST_N=0)),
-                ("recurrence", dict(RECUR_LAYERS="")), ("parallel", dict(PARALLEL_START_LAYER=0)))}}
+                ("recurrence", dict(RECUR_LAYERS="")), ("parallel", dict(PARALLEL_START_LAYER=0)),
+                ("partial rope + ln scale", dict(ROPE_DIMS=0, LN_SCALE=0)), ("leaky relu", dict(LEAKY_RELU_SLOPE=0)),
+                ("mlp x3", dict(MLP_MULT=2)), ("tuned optimizer values", BASE_OPT))},
+            "recipe, recurrence from 50%": dict(RECIPE2, RECUR_START_FRAC=0.5),
+            "recipe + skipgram": dict(RECIPE2, SKIPGRAM_HASH_SIZE=2048, SKIPGRAM_DIM=16),
+            "recipe + complement a=0.5": dict(RECIPE2, COMPLEMENT_ALPHA=0.5)}
 # 4 layers: the record's layout scaled (parallel lanes on the last layer, the hinge layers 1,2 repeated)
 RECIPE4 = dict(RECIPE="sp1024_record", NUM_LAYERS=4, PARALLEL_START_LAYER=3, RECUR_LAYERS="1,2", XSA_LAST_N=6,
                ROPE_DIMS=8, BIGRAM_HASH_SIZE=2048, BIGRAM_DIM=32, ENGRAM_HASH_SIZE=2048, ENGRAM_DIM=32,
                EMA_DECAY=0)  # EMA needs >> 1/(1-d) steps
+WALLCLOCK = {"baseline": {}, "recipe (4 layers)": RECIPE4,
+             "recipe (4 layers), recurrence from 50%": dict(RECIPE4, RECUR_START_FRAC=0.5),
+             "recipe (4 layers), EMA 0.997 (warm-up 3)": dict(RECIPE4, EMA_DECAY=0.997)}
 
 
 def table(res, base_name="baseline"):
@@ -78,9 +88,10 @@ def wallclock(a, tmp, data):
                 NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", WARMUP_STEPS="2",
                 MAX_WALLCLOCK_SECONDS=str(a.seconds), VAL_MAX_TOKENS="32768", VAL_BATCH_SIZE="16384",
                 TRAIN_LOG_EVERY="10")
-    res = {"baseline": [], "recipe (4 layers)": []}
-    for seed in a.seeds:  # interleaved: a drift in machine load hits both alike
-        for i, (name, over) in enumerate((("baseline", {}), ("recipe (4 layers)", RECIPE4))):
+    configs = {k: WALLCLOCK[k] for k in a.only} if a.only else WALLCLOCK
+    res = {k: [] for k in configs}
+    for seed in a.seeds:  # interleaved: a drift in machine load hits all alike
+        for i, (name, over) in enumerate(configs.items()):
             r = run_one(base, over, seed, tmp, f"w{seed}_{i}")
             r["steps"] = int(re.findall(r"^step:(\d+)/", (tmp / f"w{seed}_{i}.txt").read_text(), re.M)[-1])
             res[name].append(r)
@@ -119,7 +130,7 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seconds", type=float, default=90)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--only", nargs="*", default=None, help="exact config names (ablation), run in this order")
+    p.add_argument("--only", nargs="*", default=None, help="exact config names (ablation, wallclock), in this order")
     a = p.parse_args()
     if a.part == "overhead":
         overhead(a)
