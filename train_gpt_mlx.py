@@ -252,8 +252,8 @@ class Hyperparameters:
             (self.xsa_last_n > n, f"XSA_LAST_N={self.xsa_last_n} must be <= the {n} (virtual) layers"),
             (self.parallel_start_layer >= L,
              f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={L} (0 = off)"),
-            (self.recur_untied_mlp and not self.recur_layers, "RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b"),
-            (self.recur_start_frac and not self.recur_layers, "RECUR_START_FRAC > 0 needs RECUR_LAYERS=a,b")) if bad]
+            (self.recur_untied_mlp and not (span or recur_err), "RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b"),
+            (self.recur_start_frac and not (span or recur_err), "RECUR_START_FRAC > 0 needs RECUR_LAYERS=a,b")) if bad]
 
     def dtype(self):
         if self.compute_dtype == "auto":  # bf16 matmul is ~30x slower than fp32 on CPU
@@ -317,8 +317,8 @@ def parse_patterns(text: str) -> tuple:
 
 
 def recur_span(text: str, num_layers: int):
-    """'a,b' -> (a, b): physical layers a..b run twice (depth recurrence); '' -> None."""
-    if not text:
+    """'a,b' -> (a, b): physical layers a..b run twice (depth recurrence); '' or 'off' -> None."""
+    if text in ("", "off"):
         return None
     try:
         a, b = (int(v) for v in text.split(","))

@@ -42,7 +42,7 @@ ABLATION = {"baseline": {}, **PIECES, "tuned optimizer values only": TUNED, "rec
             "recipe, EMA 0.997 as is": dict(RECIPE2, EMA_DECAY=0.997), "recipe + engram (logit)": dict(RECIPE2, **ENGRAM),
             **{f"recipe without {k}": dict(RECIPE2, **off) for k, off in (
                 ("smeargate", dict(SMEAR_GATE=0)), ("bigram", dict(BIGRAM_HASH_SIZE=0)), ("xsa", dict(XSA_LAST_N=0)),
-                ("recurrence", dict(RECUR_LAYERS="")), ("parallel", dict(PARALLEL_START_LAYER=0)),
+                ("recurrence", dict(RECUR_LAYERS="off", XSA_LAST_N=2)), ("parallel", dict(PARALLEL_START_LAYER=0)),
                 ("partial rope + ln scale", dict(ROPE_DIMS=0, LN_SCALE=0)), ("leaky relu", dict(LEAKY_RELU_SLOPE=0)),
                 ("mlp x3", dict(MLP_MULT=2)), ("tuned optimizer values", BASE_OPT))},
             "recipe, recurrence from 50%": dict(RECIPE2, RECUR_START_FRAC=0.5),
