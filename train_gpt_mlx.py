@@ -170,22 +170,15 @@ class Hyperparameters:
         """Parse and validate; raise one ConfigError listing every bad variable. An empty value
         is an error (not the default): `ITERATIONS=` is more likely a broken script than a wish."""
         env = dict(os.environ if env is None else env)
-        for alias, name in ENV_ALIASES.items():  # the public baseline's spellings
-            if alias in env and name not in env:
-                env[name] = env[alias]
+        env.update({name: env[alias] for alias, name in ENV_ALIASES.items() if alias in env and name not in env})
         env = {**RECIPES.get(env.get("RECIPE", "baseline").strip(), {}), **env}  # explicit values win
         values, errors = {}, [f"{k}={env[k]!r}: {why}" for k, why in ENV_RETIRED.items() if k in env]
         for f in env_fields():
-            m, raw = f.metadata, env.get(f.metadata["env"])
-            if raw is None:
-                values[f.name] = f.default
-                continue
+            raw = env.get(f.metadata["env"])
             try:
-                if raw.strip() == "":
-                    raise ValueError(f"empty value; unset {m['env']} to use the default ({f.default!r})")
-                values[f.name] = _parse(raw.strip(), m)
+                values[f.name] = f.default if raw is None else _parse(raw.strip(), f)
             except ValueError as e:
-                errors.append(f"{m['env']}={raw!r}: {e}")
+                errors.append(f"{f.metadata['env']}={raw!r}: {e}")
         if errors:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(errors))
         notes = unknown_env_notes(env)
@@ -202,11 +195,16 @@ class Hyperparameters:
         return 64 if self.eval_mode == "sliding" and not self.eval_stride else self.eval_stride
 
     def check_relations(self):
-        hd, eval_len = self.model_dim // self.num_heads, self.eval_seq_len or self.train_seq_len
+        L, hd, eval_len = self.num_layers, self.model_dim // self.num_heads, self.eval_seq_len or self.train_seq_len
         try:
             pat_err = parse_patterns(self.skipgram_patterns) and None  # only whether it raises matters here
         except ValueError as e:
             pat_err = f"SKIPGRAM_PATTERNS={self.skipgram_patterns!r}: {e}"
+        try:
+            span, recur_err = recur_span(self.recur_layers, L), None
+        except ValueError as e:
+            span, recur_err = None, f"RECUR_LAYERS={self.recur_layers!r}: {e}"
+        n = L + (span[1] - span[0] + 1 if span else 0)  # virtual layers
         errs = [msg for bad, msg in (
             (self.model_dim % self.num_heads, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}"),
             (not self.model_dim % self.num_heads and hd % 2, f"MODEL_DIM/NUM_HEADS={hd} must be even (RoPE)"),
@@ -232,19 +230,7 @@ class Hyperparameters:
             (self.submission_dir and (self.eval_only or self.val_max_tokens or not (
                 self.submission_author and self.submission_github_id and self.submission_name)),
              "SUBMISSION_DIR needs a training run scored on the whole validation split (no EVAL_ONLY, "
-             "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME")) if bad]
-        errs += self.record_base_errors()
-        if errs:
-            raise ConfigError("invalid environment:\n  " + "\n  ".join(errs))
-
-    def record_base_errors(self) -> list:
-        L, hd = self.num_layers, self.model_dim // self.num_heads
-        try:
-            span, recur_err = recur_span(self.recur_layers, L), None
-        except ValueError as e:
-            span, recur_err = None, f"RECUR_LAYERS={self.recur_layers!r}: {e}"
-        n = L + (span[1] - span[0] + 1 if span else 0)
-        return [msg for bad, msg in (
+             "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME"),
             (self.rope_dims % 2 or self.rope_dims > hd,
              f"ROPE_DIMS={self.rope_dims} must be even and <= the head dim {hd} (0 = all)"),
             (recur_err, recur_err),
@@ -252,6 +238,8 @@ class Hyperparameters:
             (self.parallel_start_layer >= L,
              f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={L} (0 = off)"),
             (self.recur_untied_mlp and not self.recur_layers, "RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b")) if bad]
+        if errs:
+            raise ConfigError("invalid environment:\n  " + "\n  ".join(errs))
 
     def dtype(self):
         if self.compute_dtype == "auto":  # bf16 matmul is ~30x slower than fp32 on CPU
@@ -327,8 +315,10 @@ def recur_span(text: str, num_layers: int):
     return a, b
 
 
-def _parse(raw: str, m: dict):
-    kind, lo, hi, choices = m["kind"], m["lo"], m["hi"], m["choices"]
+def _parse(raw: str, f):
+    kind, lo, hi, choices = (f.metadata[k] for k in ("kind", "lo", "hi", "choices"))
+    if not raw:
+        raise ValueError(f"empty value; unset {f.metadata['env']} to use the default ({f.default!r})")
     if kind is bool:
         if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             raise ValueError("expected 0/1 (or true/false)")
@@ -391,12 +381,10 @@ class TokenStream:
 
     def __init__(self, files: list[str], vocab_size: int, log=None):
         self.files, self.vocab_size, self.log = files, vocab_size, log
-        self.file_idx, self.pos, self.epoch = -1, 0, 0
-        self.tokens = np.zeros(0, np.uint16)
+        self.file_idx, self.pos, self.epoch, self.tokens = -1, 0, 0, np.zeros(0, np.uint16)
 
     def _load(self, file_idx: int, pos: int = 0):
-        self.file_idx = file_idx
-        self.tokens, self.pos = load_data_shard(self.files[file_idx]), pos
+        self.file_idx, self.pos, self.tokens = file_idx, pos, load_data_shard(self.files[file_idx])
         if self.tokens.size and int(self.tokens.max()) >= self.vocab_size:
             raise ValueError(f"{self.files[file_idx]}: token id >= VOCAB_SIZE={self.vocab_size}")
 
@@ -449,14 +437,9 @@ def build_byte_tables(sp, vocab_size: int):
     for i in range(n):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
-        boundary[i] = False
-        if sp.is_byte(i):
-            base[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        if piece.startswith("\u2581"):
-            space[i], piece = True, piece[1:]
-        base[i] = len(piece.encode("utf-8"))
+        piece, is_byte = sp.id_to_piece(i), sp.is_byte(i)  # a byte piece (<0x..>) counts 1 byte, never a space
+        boundary[i], space[i] = False, not is_byte and piece.startswith("\u2581")
+        base[i] = 1 if is_byte else len(piece.removeprefix("\u2581").encode("utf-8"))
     return base, space, boundary
 
 
@@ -844,38 +827,29 @@ class Optimizers:
                 self.ema[n] = d * self.ema[n] + (1 - d) * p
         return out
 
+    def slots(self) -> dict:
+        """Every state array as '/'-joined path -> (container, key): checkpoints read and refill it in place."""
+        return tree_slots(dict(opt=self.state[:-1], ema=self.ema))
+
     def arrays(self) -> dict:
-        """Every state array by a '/'-joined path (for checkpoints)."""
-        return flatten_tree(dict(opt=self.state[:-1], ema=self.ema))
+        return {path: box[k] for path, (box, k) in self.slots().items()}
 
     def load_arrays(self, flat: dict):
-        assign_tree(dict(opt=self.state[:-1], ema=self.ema), flat)
+        """Refill every state array from a checkpoint, insisting on exactly the same paths."""
+        slots = self.slots()
+        if set(slots) != set(flat):
+            diff = sorted(set(slots) ^ set(flat))[:4]
+            raise ValueError(f"checkpoint state does not match this run's optimizer state (differs at {diff})")
+        for path, (box, k) in slots.items():
+            box[k] = mx.array(flat[path])
 
 
-def flatten_tree(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, (dict, list, tuple)):
-        return {prefix: tree}
+def tree_slots(tree, prefix: str = "") -> dict:
     out = {}
-    for k, v in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
-        out.update(flatten_tree(v, f"{prefix}/{k}" if prefix else str(k)))
+    for k in (list(tree) if isinstance(tree, dict) else range(len(tree))):
+        path = f"{prefix}/{k}" if prefix else str(k)
+        out.update(tree_slots(tree[k], path) if isinstance(tree[k], (dict, list, tuple)) else {path: (tree, k)})
     return out
-
-
-def assign_tree(tree, flat: dict, prefix: str = ""):
-    """The inverse of flatten_tree, in place, insisting on exactly the same paths."""
-    want = flatten_tree(tree, prefix)
-    if set(want) != set(flat):
-        diff = sorted(set(want) ^ set(flat))[:4]
-        raise ValueError(f"checkpoint state does not match this run's optimizer state (differs at {diff})")
-
-    def walk(node, path):
-        for k in (list(node) if isinstance(node, dict) else range(len(node))):
-            p = f"{path}/{k}" if path else str(k)
-            if isinstance(node[k], (dict, list, tuple)):
-                walk(node[k], p)
-            else:
-                node[k] = mx.array(flat[p])
-    walk(tree, prefix)
 
 
 def ema_decay_at(t, hp: Hyperparameters):
@@ -886,9 +860,6 @@ def ema_decay_at(t, hp: Hyperparameters):
 
 def _on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
-
-
-WARMDOWN_MAX_BUDGET_SHARE = 0.5
 
 
 def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
@@ -902,7 +873,7 @@ def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
         return 1.0
     mul = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
     if cap_ms > 0 and step > 0:
-        warmdown_ms = min(hp.warmdown_iters * elapsed_ms / step, WARMDOWN_MAX_BUDGET_SHARE * cap_ms)
+        warmdown_ms = min(hp.warmdown_iters * elapsed_ms / step, 0.5 * cap_ms)
         mul = min(mul, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
     return mul
 
@@ -941,6 +912,7 @@ GPTQ_LITE_PCTS = (1.0, 0.99999, 0.9999, 0.9995, 0.999)  # 1.0 first: a tie keeps
 CONTROL_PATTERNS = ("resid_mix", "skip_weights", "attn_scale", "mlp_scale", "q_gain", "lane_")
 CHECKPOINT_MAGIC = b"PGMLXck1"
 _NP_DTYPES = {n: np.dtype(n) for n in ("int8", "float16", "float32", "int32", "int64", "uint32", "uint64")}
+RECORD_BASE_OFF = {n: Hyperparameters.__dataclass_fields__[n].default for n in RECORD_BASE_FIELDS}  # headers omit these
 
 
 class ArtifactError(ValueError):
@@ -983,13 +955,9 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 def gptq_lite_rows(w: np.ndarray, bits: int):
     """GPTQ-lite (#414): clip each row at its own |w| quantile, one percentile per matrix, the least-MSE one:
     clipping a few outliers buys a finer grid for all other weights. Needs no data. -> (q, scale, pct)"""
-    best = None
-    for pct, clip in zip(GPTQ_LITE_PCTS, np.quantile(np.abs(w), GPTQ_LITE_PCTS, axis=1)):
-        q, s = quantize_rows(w, bits, clip.astype(np.float32))
-        err = float(np.square(dequantize_rows(q, s) - w).mean())
-        if best is None or err < best[0]:
-            best = (err, q, s, pct)
-    return best[1:]
+    tries = [(*quantize_rows(w, bits, clip.astype(np.float32)), pct)
+             for pct, clip in zip(GPTQ_LITE_PCTS, np.quantile(np.abs(w), GPTQ_LITE_PCTS, axis=1))]
+    return min(tries, key=lambda t: float(np.square(dequantize_rows(t[0], t[1]) - w).mean()))  # a tie: the first
 
 
 def fake_quant(w: mx.array, bits: int) -> mx.array:
@@ -1105,16 +1073,11 @@ def read_container(path: str, magic: bytes, what: str):
     return header, arrays
 
 
-def record_base_off() -> dict:
-    return {n: Hyperparameters.__dataclass_fields__[n].default for n in RECORD_BASE_FIELDS}
-
-
 def write_artifact(path: str, flat: dict, cfg: ModelConfig, bits, meta: dict | None = None,
                    gptq_lite: bool = False, codec: str = "zstd") -> int:
     """Quantize (bits: int or quant_plan), compress (codec; zstd level 22), write atomically -> bytes. Record-base
     fields at their off values stay out of the header, so baseline artifacts stay byte-identical with older ones."""
-    off = record_base_off()
-    config = {k: v for k, v in asdict(cfg).items() if k not in off or off[k] != v}
+    config = {k: v for k, v in asdict(cfg).items() if k not in RECORD_BASE_OFF or RECORD_BASE_OFF[k] != v}
     header = dict(format="parameter-golf-mlx", version=1, quant_bits=bits, config=config, meta=meta or {})
     header.update(dict(gptq_lite=list(GPTQ_LITE_PCTS)) if gptq_lite else {})
     return write_container(path, ARTIFACT_MAGIC, header, pack_state(flat, bits, gptq_lite), 22, codec)
@@ -1124,7 +1087,7 @@ def read_artifact(path: str):
     """Returns (ModelConfig, {name: float32 array}, header). Never runs code from the file."""
     header, arrays = read_container(path, ARTIFACT_MAGIC, "artifact")
     try:
-        cfg = ModelConfig(**{**record_base_off(), **header["config"]})
+        cfg = ModelConfig(**{**RECORD_BASE_OFF, **header["config"]})
         flat = {name: a.astype(np.float32) if role == "raw" else dequantize_rows(a, arrays[(name, "scale")])
                 for (name, role), a in arrays.items() if role in ("raw", "q")}
     except (KeyError, TypeError) as e:
@@ -1240,9 +1203,8 @@ def model_scores(fn, tokens, starts, offsets, L: int, batch_seqs: int, bounds, l
         flat = mx.array(np.flatnonzero(keep).astype(np.int32))  # scored positions, in target order
         yield mx.take(nll.reshape(-1), flat), None if ent is None else mx.take(ent.reshape(-1), flat)
         if log and time.perf_counter() - last_print > 30 and i + 1 < len(bounds):
-            last_print = time.perf_counter()
-            el, n = last_print - t0, len(bounds)
-            log(f"{label}_progress: {i + 1}/{n} batches eta:{el / (i + 1) * (n - i - 1):.0f}s")
+            last_print, n = time.perf_counter(), len(bounds)
+            log(f"{label}_progress: {i + 1}/{n} batches eta:{(last_print - t0) / (i + 1) * (n - i - 1):.0f}s")
 
 
 def gathered_scores(mine, starts, offsets, n_tgt: int, L: int, batch_seqs: int, group, need_ent: bool):
@@ -1493,10 +1455,9 @@ class BackoffNgramMixer:
         M, lp, H = lp.shape[0], np.array(lp, np.float64), np.array(H, np.float64)
         lo = max(0, start - self.K)  # only the tokens this call needs: tok[i] == tokens[lo + i]
         tok, out = np.array(tokens[lo:start + M]).astype(np.int64), np.empty(M, np.float32)
-        for s in range(start, start + M, self.chunk):
-            e = min(s + self.chunk, start + M)
-            out[s - start:e - start] = self._chunk(tok, lo, np.arange(s, e), lp[s - start:e - start],
-                                                   H[s - start:e - start])
+        for a in range(0, M, self.chunk):  # a..b: positions in this call, start + a..: absolute targets
+            b = min(a + self.chunk, M)
+            out[a:b] = self._chunk(tok, lo, np.arange(start + a, start + b), lp[a:b], H[a:b])
         self.next = start + M
         return mx.array(out)
 
@@ -1646,8 +1607,7 @@ class Logger:
             print(f"[rank {self.rank}] {msg}" if self.rank else msg, flush=True)
         if self.f:
             try:
-                self.f.write(msg + "\n")
-                self.f.flush()
+                print(msg, file=self.f, flush=True)
             except OSError as e:
                 self.f = None
                 print(f"WARNING: cannot write the log {self.path} ({e.strerror}); console only", file=sys.stderr)
@@ -1739,12 +1699,9 @@ def main(env=None) -> int:
         log(f"interrupted (Ctrl-C) during {r.phase}; " + (
             "the artifact above is complete" if r.phase == "the round-trip evaluation" else "nothing was written"))
         return 130
-    except ConfigError as e:
+    except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:  # ConfigError too: exit 2
         log(f"error: {e}")
-        return 2
-    except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:
-        log(f"error: {e}")
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
 
 
 def run(r: Run) -> int:
