@@ -181,12 +181,11 @@ class Hyperparameters:
                 errors.append(f"{f.metadata['env']}={raw!r}: {e}")
         if errors:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(errors))
-        notes = unknown_env_notes(env)
-        hp = cls(**values, env_notes=tuple(notes))
+        hp = cls(**values, env_notes=tuple(unknown_env_notes(env)))
         hp.check_relations()
-        if hp.strict_env and notes:
+        if hp.strict_env and hp.env_notes:
             raise ConfigError("STRICT_ENV=1 and the environment has variables this script does not read:\n  "
-                              + "\n  ".join(notes))
+                              + "\n  ".join(hp.env_notes))
         return hp
 
     @property
@@ -345,8 +344,7 @@ DATA_HELP = ("Download the challenge data:  python data/cached_challenge_fineweb
 
 def load_data_shard(path) -> np.ndarray:
     """Read one challenge shard (1024-byte int32 header, then uint16 tokens), checking it exactly."""
-    path = Path(path)
-    size = path.stat().st_size
+    size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
         raise ValueError(f"{path}: {size} bytes is shorter than the 1024-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=256)
@@ -484,8 +482,7 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.hd, self.rope_base = heads, kv_heads, dim // heads, rope_base
         self.rope_dims = rope_dims or self.hd
         self.c_q = Linear(dim, dim)
-        self.c_k = Linear(dim, kv_heads * self.hd)
-        self.c_v = Linear(dim, kv_heads * self.hd)
+        self.c_k, self.c_v = Linear(dim, kv_heads * self.hd), Linear(dim, kv_heads * self.hd)
         self.proj = Linear(dim, dim, zero_init=True)
         self.q_gain = mx.full((heads,), qk_gain)
 
@@ -516,9 +513,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim, mult, slope=0.0):
         super().__init__()
-        self.fc = Linear(dim, dim * mult)
-        self.proj = Linear(dim * mult, dim, zero_init=True)
-        self.slope = slope
+        self.fc, self.proj, self.slope = Linear(dim, dim * mult), Linear(dim * mult, dim, zero_init=True), slope
 
     def __call__(self, x):
         h = nn.leaky_relu(self.fc(x), self.slope) if self.slope else nn.relu(self.fc(x))
@@ -746,9 +741,8 @@ def param_group(name: str, p: mx.array, proj_optimizer: dict | None = None) -> s
 def newton_schulz(g, steps: int):
     """Approximately orthogonalise g (quintic Newton-Schulz iteration, as in Muon)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g / (mx.sqrt(mx.sum(g * g)) + 1e-7)
-    tall = x.shape[0] > x.shape[1]
-    x = x.T if tall else x
+    tall = g.shape[0] > g.shape[1]  # iterate on the wide side: x @ x.T is then the smaller Gram matrix
+    x = (g.T if tall else g) / (mx.sqrt(mx.sum(g * g)) + 1e-7)
     for _ in range(steps):
         s = x @ x.T
         x = a * x + (b * s + c * (s @ s)) @ x
@@ -830,9 +824,6 @@ class Optimizers:
     def slots(self) -> dict:
         """Every state array as '/'-joined path -> (container, key): checkpoints read and refill it in place."""
         return tree_slots(dict(opt=self.state[:-1], ema=self.ema))
-
-    def arrays(self) -> dict:
-        return {path: box[k] for path, (box, k) in self.slots().items()}
 
     def load_arrays(self, flat: dict):
         """Refill every state array from a checkpoint, insisting on exactly the same paths."""
@@ -980,15 +971,13 @@ def pack_state(flat: dict, bits, gptq_lite: bool = False) -> list:
             raise ArtifactError(f"weight {name} has non-finite values (NaN/inf): training diverged; "
                                 "nothing valid to write (lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR)")
         b = tensor_bits(name, bits) if is_quantized(name, w.shape) else 0
-        if b == 16:
-            if np.abs(w).max() > 65504:
-                raise ArtifactError(f"weight {name} exceeds the float16 range: it cannot be kept as fp16")
-            out.append((name, "raw", w.astype(np.float16)))
-        elif b:
+        if b == 16 and np.abs(w).max() > 65504:
+            raise ArtifactError(f"weight {name} exceeds the float16 range: it cannot be kept as fp16")
+        if b in (0, 16):
+            out.append((name, "raw", w.astype(np.float16) if b else w))
+        else:
             q, scale = gptq_lite_rows(w, b)[:2] if gptq_lite else quantize_rows(w, b)
             out += [(name, "q", q), (name, "scale", scale)]
-        else:
-            out.append((name, "raw", w))
     return out
 
 
@@ -1107,7 +1096,7 @@ def write_checkpoint(path: str, model: GPT, opt: Optimizers, meta: dict) -> int:
     """The whole training state: float32 weights, optimizer state and EMA, plus `meta` (step, train
     time, data position, QAT state, hyperparameters). zstd level 3: it is written often."""
     arrays = [(n, "param", a) for n, a in flat_numpy(model).items()]
-    arrays += [(n, "state", np.array(a)) for n, a in opt.arrays().items()]
+    arrays += [(n, "state", np.array(box[k])) for n, (box, k) in opt.slots().items()]
     header = dict(format="parameter-golf-mlx", version=1, kind="checkpoint", config=asdict(model.cfg), meta=meta)
     return write_container(path, CHECKPOINT_MAGIC, header, arrays, level=3)
 
@@ -1999,9 +1988,8 @@ def eval_only(r: Run, sp) -> int:
     evaluation variable is re-validated against that shape, not the environment's."""
     cfg, flat, header = read_artifact(r.hp.load_artifact)
     trained_seq = int(header["meta"].get("train_seq_len", r.hp.train_seq_len))
-    hp = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq)
+    hp, log = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq), r.log
     hp.check_relations()
-    log = r.log
     log_run_header(r, hp)
     check_memory(memory_needs(hp, cfg, 0), log)
     model = GPT(cfg, hp.dtype())
