@@ -194,16 +194,11 @@ class Hyperparameters:
         return 64 if self.eval_mode == "sliding" and not self.eval_stride else self.eval_stride
 
     def check_relations(self):
-        L, hd, eval_len = self.num_layers, self.model_dim // self.num_heads, self.eval_seq_len or self.train_seq_len
+        hd, eval_len = self.model_dim // self.num_heads, self.eval_seq_len or self.train_seq_len
         try:
             pat_err = parse_patterns(self.skipgram_patterns) and None  # only whether it raises matters here
         except ValueError as e:
             pat_err = f"SKIPGRAM_PATTERNS={self.skipgram_patterns!r}: {e}"
-        try:
-            span, recur_err = recur_span(self.recur_layers, L), None
-        except ValueError as e:
-            span, recur_err = None, f"RECUR_LAYERS={self.recur_layers!r}: {e}"
-        n = L + (span[1] - span[0] + 1 if span else 0)  # virtual layers
         errs = [msg for bad, msg in (
             (self.model_dim % self.num_heads, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}"),
             (not self.model_dim % self.num_heads and hd % 2, f"MODEL_DIM/NUM_HEADS={hd} must be even (RoPE)"),
@@ -229,7 +224,19 @@ class Hyperparameters:
             (self.submission_dir and (self.eval_only or self.val_max_tokens or not (
                 self.submission_author and self.submission_github_id and self.submission_name)),
              "SUBMISSION_DIR needs a training run scored on the whole validation split (no EVAL_ONLY, "
-             "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME"),
+             "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME")) if bad]
+        errs += self.record_base_errors()
+        if errs:
+            raise ConfigError("invalid environment:\n  " + "\n  ".join(errs))
+
+    def record_base_errors(self) -> list:
+        L, hd = self.num_layers, self.model_dim // self.num_heads
+        try:
+            span, recur_err = recur_span(self.recur_layers, L), None
+        except ValueError as e:
+            span, recur_err = None, f"RECUR_LAYERS={self.recur_layers!r}: {e}"
+        n = L + (span[1] - span[0] + 1 if span else 0)
+        return [msg for bad, msg in (
             (self.rope_dims % 2 or self.rope_dims > hd,
              f"ROPE_DIMS={self.rope_dims} must be even and <= the head dim {hd} (0 = all)"),
             (recur_err, recur_err),
@@ -237,8 +244,6 @@ class Hyperparameters:
             (self.parallel_start_layer >= L,
              f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={L} (0 = off)"),
             (self.recur_untied_mlp and not self.recur_layers, "RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b")) if bad]
-        if errs:
-            raise ConfigError("invalid environment:\n  " + "\n  ".join(errs))
 
     def dtype(self):
         if self.compute_dtype == "auto":  # bf16 matmul is ~30x slower than fp32 on CPU
