@@ -1693,7 +1693,7 @@ def main(env=None) -> int:
         log(f"interrupted (Ctrl-C) during {r.phase}; " + (
             "the artifact above is complete" if r.phase == "the round-trip evaluation" else "nothing was written"))
         return 130
-    except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:  # ConfigError too: exit 2
+    except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:  # ConfigError included: exit 2
         log(f"error: {e}")
         return 2 if isinstance(e, ConfigError) else 1
 
