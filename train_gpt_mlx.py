@@ -171,30 +171,22 @@ class Hyperparameters:
         """Parse and validate; raise one ConfigError listing every bad variable. An empty value
         is an error (not the default): `ITERATIONS=` is more likely a broken script than a wish."""
         env = dict(os.environ if env is None else env)
-        for alias, name in ENV_ALIASES.items():  # the public baseline's spellings
-            if alias in env and name not in env:
-                env[name] = env[alias]
+        env.update({name: env[alias] for alias, name in ENV_ALIASES.items() if alias in env and name not in env})
         env = {**RECIPES.get(env.get("RECIPE", "baseline").strip(), {}), **env}  # explicit values win
         values, errors = {}, [f"{k}={env[k]!r}: {why}" for k, why in ENV_RETIRED.items() if k in env]
         for f in env_fields():
-            m, raw = f.metadata, env.get(f.metadata["env"])
-            if raw is None:
-                values[f.name] = f.default
-                continue
+            raw = env.get(f.metadata["env"])
             try:
-                if raw.strip() == "":
-                    raise ValueError(f"empty value; unset {m['env']} to use the default ({f.default!r})")
-                values[f.name] = _parse(raw.strip(), m)
+                values[f.name] = f.default if raw is None else _parse(raw.strip(), f)
             except ValueError as e:
-                errors.append(f"{m['env']}={raw!r}: {e}")
+                errors.append(f"{f.metadata['env']}={raw!r}: {e}")
         if errors:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(errors))
-        notes = unknown_env_notes(env)
-        hp = cls(**values, env_notes=tuple(notes))
+        hp = cls(**values, env_notes=tuple(unknown_env_notes(env)))
         hp.check_relations()
-        if hp.strict_env and notes:
+        if hp.strict_env and hp.env_notes:
             raise ConfigError("STRICT_ENV=1 and the environment has variables this script does not read:\n  "
-                              + "\n  ".join(notes))
+                              + "\n  ".join(hp.env_notes))
         return hp
 
     @property
@@ -329,8 +321,10 @@ def recur_span(text: str, num_layers: int):
     return a, b
 
 
-def _parse(raw: str, m: dict):
-    kind, lo, hi, choices = m["kind"], m["lo"], m["hi"], m["choices"]
+def _parse(raw: str, f):
+    kind, lo, hi, choices = (f.metadata[k] for k in ("kind", "lo", "hi", "choices"))
+    if not raw:
+        raise ValueError(f"empty value; unset {f.metadata['env']} to use the default ({f.default!r})")
     if kind is bool:
         if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             raise ValueError("expected 0/1 (or true/false)")
@@ -357,8 +351,7 @@ DATA_HELP = ("Download the challenge data:  python data/cached_challenge_fineweb
 
 def load_data_shard(path) -> np.ndarray:
     """Read one challenge shard (1024-byte int32 header, then uint16 tokens), checking it exactly."""
-    path = Path(path)
-    size = path.stat().st_size
+    size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
         raise ValueError(f"{path}: {size} bytes is shorter than the 1024-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=256)
@@ -393,12 +386,10 @@ class TokenStream:
 
     def __init__(self, files: list[str], vocab_size: int, log=None):
         self.files, self.vocab_size, self.log = files, vocab_size, log
-        self.file_idx, self.pos, self.epoch = -1, 0, 0
-        self.tokens = np.zeros(0, np.uint16)
+        self.file_idx, self.pos, self.epoch, self.tokens = -1, 0, 0, np.zeros(0, np.uint16)
 
     def _load(self, file_idx: int, pos: int = 0):
-        self.file_idx = file_idx
-        self.tokens, self.pos = load_data_shard(self.files[file_idx]), pos
+        self.file_idx, self.pos, self.tokens = file_idx, pos, load_data_shard(self.files[file_idx])
         if self.tokens.size and int(self.tokens.max()) >= self.vocab_size:
             raise ValueError(f"{self.files[file_idx]}: token id >= VOCAB_SIZE={self.vocab_size}")
 
@@ -451,14 +442,9 @@ def build_byte_tables(sp, vocab_size: int):
     for i in range(n):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
-        boundary[i] = False
-        if sp.is_byte(i):
-            base[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        if piece.startswith("\u2581"):
-            space[i], piece = True, piece[1:]
-        base[i] = len(piece.encode("utf-8"))
+        piece, is_byte = sp.id_to_piece(i), sp.is_byte(i)  # a byte piece (<0x..>) counts 1 byte, never a space
+        boundary[i], space[i] = False, not is_byte and piece.startswith("\u2581")
+        base[i] = 1 if is_byte else len(piece.removeprefix("\u2581").encode("utf-8"))
     return base, space, boundary
 
 
@@ -503,8 +489,7 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.hd, self.rope_base = heads, kv_heads, dim // heads, rope_base
         self.rope_dims = rope_dims or self.hd
         self.c_q = Linear(dim, dim)
-        self.c_k = Linear(dim, kv_heads * self.hd)
-        self.c_v = Linear(dim, kv_heads * self.hd)
+        self.c_k, self.c_v = Linear(dim, kv_heads * self.hd), Linear(dim, kv_heads * self.hd)
         self.proj = Linear(dim, dim, zero_init=True)
         self.q_gain = mx.full((heads,), qk_gain)
 
@@ -535,9 +520,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim, mult, slope=0.0):
         super().__init__()
-        self.fc = Linear(dim, dim * mult)
-        self.proj = Linear(dim * mult, dim, zero_init=True)
-        self.slope = slope
+        self.fc, self.proj, self.slope = Linear(dim, dim * mult), Linear(dim * mult, dim, zero_init=True), slope
 
     def __call__(self, x):
         h = nn.leaky_relu(self.fc(x), self.slope) if self.slope else nn.relu(self.fc(x))
@@ -771,9 +754,8 @@ def param_group(name: str, p: mx.array, proj_optimizer: dict | None = None) -> s
 def newton_schulz(g, steps: int):
     """Approximately orthogonalise g (quintic Newton-Schulz iteration, as in Muon)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g / (mx.sqrt(mx.sum(g * g)) + 1e-7)
-    tall = x.shape[0] > x.shape[1]
-    x = x.T if tall else x
+    tall = g.shape[0] > g.shape[1]  # iterate on the wide side: x @ x.T is then the smaller Gram matrix
+    x = (g.T if tall else g) / (mx.sqrt(mx.sum(g * g)) + 1e-7)
     for _ in range(steps):
         s = x @ x.T
         x = a * x + (b * s + c * (s @ s)) @ x
@@ -852,38 +834,26 @@ class Optimizers:
                 self.ema[n] = d * self.ema[n] + (1 - d) * p
         return out
 
-    def arrays(self) -> dict:
-        """Every state array by a '/'-joined path (for checkpoints)."""
-        return flatten_tree(dict(opt=self.state[:-1], ema=self.ema))
+    def slots(self) -> dict:
+        """Every state array as '/'-joined path -> (container, key): checkpoints read and refill it in place."""
+        return tree_slots(dict(opt=self.state[:-1], ema=self.ema))
 
     def load_arrays(self, flat: dict):
-        assign_tree(dict(opt=self.state[:-1], ema=self.ema), flat)
+        """Refill every state array from a checkpoint, insisting on exactly the same paths."""
+        slots = self.slots()
+        if set(slots) != set(flat):
+            diff = sorted(set(slots) ^ set(flat))[:4]
+            raise ValueError(f"checkpoint state does not match this run's optimizer state (differs at {diff})")
+        for path, (box, k) in slots.items():
+            box[k] = mx.array(flat[path])
 
 
-def flatten_tree(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, (dict, list, tuple)):
-        return {prefix: tree}
+def tree_slots(tree, prefix: str = "") -> dict:
     out = {}
-    for k, v in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
-        out.update(flatten_tree(v, f"{prefix}/{k}" if prefix else str(k)))
+    for k in (list(tree) if isinstance(tree, dict) else range(len(tree))):
+        path = f"{prefix}/{k}" if prefix else str(k)
+        out.update(tree_slots(tree[k], path) if isinstance(tree[k], (dict, list, tuple)) else {path: (tree, k)})
     return out
-
-
-def assign_tree(tree, flat: dict, prefix: str = ""):
-    """The inverse of flatten_tree, in place, insisting on exactly the same paths."""
-    want = flatten_tree(tree, prefix)
-    if set(want) != set(flat):
-        diff = sorted(set(want) ^ set(flat))[:4]
-        raise ValueError(f"checkpoint state does not match this run's optimizer state (differs at {diff})")
-
-    def walk(node, path):
-        for k in (list(node) if isinstance(node, dict) else range(len(node))):
-            p = f"{path}/{k}" if path else str(k)
-            if isinstance(node[k], (dict, list, tuple)):
-                walk(node[k], p)
-            else:
-                node[k] = mx.array(flat[p])
-    walk(tree, prefix)
 
 
 def ema_decay_at(t, hp: Hyperparameters):
@@ -894,9 +864,6 @@ def ema_decay_at(t, hp: Hyperparameters):
 
 def _on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
-
-
-WARMDOWN_MAX_BUDGET_SHARE = 0.5
 
 
 def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
@@ -910,7 +877,7 @@ def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
         return 1.0
     mul = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
     if cap_ms > 0 and step > 0:
-        warmdown_ms = min(hp.warmdown_iters * elapsed_ms / step, WARMDOWN_MAX_BUDGET_SHARE * cap_ms)
+        warmdown_ms = min(hp.warmdown_iters * elapsed_ms / step, 0.5 * cap_ms)
         mul = min(mul, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
     return mul
 
@@ -949,6 +916,7 @@ GPTQ_LITE_PCTS = (1.0, 0.99999, 0.9999, 0.9995, 0.999)  # 1.0 first: a tie keeps
 CONTROL_PATTERNS = ("resid_mix", "skip_weights", "attn_scale", "mlp_scale", "q_gain", "lane_")
 CHECKPOINT_MAGIC = b"PGMLXck1"
 _NP_DTYPES = {n: np.dtype(n) for n in ("int8", "float16", "float32", "int32", "int64", "uint32", "uint64")}
+RECORD_BASE_OFF = {n: Hyperparameters.__dataclass_fields__[n].default for n in RECORD_BASE_FIELDS}  # headers omit these
 
 
 class ArtifactError(ValueError):
@@ -991,13 +959,9 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 def gptq_lite_rows(w: np.ndarray, bits: int):
     """GPTQ-lite (#414): clip each row at its own |w| quantile, one percentile per matrix, the least-MSE one:
     clipping a few outliers buys a finer grid for all other weights. Needs no data. -> (q, scale, pct)"""
-    best = None
-    for pct, clip in zip(GPTQ_LITE_PCTS, np.quantile(np.abs(w), GPTQ_LITE_PCTS, axis=1)):
-        q, s = quantize_rows(w, bits, clip.astype(np.float32))
-        err = float(np.square(dequantize_rows(q, s) - w).mean())
-        if best is None or err < best[0]:
-            best = (err, q, s, pct)
-    return best[1:]
+    tries = [(*quantize_rows(w, bits, clip.astype(np.float32)), pct)
+             for pct, clip in zip(GPTQ_LITE_PCTS, np.quantile(np.abs(w), GPTQ_LITE_PCTS, axis=1))]
+    return min(tries, key=lambda t: float(np.square(dequantize_rows(t[0], t[1]) - w).mean()))  # a tie: the first
 
 
 def fake_quant(w: mx.array, bits: int) -> mx.array:
@@ -1020,15 +984,13 @@ def pack_state(flat: dict, bits, gptq_lite: bool = False) -> list:
             raise ArtifactError(f"weight {name} has non-finite values (NaN/inf): training diverged; "
                                 "nothing valid to write (lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR)")
         b = tensor_bits(name, bits) if is_quantized(name, w.shape) else 0
-        if b == 16:
-            if np.abs(w).max() > 65504:
-                raise ArtifactError(f"weight {name} exceeds the float16 range: it cannot be kept as fp16")
-            out.append((name, "raw", w.astype(np.float16)))
-        elif b:
+        if b == 16 and np.abs(w).max() > 65504:
+            raise ArtifactError(f"weight {name} exceeds the float16 range: it cannot be kept as fp16")
+        if b in (0, 16):
+            out.append((name, "raw", w.astype(np.float16) if b else w))
+        else:
             q, scale = gptq_lite_rows(w, b)[:2] if gptq_lite else quantize_rows(w, b)
             out += [(name, "q", q), (name, "scale", scale)]
-        else:
-            out.append((name, "raw", w))
     return out
 
 
@@ -1113,16 +1075,11 @@ def read_container(path: str, magic: bytes, what: str):
     return header, arrays
 
 
-def record_base_off() -> dict:
-    return {n: Hyperparameters.__dataclass_fields__[n].default for n in RECORD_BASE_FIELDS}
-
-
 def write_artifact(path: str, flat: dict, cfg: ModelConfig, bits, meta: dict | None = None,
                    gptq_lite: bool = False, codec: str = "zstd") -> int:
     """Quantize (bits: int or quant_plan), compress (codec; zstd level 22), write atomically -> bytes. Record-base
     fields at their off values stay out of the header, so baseline artifacts stay byte-identical with older ones."""
-    off = record_base_off()
-    config = {k: v for k, v in asdict(cfg).items() if k not in off or off[k] != v}
+    config = {k: v for k, v in asdict(cfg).items() if k not in RECORD_BASE_OFF or RECORD_BASE_OFF[k] != v}
     header = dict(format="parameter-golf-mlx", version=1, quant_bits=bits, config=config, meta=meta or {})
     header.update(dict(gptq_lite=list(GPTQ_LITE_PCTS)) if gptq_lite else {})
     return write_container(path, ARTIFACT_MAGIC, header, pack_state(flat, bits, gptq_lite), 22, codec)
@@ -1132,7 +1089,7 @@ def read_artifact(path: str):
     """Returns (ModelConfig, {name: float32 array}, header). Never runs code from the file."""
     header, arrays = read_container(path, ARTIFACT_MAGIC, "artifact")
     try:
-        cfg = ModelConfig(**{**record_base_off(), **header["config"]})
+        cfg = ModelConfig(**{**RECORD_BASE_OFF, **header["config"]})
         flat = {name: a.astype(np.float32) if role == "raw" else dequantize_rows(a, arrays[(name, "scale")])
                 for (name, role), a in arrays.items() if role in ("raw", "q")}
     except (KeyError, TypeError) as e:
@@ -1152,7 +1109,7 @@ def write_checkpoint(path: str, model: GPT, opt: Optimizers, meta: dict) -> int:
     """The whole training state: float32 weights, optimizer state and EMA, plus `meta` (step, train
     time, data position, QAT state, hyperparameters). zstd level 3: it is written often."""
     arrays = [(n, "param", a) for n, a in flat_numpy(model).items()]
-    arrays += [(n, "state", np.array(a)) for n, a in opt.arrays().items()]
+    arrays += [(n, "state", np.array(box[k])) for n, (box, k) in opt.slots().items()]
     header = dict(format="parameter-golf-mlx", version=1, kind="checkpoint", config=asdict(model.cfg), meta=meta)
     return write_container(path, CHECKPOINT_MAGIC, header, arrays, level=3)
 
@@ -1248,9 +1205,8 @@ def model_scores(fn, tokens, starts, offsets, L: int, batch_seqs: int, bounds, l
         flat = mx.array(np.flatnonzero(keep).astype(np.int32))  # scored positions, in target order
         yield mx.take(nll.reshape(-1), flat), None if ent is None else mx.take(ent.reshape(-1), flat)
         if log and time.perf_counter() - last_print > 30 and i + 1 < len(bounds):
-            last_print = time.perf_counter()
-            el, n = last_print - t0, len(bounds)
-            log(f"{label}_progress: {i + 1}/{n} batches eta:{el / (i + 1) * (n - i - 1):.0f}s")
+            last_print, n = time.perf_counter(), len(bounds)
+            log(f"{label}_progress: {i + 1}/{n} batches eta:{(last_print - t0) / (i + 1) * (n - i - 1):.0f}s")
 
 
 def gathered_scores(mine, starts, offsets, n_tgt: int, L: int, batch_seqs: int, group, need_ent: bool):
@@ -1501,10 +1457,9 @@ class BackoffNgramMixer:
         M, lp, H = lp.shape[0], np.array(lp, np.float64), np.array(H, np.float64)
         lo = max(0, start - self.K)  # only the tokens this call needs: tok[i] == tokens[lo + i]
         tok, out = np.array(tokens[lo:start + M]).astype(np.int64), np.empty(M, np.float32)
-        for s in range(start, start + M, self.chunk):
-            e = min(s + self.chunk, start + M)
-            out[s - start:e - start] = self._chunk(tok, lo, np.arange(s, e), lp[s - start:e - start],
-                                                   H[s - start:e - start])
+        for a in range(0, M, self.chunk):  # a..b: positions in this call, start + a..: absolute targets
+            b = min(a + self.chunk, M)
+            out[a:b] = self._chunk(tok, lo, np.arange(start + a, start + b), lp[a:b], H[a:b])
         self.next = start + M
         return mx.array(out)
 
@@ -1663,8 +1618,7 @@ class Logger:
             print(f"[rank {self.rank}] {msg}" if self.rank else msg, flush=True)
         if self.f:
             try:
-                self.f.write(msg + "\n")
-                self.f.flush()
+                print(msg, file=self.f, flush=True)
             except OSError as e:
                 self.f = None
                 print(f"WARNING: cannot write the log {self.path} ({e.strerror}); console only", file=sys.stderr)
@@ -1761,12 +1715,9 @@ def main(env=None) -> int:
         log(f"interrupted (Ctrl-C) during {r.phase}; " + (
             "the artifact above is complete" if r.phase == "the round-trip evaluation" else "nothing was written"))
         return 130
-    except ConfigError as e:
+    except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:  # ConfigError included: exit 2
         log(f"error: {e}")
-        return 2
-    except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:
-        log(f"error: {e}")
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
 
 
 def run(r: Run) -> int:
@@ -2086,9 +2037,8 @@ def eval_only(r: Run, sp) -> int:
     evaluation variable is re-validated against that shape, not the environment's."""
     cfg, flat, header = read_artifact(r.hp.load_artifact)
     trained_seq = int(header["meta"].get("train_seq_len", r.hp.train_seq_len))
-    hp = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq)
+    hp, log = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq), r.log
     hp.check_relations()
-    log = r.log
     log_run_header(r, hp)
     check_memory(memory_needs(hp, cfg, 0), log)
     model = GPT(cfg, hp.dtype())
