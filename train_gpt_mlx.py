@@ -244,8 +244,9 @@ class Hyperparameters:
             (self.xsa_last_n > n, f"XSA_LAST_N={self.xsa_last_n} must be <= the {n} (virtual) layers"),
             (self.parallel_start_layer >= L,
              f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={L} (0 = off)"),
-            (self.recur_untied_mlp and not (span or recur_err), "RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b"),
-            (self.recur_start_frac and not (span or recur_err), "RECUR_START_FRAC > 0 needs RECUR_LAYERS=a,b")) if bad]
+            # RECUR_LAYERS=off (say, under a recipe) turns these off with it; unset, they are a mistake
+            (self.recur_untied_mlp and not self.recur_layers, "RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b"),
+            (self.recur_start_frac and not self.recur_layers, "RECUR_START_FRAC > 0 needs RECUR_LAYERS=a,b")) if bad]
 
     def dtype(self):
         if self.compute_dtype == "auto":  # bf16 matmul is ~30x slower than fp32 on CPU
@@ -258,6 +259,7 @@ RECIPES = {  # RECIPE=name sets these defaults; any variable set explicitly wins
     "sp1024_record": dict(
         NUM_LAYERS="9", MLP_MULT="3", SMEAR_GATE="1", BIGRAM_HASH_SIZE="2816", BIGRAM_DIM="112", XSA_LAST_N="11",
         ROPE_DIMS="16", LN_SCALE="1", LEAKY_RELU_SLOPE="0.5", PARALLEL_START_LAYER="5", RECUR_LAYERS="3,4",
+        RECUR_START_FRAC="0.5",
         MATRIX_LR="0.03", TIED_EMBED_LR="0.035", SCALAR_LR="0.025", GRAD_CLIP_NORM="0.3", MUON_MOMENTUM="0.99",
         MUON_MOMENTUM_WARMUP_START="0.92", MUON_MOMENTUM_WARMUP_STEPS="1500", MUON_WEIGHT_DECAY="0.04",
         EMA_DECAY="0.997", WARMDOWN_FRAC="0.56", ENGRAM_LITE_ENABLED="1", ENGRAM_HASH_SIZE="2048", ENGRAM_DIM="64",
@@ -1824,7 +1826,7 @@ def setup(r: Run, sp):
         log(f"complement: bigram table from <= {hp.complement_max_tokens} train tokens in "
             f"{time.perf_counter() - t0:.1f}s (alpha:{hp.complement_alpha} floor:{hp.complement_floor})")
     # one complete graph set per training mode: switching QAT or recurrence on swaps sets, never a baked-in flag
-    r.recur_on = hp.recur_start_frac == 0
+    r.recur_on = not (hp.recur_start_frac and r.model.span)
     r.graphs = {(qat, rec): Compiled(r.model, r.opt, qat_bits=quant_plan(hp) if qat else 0, complement=complement,
                                      recur=rec) for qat in ((False, True) if hp.qat_start_frac < 1.0 else (False,))
                 for rec in sorted({r.recur_on, True})}

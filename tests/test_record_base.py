@@ -156,6 +156,7 @@ def test_recipe_resolves_and_explicit_values_win():
         T.Hyperparameters.from_env(dict(RECIPE="sp1024"))
     off = T.Hyperparameters.from_env(dict(RECIPE="sp1024_record", RECUR_LAYERS="off", XSA_LAST_N="9"))
     assert off.recur_layers == "off" and T.recur_span(off.recur_layers, off.num_layers) is None  # the recipe's, undone
+    assert off.recur_start_frac == 0.5  # inert without a span
     assert len(T.GPT(T.ModelConfig.from_hparams(hp_of(RECUR_LAYERS="off"))).virtual_layers()) == 3
 
 
@@ -163,7 +164,7 @@ def test_recipe_resolves_and_explicit_values_win():
                                        (dict(RECUR_LAYERS="2,1"), "RECUR_LAYERS"), (dict(RECUR_LAYERS="x"), "RECUR_LAYERS"),
                                        (dict(XSA_LAST_N=4), "XSA_LAST_N"), (dict(PARALLEL_START_LAYER=3), "PARALLEL"),
                                        (dict(RECUR_UNTIED_MLP=1), "RECUR_UNTIED_MLP"),
-                                       (dict(RECUR_START_FRAC=0.5, RECUR_LAYERS="off"), "RECUR_START_FRAC"),
+                                       (dict(RECUR_START_FRAC=0.5), "RECUR_START_FRAC"),
                                        (dict(RECUR_START_FRAC=1.5, RECUR_LAYERS="1,1"), "RECUR_START_FRAC"),
                                        (dict(RECIPE="sp1024_record", NUM_LAYERS=3), "PARALLEL_START_LAYER")])
 def test_bad_values_name_the_variable(over, var):
