@@ -536,7 +536,11 @@ def test_probe_hub_local_sockets(monkeypatch):
 def test_probe_hub_bounded_when_dns_hangs(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(dl.urllib.request, "getproxies", lambda: {})
-    monkeypatch.setattr(dl.socket, "getaddrinfo", lambda *a, **k: time.sleep(5))  # a resolver that hangs
+    def hanging_resolver(*a, **k):  # answers long after the probe gave up, as a real one that times out
+        time.sleep(5)
+        raise dl.socket.gaierror("Temporary failure in name resolution")
+
+    monkeypatch.setattr(dl.socket, "getaddrinfo", hanging_resolver)
     t0 = time.monotonic()
     reason = real_probe_hub("https://huggingface.co", timeout=0.3)
     assert "no answer" in reason and time.monotonic() - t0 < 2
