@@ -75,3 +75,16 @@ def tiny_env(data, tmp_path, **over) -> dict:
                TRAIN_LOG_EVERY="1", MAX_WALLCLOCK_SECONDS="0", VAL_BATCH_SIZE="4096")
     env.update({k: str(v) for k, v in over.items()})
     return env
+
+
+def ctrl_c_after(monkeypatch, module, calls: int, name: str = "train_step"):
+    """module.<name> raises KeyboardInterrupt (a Ctrl-C) on call number calls + 1."""
+    real, made = getattr(module, name), []
+
+    def step(*a, **kw):
+        made.append(1)
+        if len(made) == calls + 1:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, step)

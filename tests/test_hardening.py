@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import train_gpt_mlx as T
-from conftest import load_script, tiny_env
+from conftest import ctrl_c_after, load_script, tiny_env
 
 
 def _log(tmp_path, rid="tiny"):
@@ -197,15 +197,7 @@ def test_ctrl_c_during_warmup_and_roundtrip_is_a_message_not_a_traceback(data, t
     assert T.main(tiny_env(data, tmp_path, RUN_ID="w")) == 130
     assert "interrupted (Ctrl-C) during warmup" in _log(tmp_path, "w")
     monkeypatch.undo()
-    real, calls = T.evaluate, []
-
-    def second_eval_interrupted(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(T, "evaluate", second_eval_interrupted)
+    ctrl_c_after(monkeypatch, T, 1, "evaluate")  # the round-trip evaluation, after the final one
     assert T.main(tiny_env(data, tmp_path, RUN_ID="r", ITERATIONS=2, VAL_MAX_TOKENS=256)) == 130
     assert "during the round-trip evaluation; the artifact above is complete" in _log(tmp_path, "r")
     assert "Traceback" not in capsys.readouterr().err
@@ -248,15 +240,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(data, tmp_path, monkeyp
                 QAT_START_FRAC=0.7, MUON_WEIGHT_DECAY=0.01)
     assert T.main(tiny_env(data, tmp_path, RUN_ID="full", **over)) == 0
     full = _log(tmp_path, "full")
-    real, calls = T.train_step, []
-
-    def stop_after_10(*a, **kw):  # 2 warmup steps (plain + QAT), then 10 training steps, then Ctrl-C
-        calls.append(1)
-        if len(calls) == 2 + 10 + 1:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(T, "train_step", stop_after_10)
+    ctrl_c_after(monkeypatch, T, 2 + 10)  # 2 warmup steps (plain + QAT), then 10 training steps
     assert T.main(tiny_env(data, tmp_path, RUN_ID="first", CHECKPOINT_EVERY=4, **over)) == 0
     monkeypatch.undo()
     ckpt = tmp_path / "first_ckpt.pgck"

@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 import train_gpt_mlx as T
-from conftest import tiny_env
+from conftest import ctrl_c_after, tiny_env
 
 SHAPE = dict(VOCAB_SIZE="128", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2")
 PIECES = {
@@ -197,15 +197,7 @@ def test_delayed_recurrence_trains_the_plain_order_first_then_switches_and_resum
     assert "warmup_step:2/2 (recurrence graphs)" in full and "recurrence:on step:4 layers 1,1" in full
     assert _losses(full)[:4] == _losses(plain)[:4]  # same init (skip rows are ones): the plain order, bit for bit
     assert _losses(full)[4:] != _losses(plain)[4:]
-    real, calls = T.train_step, []
-
-    def stop_after_6(*a, **kw):  # 2 warmup steps, 6 training steps, then Ctrl-C: the checkpoint is past the switch
-        calls.append(1)
-        if len(calls) == 2 + 6 + 1:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(T, "train_step", stop_after_6)
+    ctrl_c_after(monkeypatch, T, 2 + 6)  # 2 warmup steps, 6 training steps: the checkpoint is past the switch
     assert T.main(tiny_env(data, tmp_path, RUN_ID="first", CHECKPOINT_EVERY=3, **delayed)) == 0
     monkeypatch.undo()
     env = tiny_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=str(tmp_path / "first_ckpt.pgck"), **delayed)

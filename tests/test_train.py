@@ -8,7 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import train_gpt_mlx as T
-from conftest import SAMPLE, load_script, tiny_env
+from conftest import SAMPLE, ctrl_c_after, load_script, tiny_env
 
 
 def tiny_hp(**over):
@@ -312,15 +312,7 @@ def test_same_seed_same_losses_other_seed_differs(data, tmp_path):
 
 
 def test_ctrl_c_during_training_still_writes_a_scored_artifact(data, tmp_path, monkeypatch):
-    real, calls = T.train_step, []
-
-    def flaky(*args, **kw):
-        calls.append(1)
-        if len(calls) == 4 + 1:  # the warmup step, then 3 training steps, then Ctrl-C
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(T, "train_step", flaky)
+    ctrl_c_after(monkeypatch, T, 1 + 3)  # the warmup step, then 3 training steps
     assert T.main(tiny_env(data, tmp_path, VAL_MAX_TOKENS=512)) == 0
     log = (tmp_path / "tiny.txt").read_text()
     assert "interrupted at step 3" in log and re.search(r"^step:3/20 val_loss:", log, re.M)
