@@ -18,6 +18,7 @@ import time
 import uuid
 import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -1165,28 +1166,30 @@ def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stri
              mixer=None, log=None, label="val", group=None, ttt: "TestTimeTrainer | None" = None):
     """Score every target once, in order, through `fn` (NLL, or (NLL, entropy)) in one compiled batch shape,
     optionally mixed with the n-gram cache; with `ttt`, each scored chunk is then trained on (C3). A `group`
-    splits the batches (not with TTT). Returns (val_loss, val_bpb, per-target NLL in nats, float32)."""
+    splits each chunk's batches (no TTT: one chunk) and gathers them in order, so the mixer and TTT see one
+    process's stream. Returns (val_loss, val_bpb, per-target NLL in nats, float32)."""
     n_tgt, L = tokens.size - 1, seq_len
     starts, offsets = eval_windows(n_tgt, L, stride or L)
     per_chunk = ttt.per_chunk if ttt else starts.size
     batch_seqs = min(batch_seqs, starts.size, per_chunk)
-    bounds = [(lo, min(lo + batch_seqs, c + per_chunk, starts.size)) for c in range(0, starts.size, per_chunk)
-              for lo in range(c, min(c + per_chunk, starts.size), batch_seqs)]
-    dp = group is not None and group.size() > 1 and ttt is None
-    mine = np.array_split(np.arange(len(bounds)), group.size())[group.rank()] if dp else range(len(bounds))
-    batches = model_scores(fn, tokens, starts, offsets, L, batch_seqs, [bounds[i] for i in mine], log, label)
-    if dp:
-        batches = gathered_scores(batches, starts, offsets, n_tgt, L, batch_seqs, group, mixer is not None)
+    chunks = [[(lo, min(lo + batch_seqs, c + per_chunk, starts.size)) for lo in range(c, min(c + per_chunk,
+               starts.size), batch_seqs)] for c in range(0, starts.size, per_chunk)]
+    W = 1 if group is None else group.size()
+    mine = [[ch[i] for i in np.array_split(np.arange(len(ch)), W)[group.rank() if W > 1 else 0]] for ch in chunks]
+    scores = model_scores(fn, tokens, starts, offsets, L, batch_seqs, [b for m in mine for b in m], log, label)
     nll_out, done = np.empty(n_tgt, np.float32), 0
-    for (_, hi), (nll, ent) in zip(bounds, batches):
-        if mixer is not None:
-            nll = mixer.nll(tokens, done + 1, -nll, ent if ent is not None else mx.zeros_like(nll))
-        nll = np.array(nll)
-        nll_out[done:done + nll.size] = nll
-        done += nll.size
-        if ttt and hi % per_chunk == 0 and hi < starts.size:  # chunk scored and recorded: now train on it
-            ttt.train(tokens, int(starts[hi - per_chunk] + offsets[hi - per_chunk]), done, hi // per_chunk - 1,
-                      -(-starts.size // per_chunk))
+    for c, (ch, m) in enumerate(zip(chunks, mine)):
+        batches, a, b = (next(scores) for _ in m), ch[0][0], ch[-1][1]  # lazy: scored after the last train()
+        if W > 1:
+            batches = gathered_scores(batches, starts[a:b], offsets[a:b], n_tgt, L, batch_seqs, group, bool(mixer))
+        for nll, ent in batches:
+            if mixer is not None:
+                nll = mixer.nll(tokens, done + 1, -nll, ent if ent is not None else mx.zeros_like(nll))
+            nll = np.array(nll)
+            nll_out[done:done + nll.size] = nll
+            done += nll.size
+        if ttt and c + 1 < len(chunks):  # chunk scored and recorded: now train on it
+            ttt.train(tokens, int(starts[a] + offsets[a]), done, c, len(chunks))
     if done != n_tgt:  # a bug, never a number to report
         raise RuntimeError(f"evaluation scored {done} of {n_tgt} targets")
     return summarize_nll(nll_out, tokens, tables)
@@ -1212,7 +1215,8 @@ def model_scores(fn, tokens, starts, offsets, L: int, batch_seqs: int, bounds, l
 
 
 def gathered_scores(mine, starts, offsets, n_tgt: int, L: int, batch_seqs: int, group, need_ent: bool):
-    """Data parallelism: `mine` scores this rank's share of the batches; one all_gather rebuilds all, in order."""
+    """Data parallelism: `mine` scores this rank's share of the batches (batch_seqs-wide from starts[0], e.g.
+    one TTT chunk's); one all_gather rebuilds all, in order."""
     share = np.array_split(np.add.reduceat(np.minimum(L, n_tgt - starts) - offsets,  # scored targets per batch
                                            np.arange(0, starts.size, batch_seqs)), group.size())
     rows, width = [], max(int(c.sum()) for c in share)
@@ -1241,8 +1245,8 @@ class TestTimeTrainer:
     """Score-first test-time training (C3): train() runs only on a chunk already scored and recorded. 'full':
     SGD momentum 0.9 (#461); 'lora': rank-r W + B A, Adam, B = 0. close() restores the weights."""
 
-    def __init__(self, model: GPT, hp: Hyperparameters, seq_len: int, stride: int):
-        self.model, self.hp, self.L = model, hp, seq_len
+    def __init__(self, model: GPT, hp: Hyperparameters, seq_len: int, stride: int, group=None):
+        self.model, self.hp, self.L, self.group = model, hp, seq_len, group
         self.per_chunk = max(1, hp.ttt_chunk // stride)  # windows scored between two training rounds
         self.rows = min(hp.ttt_batch_seqs, -(-(seq_len + (self.per_chunk - 1) * stride) // seq_len))
         self.base = dict(tree_flatten(model.trainable_parameters()))
@@ -1266,16 +1270,33 @@ class TestTimeTrainer:
 
     def step(self, x, y, mask, lr):
         """One optimizer step on already-scored tokens; mask marks the targets that count."""
+        loss, grads = self.grad(x, y, mask, mx.maximum(mask.sum(), 1.0))
+        self.update(grads, lr)
+        return loss
+
+    def dp_step(self, grad, update, x, y, mask, lr):
+        """step() over W ranks: each takes 1/W of the rows (padded with masked ones), the gradients of the
+        step's loss, all-reduced, then the same clip and update everywhere."""
+        W, r = self.group.size(), self.group.rank()
+        k = -(-x.shape[0] // W)
+        x, y, m = (mx.pad(a, [(0, k * W - a.shape[0]), (0, 0)])[r * k:(r + 1) * k] for a in (x, y, mask))
+        loss, grads = grad(x, y, m, mx.maximum(mask.sum(), 1.0) / W)  # averaged below: W x the 1/W share
+        update(dict(zip(grads, nn.average_gradients(list(grads.values()), self.group))), lr)  # keys hold dots
+        return loss
+
+    def grad(self, x, y, mask, denom):
         def loss_fn(p):
             self.model.update(tree_unflatten(list(self.weights(p).items())))
-            return (self.model.token_nll(x, y) * mask).sum() / mx.maximum(mask.sum(), 1.0)
-        loss, grads = mx.value_and_grad(loss_fn)(self.params)
+            return (self.model.token_nll(x, y) * mask).sum() / denom
+        return mx.value_and_grad(loss_fn)(self.params)
+
+    def update(self, grads, lr):
         clip = self.hp.ttt_grad_clip
         self.opt.state["learning_rate"] = lr
         self.params.update(self.opt.apply_gradients(optim.clip_grad_norm(grads, clip)[0] if clip else grads,
                                                     self.params))
         self.model.update(tree_unflatten(list(self.weights(self.params).items())))
-        return loss
+        return mx.array(0.0)
 
     def reset(self):
         self.params.update(self.init)
@@ -1571,7 +1592,11 @@ class Compiled:
         self.token_nll = c(moded(model.token_nll), inputs=state)
         self.token_stats = c(moded(model.token_stats), inputs=state)
         if ttt:
-            self.ttt_step = c(moded(ttt.step), inputs=state + ttt.state, outputs=state + ttt.state)
+            both = state + ttt.state
+            self.ttt_step = c(moded(ttt.step), inputs=both, outputs=both)
+        if ttt and ttt.group is not None and ttt.group.size() > 1:  # the all-reduce runs between the two graphs
+            self.ttt_step = partial(ttt.dp_step, c(moded(ttt.grad), inputs=both, outputs=both),
+                                    c(ttt.update, inputs=both, outputs=both))
 
 
 def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_mul: float, momentum: float,
@@ -2016,7 +2041,7 @@ def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, gr
         if hp.ngram_mixer_enabled:
             mixer = make_mixer(hp, model.cfg.vocab_size, val_tokens.size, log)
         if hp.ttt_enabled:  # adapts the weights evaluated here (the EMA when on); close() restores them
-            ttt = TestTimeTrainer(model, hp, eval_seq, hp.eval_stride_resolved or eval_seq)
+            ttt = TestTimeTrainer(model, hp, eval_seq, hp.eval_stride_resolved or eval_seq, group)
             fns = Compiled(model, opt or Optimizers(model, hp), ttt=ttt)
             ttt.prime(fns.ttt_step)
     fn = fns.token_stats if mixer and hp.ngram_alpha_mode == "entropy" else fns.token_nll

@@ -93,6 +93,30 @@ def test_eval_only_on_two_ranks_writes_the_same_nll_dump(data, tmp_path):
     assert dumps[1][1] == dumps[2][1]
 
 
+@pytest.mark.parametrize("ttt", [dict(TTT_MODE="lora", TTT_BATCH_SEQS=3),  # 3 rows over 2 ranks: one padded
+                                 dict(TTT_MODE="full", TTT_BATCH_SEQS=1, NGRAM_MIXER_ENABLED=1)])  # rank 1: all pad
+def test_ttt_on_two_ranks_scores_like_one_process(data, tmp_path, ttt):
+    """TTT with 2 ranks (each chunk's batches split and gathered, the TTT step's rows split, gradients
+    all-reduced) gives one process's NLL dump and val_bpb; the first chunk, scored unadapted, bit-exactly."""
+    assert T.main(tiny_env(data, tmp_path, ITERATIONS=3, VAL_MAX_TOKENS=600)) == 0
+    dumps = {}
+    for ranks, lr in ((0, 0), (1, 0.03), (2, 0.03)):  # 0: one process, TTT_LR=0 (the plain evaluation)
+        out = tmp_path / f"e{ranks}"
+        out.mkdir()
+        env = tiny_env(data, out, EVAL_ONLY=1, LOAD_ARTIFACT=tmp_path / "tiny_model.int6.ptz", VAL_MAX_TOKENS=600,
+                       EVAL_STRIDE=16, EVAL_BATCH_SEQS=2, TTT_ENABLED=1, TTT_CHUNK=96, TTT_LR=lr, TTT_EPOCHS=2,
+                       EVAL_TOKEN_NLL_PATH=out / "nll.f32", **ttt)
+        _launch(out, env, max(ranks, 1))  # a subprocess, like the others: one BLAS thread
+        log = (out / "tiny.txt").read_text()
+        assert f"world_size:{max(ranks, 1)} " in log
+        dumps[ranks] = np.fromfile(out / "nll.f32", "<f4"), _exact(log, "eval_only_exact")
+    (plain, _), (a, bpb1), (b, bpb2) = dumps[0], dumps[1], dumps[2]
+    assert a.size == 599 and np.array_equal(a[:144], plain[:144]) and np.array_equal(a[:144], b[:144])
+    assert np.abs(a[144:] - plain[144:]).max() > 1e-3  # it adapted
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bpb2, bpb1, rtol=1e-5)
+
+
 def test_dist_backend_without_launcher_is_named(data, tmp_path, capsys):
     assert T.main(tiny_env(data, tmp_path, DIST_BACKEND="ring")) == 2
     assert "DIST_BACKEND=ring" in capsys.readouterr().err
