@@ -1181,7 +1181,8 @@ def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stri
     for c, (ch, m) in enumerate(zip(chunks, mine)):
         batches, a, b = (next(scores) for _ in m), ch[0][0], ch[-1][1]  # lazy: scored after the last train()
         if W > 1:
-            batches = gathered_scores(batches, starts[a:b], offsets[a:b], n_tgt, L, batch_seqs, group, bool(mixer))
+            batches = gathered_scores(batches, starts[a:b], offsets[a:b], n_tgt, L, batch_seqs, group,
+                                      mixer is not None)
         for nll, ent in batches:
             if mixer is not None:
                 nll = mixer.nll(tokens, done + 1, -nll, ent if ent is not None else mx.zeros_like(nll))
@@ -1591,12 +1592,12 @@ class Compiled:
         self.update = c(update, inputs=state, outputs=state)
         self.token_nll = c(moded(model.token_nll), inputs=state)
         self.token_stats = c(moded(model.token_stats), inputs=state)
-        if ttt:
-            both = state + ttt.state
-            self.ttt_step = c(moded(ttt.step), inputs=both, outputs=both)
+        both = state + (ttt.state if ttt else [])
         if ttt and ttt.group is not None and ttt.group.size() > 1:  # the all-reduce runs between the two graphs
             self.ttt_step = partial(ttt.dp_step, c(moded(ttt.grad), inputs=both, outputs=both),
                                     c(ttt.update, inputs=both, outputs=both))
+        elif ttt:
+            self.ttt_step = c(moded(ttt.step), inputs=both, outputs=both)
 
 
 def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_mul: float, momentum: float,
