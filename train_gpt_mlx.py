@@ -1789,34 +1789,36 @@ def preflight_paths(hp: Hyperparameters):
 
 
 def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int) -> dict:
-    """Rough peak bytes of each big allocation, keyed by the knob that sets it."""
+    """Rough peak bytes of each big allocation, keyed by the knob that sets it, by phase: "always" lives through
+    the run; "train" (a microbatch) is freed before "eval" (a batch, the mixer, TTT) starts."""
     V, d, L, mlp = cfg.vocab_size, cfg.model_dim, cfg.num_layers, cfg.mlp_mult
     params = V * d * (1 if cfg.tie_embeddings else 2) + L * d * d * (2 + 2 * mlp) + 4 * cfg.engram_hash_size * (
         cfg.engram_dim if cfg.engram_lite_enabled else 0) + (V + d) * (cfg.engram_dim + cfg.skipgram_dim)
     eval_seq = hp.eval_seq_len or hp.train_seq_len
     eval_tokens = (hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq)) * eval_seq
-    need = {"NUM_LAYERS/MODEL_DIM (weights, gradients, optimizer state, EMA)": params * 4 * 6,
-            "MLX_MAX_MICROBATCH_TOKENS (one microbatch's activations)":
-                micro_tokens * 4 * (L * d * (16 + 4 * mlp) + 4 * V) * (0 if hp.eval_only else 1),
-            "VAL_BATCH_SIZE/EVAL_BATCH_SEQS (one evaluation batch)": eval_tokens * 4 * (L * d * 8 + 4 * V)}
+    need = {"always": {"NUM_LAYERS/MODEL_DIM (weights, gradients, optimizer state, EMA)": params * 4 * 6},
+            "train": {"MLX_MAX_MICROBATCH_TOKENS (one microbatch's activations)":
+                      micro_tokens * 4 * (L * d * (16 + 4 * mlp) + 4 * V) * (0 if hp.eval_only else 1)},
+            "eval": {"VAL_BATCH_SIZE/EVAL_BATCH_SEQS (one evaluation batch)": eval_tokens * 4 * (L * d * 8 + 4 * V)}}
     if hp.complement_alpha > 0 and not hp.eval_only:
-        need["COMPLEMENT_ALPHA/VOCAB_SIZE (bigram table, V x V)"] = V * V * (4 + 8)
+        need["always"]["COMPLEMENT_ALPHA/VOCAB_SIZE (bigram table, V x V)"] = V * V * (4 + 8)
     if hp.ttt_enabled:
-        need["TTT_BATCH_SEQS (a test-time training step)"] = hp.ttt_batch_seqs * eval_seq * 4 * L * d * (16 + 4 * mlp)
+        need["eval"]["TTT_BATCH_SEQS (a test-time training step)"] = hp.ttt_batch_seqs * eval_seq * 4 * L * d * (
+            16 + 4 * mlp)
     if hp.ngram_mixer_enabled:
-        need["NGRAM_MAX_MEMORY_MB (the n-gram mixer's cap)"] = hp.ngram_max_memory_mb * 2**20
+        need["eval"]["NGRAM_MAX_MEMORY_MB (the n-gram mixer's cap)"] = hp.ngram_max_memory_mb * 2**20
     return need
 
 
 def check_memory(need: dict, log):
-    total = sum(need.values())
+    total = sum(need["always"].values()) + max(sum(need["train"].values()), sum(need["eval"].values()))
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
     log(f"memory_estimate:{total / 2**30:.2f}GiB of {have / 2**30:.1f}GiB")
     if total > 0.85 * have:
-        knob, big = max(need.items(), key=lambda kv: kv[1])
+        knob, big = max((kv for part in need.values() for kv in part.items()), key=lambda kv: kv[1])
         raise SetupError(f"this run needs about {total / 2**30:.1f} GiB but the machine has {have / 2**30:.1f} GiB; "
                          f"the largest part is {big / 2**30:.1f} GiB from {knob}: lower it")
 
