@@ -164,8 +164,11 @@ class Hyperparameters:
     ttt_batch_seqs: int = _env("TTT_BATCH_SEQS", 8, int, 1)
     ttt_grad_clip: float = _env("TTT_GRAD_CLIP", 1.0, float, 0.0)
     ttt_reset: str = _env("TTT_RESET", "never", str, choices=("never", "doc"))
-    # not a variable: what unknown_env_notes found in the environment, for the log
+    # not variables: what unknown_env_notes found in the environment, and the variables RECIPE set (for the log
+    # and error messages), those derived from NUM_LAYERS among them
     env_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
+    from_recipe: tuple = field(default=(), compare=False, metadata=dict(env=None))
+    derived: tuple = field(default=(), compare=False, metadata=dict(env=None))
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -173,7 +176,8 @@ class Hyperparameters:
         is an error (not the default): `ITERATIONS=` is more likely a broken script than a wish."""
         env = dict(os.environ if env is None else env)
         env.update({name: env[alias] for alias, name in ENV_ALIASES.items() if alias in env and name not in env})
-        env = {**RECIPES.get(env.get("RECIPE", "baseline").strip(), {}), **env}  # explicit values win
+        recipe = recipe_values(env)
+        env = {**recipe, **env}  # explicit values win
         values, errors = {}, [f"{k}={env[k]!r}: {why}" for k, why in ENV_RETIRED.items() if k in env]
         for f in env_fields():
             raw = env.get(f.metadata["env"])
@@ -182,8 +186,9 @@ class Hyperparameters:
             except ValueError as e:
                 errors.append(f"{f.metadata['env']}={raw!r}: {e}")
         if errors:
-            raise ConfigError("invalid environment:\n  " + "\n  ".join(errors))
-        hp = cls(**values, env_notes=tuple(unknown_env_notes(env)))
+            raise ConfigError("invalid environment:\n  " + "\n  ".join(blame_recipe(errors, recipe, env)))
+        derived = tuple(sorted(set(recipe) & set(RECIPE_DEPTH_RULES)))
+        hp = cls(**values, env_notes=tuple(unknown_env_notes(env)), from_recipe=tuple(sorted(recipe)), derived=derived)
         hp.check_relations()
         if hp.strict_env and hp.env_notes:
             raise ConfigError("STRICT_ENV=1 and the environment has variables this script does not read:\n  "
@@ -229,7 +234,7 @@ class Hyperparameters:
              "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME")) if bad]
         errs += self.record_base_errors()
         if errs:
-            raise ConfigError("invalid environment:\n  " + "\n  ".join(errs))
+            raise ConfigError("invalid environment:\n  " + "\n  ".join(blame_recipe(errs, self.from_recipe)))
 
     def record_base_errors(self) -> list:
         L, hd = self.num_layers, self.model_dim // self.num_heads
@@ -239,6 +244,8 @@ class Hyperparameters:
             span, recur_err = None, f"RECUR_LAYERS={self.recur_layers!r}: {e}"
         n = L + (span[1] - span[0] + 1 if span else 0)
         return [msg for bad, msg in (
+            (self.recipe != "baseline" and L < 2,
+             f"RECIPE={self.recipe} needs NUM_LAYERS >= 2 (its recurrence repeats the two hinge layers)"),
             (self.rope_dims % 2 or self.rope_dims > hd,
              f"ROPE_DIMS={self.rope_dims} must be even and <= the head dim {hd} (0 = all)"),
             (recur_err, recur_err),
@@ -255,18 +262,61 @@ class Hyperparameters:
         return getattr(mx, self.compute_dtype)
 
 
-RECIPES = {  # RECIPE=name sets these defaults; any variable set explicitly wins. Sources: README's recipe table
+RECIPES = {  # RECIPE=name sets these defaults; any variable set explicitly wins. Sources: README's recipe table.
+    # Its depth-dependent values (RECUR_LAYERS, PARALLEL_START_LAYER, XSA_LAST_N) come from recipe_values().
     "baseline": {},
     "sp1024_record": dict(
-        NUM_LAYERS="9", MLP_MULT="3", SMEAR_GATE="1", BIGRAM_HASH_SIZE="2816", BIGRAM_DIM="112", XSA_LAST_N="11",
-        ROPE_DIMS="16", LN_SCALE="1", LEAKY_RELU_SLOPE="0.5", PARALLEL_START_LAYER="5", RECUR_LAYERS="3,4",
-        RECUR_START_FRAC="0.5",
+        NUM_LAYERS="9", MLP_MULT="3", SMEAR_GATE="1", BIGRAM_HASH_SIZE="2816", BIGRAM_DIM="112",
+        ROPE_DIMS="16", LN_SCALE="1", LEAKY_RELU_SLOPE="0.5", RECUR_START_FRAC="0.5",
         MATRIX_LR="0.03", TIED_EMBED_LR="0.035", SCALAR_LR="0.025", GRAD_CLIP_NORM="0.3", MUON_MOMENTUM="0.99",
         MUON_MOMENTUM_WARMUP_START="0.92", MUON_MOMENTUM_WARMUP_STEPS="1500", MUON_WEIGHT_DECAY="0.04",
         EMA_DECAY="0.997", WARMDOWN_FRAC="0.56", ENGRAM_LITE_ENABLED="1", ENGRAM_HASH_SIZE="2048", ENGRAM_DIM="64",
         QUANT_BITS_ATTN="6", QUANT_BITS_MLP="5", QUANT_BITS_EMBED="8", GPTQ_LITE="1", COMPRESSOR="auto",
     ),
 }
+# The recipe's depth-dependent values, derived from NUM_LAYERS unless set (9 layers: the records' 3,4 / 5 / 11).
+RECIPE_DEPTH_RULES = ("RECUR_LAYERS", "PARALLEL_START_LAYER", "XSA_LAST_N")
+
+
+def recipe_values(env: dict) -> dict:
+    """The variables RECIPE sets that the environment does not. Its depth-dependent ones follow NUM_LAYERS:
+    recurrence on the U-Net hinge layers (L/2 - 1, L/2), parallel lanes on the last ~45% of the layers, XSA on
+    every virtual layer. Values that cannot be parsed are left to the normal checks."""
+    name = env.get("RECIPE", "baseline").strip()
+    values = {k: v for k, v in RECIPES.get(name, {}).items() if k not in env}
+    if name == "baseline":
+        return values
+    try:
+        layers = int(env.get("NUM_LAYERS", values.get("NUM_LAYERS", "9")))
+    except ValueError:
+        return values
+    if layers < 2:  # recurrence needs two hinge layers; the normal checks name the variable
+        return values
+    hinge = (layers // 2 - 1, layers // 2)
+    if "RECUR_LAYERS" not in env:
+        values["RECUR_LAYERS"] = f"{hinge[0]},{hinge[1]}"
+    if "PARALLEL_START_LAYER" not in env:
+        values["PARALLEL_START_LAYER"] = str(max(1, layers - round(0.45 * layers)))
+    if "XSA_LAST_N" not in env:
+        try:
+            span = recur_span(env.get("RECUR_LAYERS", values.get("RECUR_LAYERS", "")).strip(), layers)
+        except ValueError:  # a bad RECUR_LAYERS is reported by its own check
+            span = None
+        values["XSA_LAST_N"] = str(layers + (span[1] - span[0] + 1 if span else 0))
+    return values
+
+
+def blame_recipe(errors: list, recipe: dict | tuple, env: dict | None = None) -> list:
+    """Say which bad values came from RECIPE rather than from the user, so they know what to override."""
+    out = []
+    for msg in errors:
+        names = [k for k in recipe if re.search(rf"\b{k}\b", msg)]
+        if names:
+            msg += f" ({', '.join(names)} set by RECIPE; set {'them' if len(names) > 1 else 'it'} to override)"
+        out.append(msg)
+    return out
+
+
 ENV_ALIASES = {"TRAIN_MAX_SEQ_LEN": "TRAIN_SEQ_LEN"}  # the public baseline reads both
 ENV_RETIRED = {"NGRAM_BUCKETS": "retired: the n-gram mixer keys exact contexts; bound its memory with "
                                 "NGRAM_MAX_MEMORY_MB"}
@@ -869,20 +919,41 @@ def _on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
 
+def warmdown_steps(hp: Hyperparameters) -> float:
+    """WARMDOWN_ITERS, but never more than the last half of the run: with the default 1,200 a 100-step smoke
+    test would start at 8% of its LR and decay from step 1. Runs of >= 2 x WARMDOWN_ITERS are unchanged."""
+    return min(hp.warmdown_iters, hp.iterations / 2)
+
+
 def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
     """Linear warmdown to 0 at ITERATIONS or the wall-clock cap: over WARMDOWN_FRAC of the run, else the
-    last WARMDOWN_ITERS steps, timed at most half the budget (else a slow machine starts decayed)."""
+    last warmdown_steps() steps, timed at most half the budget (else a slow machine starts decayed)."""
     cap_ms = hp.max_wallclock_seconds * 1000.0
     if hp.warmdown_frac > 0:
         progress = max(step / max(hp.iterations, 1), elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
         return min(1.0, max(1.0 - progress, 0.0) / hp.warmdown_frac)
-    if hp.warmdown_iters <= 0:
+    steps = warmdown_steps(hp)
+    if steps <= 0:
         return 1.0
-    mul = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
+    mul = min(1.0, max(hp.iterations - step, 0) / steps)
     if cap_ms > 0 and step > 0:
-        warmdown_ms = min(hp.warmdown_iters * elapsed_ms / step, 0.5 * cap_ms)
+        warmdown_ms = min(steps * elapsed_ms / step, 0.5 * cap_ms)
         mul = min(mul, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
     return mul
+
+
+def describe_warmdown(hp: Hyperparameters) -> str:
+    """The schedule the run will use, for the startup log, with the reason when WARMDOWN_ITERS was shortened."""
+    if hp.warmdown_frac > 0:
+        return f"last {hp.warmdown_frac:g} of the run (WARMDOWN_FRAC)"
+    steps = warmdown_steps(hp)
+    text = f"last {steps:g} steps"
+    if steps < hp.warmdown_iters:
+        text += (f" (WARMDOWN_ITERS={hp.warmdown_iters} is more than half of ITERATIONS={hp.iterations}: "
+                 "shortened to the last half, so the run trains at its peak LR first)")
+    if hp.max_wallclock_seconds > 0:
+        text += f", or their time if the {hp.max_wallclock_seconds:g}s cap comes first (at most half of it)"
+    return text
 
 
 def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
@@ -995,6 +1066,24 @@ def pack_state(flat: dict, bits, gptq_lite: bool = False) -> list:
             q, scale = gptq_lite_rows(w, b)[:2] if gptq_lite else quantize_rows(w, b)
             out += [(name, "q", q), (name, "scale", scale)]
     return out
+
+
+# Compressed bits per value of a b-bit per-row quantized Gaussian matrix (GPTQ-lite, lzma; zstd-22 is within
+# 2%), measured on 1536 x 512 rows: the stand-in tests/bench_artifact_size.py uses for trained weights.
+COMPRESSED_BITS = {5: 4.47, 6: 5.47, 8: 7.46, 16: 16.0}
+
+
+def estimate_model_bytes(model, plan) -> int:
+    """The artifact's model bytes before training, from the shapes alone (nothing is evaluated): within ~3%
+    of bench_artifact_size's Gaussian stand-ins, which are pessimistic for trained weights."""
+    bits = 0.0
+    for name, p in tree_flatten(model.parameters()):
+        if is_quantized(name, p.shape):
+            b = tensor_bits(name, plan)
+            bits += p.size * COMPRESSED_BITS[b] + (16 * p.shape[0] if b != 16 else 0)
+        else:
+            bits += 32 * p.size
+    return int(bits / 8)
 
 
 def atomic_write(path: str, data: bytes):
@@ -1823,9 +1912,32 @@ def check_memory(need: dict, log):
                          f"the largest part is {big / 2**30:.1f} GiB from {knob}: lower it")
 
 
+def check_artifact_estimate(r: Run):
+    """A recipe whose artifact cannot fit is refused before any training (its estimate is pessimistic, so
+    a refused depth is over); any other configuration is warned."""
+    hp = r.hp
+    total = r.code_bytes + estimate_model_bytes(r.model, quant_plan(hp))
+    r.log(f"artifact_estimate: ~{total} bytes with code (cap {ARTIFACT_CAP_BYTES}; from the shapes, with random "
+          "stand-in weights: trained ones usually compress a little better)")
+    if total <= ARTIFACT_CAP_BYTES:
+        return
+    why = (f"the artifact would be about {total / 1e6:.1f} MB, over the {ARTIFACT_CAP_BYTES:,}-byte cap; "
+           "lower NUM_LAYERS, MODEL_DIM or MLP_MULT")
+    if hp.recipe != "baseline":
+        raise ConfigError(f"RECIPE={hp.recipe} at NUM_LAYERS={hp.num_layers}: {why}")
+    r.log(f"WARNING: {why} (the run goes on: the artifact line at the end has the real size)")
+
+
 def log_run_header(r: Run, hp: Hyperparameters):
     r.log(f"run_id:{r.run_id} mlx:{mx.__version__} device:{mx.default_device()} compute_dtype:{hp.dtype()}")
-    r.log("hparams: " + " ".join(f"{f.metadata['env']}={getattr(hp, f.name)}" for f in env_fields()))
+    r.log("hparams: " + " ".join(hparam_text(hp, f.metadata["env"], getattr(hp, f.name)) for f in env_fields()))
+    if hp.derived:
+        r.log(f"recipe: {hp.recipe} at NUM_LAYERS={hp.num_layers}; [derived] values follow from NUM_LAYERS "
+              "(set them to override)")
+
+
+def hparam_text(hp: Hyperparameters, name: str, value) -> str:
+    return f"{name}={value}" + ("[derived]" if name in hp.derived else "")
 
 
 # ---------------------------------------------------------------------------- set up and warm up
@@ -1845,6 +1957,7 @@ def setup(r: Run, sp):
     files = shard_files(hp.data_path, "train")
     r.model = GPT(cfg, hp.dtype())
     r.opt = Optimizers(r.model, hp)
+    check_artifact_estimate(r)
     log(f"val_tokens:{r.val_tokens.size} params:{count_params(r.model)} " + " ".join(
         f"params_{k}:{count_params(getattr(r.model, k))}" for k in ("engram", "skipgram") if k in r.model))
     complement = None
@@ -1861,7 +1974,7 @@ def setup(r: Run, sp):
     r.stream = TokenStream(files, cfg.vocab_size, log)
     log(f"train_shards:{len(files)} batch_tokens:{hp.train_batch_tokens} seq_len:{seq} "
         f"microbatch_seqs:{r.micro_seqs} iterations:{hp.iterations} max_wallclock:{hp.max_wallclock_seconds}s "
-        f"warmdown:{f'frac {hp.warmdown_frac}' if hp.warmdown_frac else f'{hp.warmdown_iters} iters'}")
+        f"warmdown: {describe_warmdown(hp)}")
     log_eval_config(hp, hp.train_seq_len, log)
 
 

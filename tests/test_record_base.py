@@ -157,7 +157,8 @@ def test_recipe_resolves_and_explicit_values_win():
                                        (dict(RECUR_UNTIED_MLP=1), "RECUR_UNTIED_MLP"),
                                        (dict(RECUR_START_FRAC=0.5), "RECUR_START_FRAC"),
                                        (dict(RECUR_START_FRAC=1.5, RECUR_LAYERS="1,1"), "RECUR_START_FRAC"),
-                                       (dict(RECIPE="sp1024_record", NUM_LAYERS=3), "PARALLEL_START_LAYER")])
+                                       (dict(RECIPE="sp1024_record", NUM_LAYERS=3, PARALLEL_START_LAYER=3),
+                                        "PARALLEL_START_LAYER")])
 def test_bad_values_name_the_variable(over, var):
     with pytest.raises(T.ConfigError, match=var):
         hp_of(**over)
