@@ -1,12 +1,14 @@
-"""Record-base benchmark (prints numbers; not a test). Three parts:
+"""Record-base benchmark (prints numbers; not a test). Four parts:
 
     python tests/bench_recipe.py ablation  [--seeds 1337 1338] [--steps 100] [--only NAME ...]
+    python tests/bench_recipe.py depth     [--seeds 1337 1338] [--steps 120] [--layers 3] [--dim 96]
     python tests/bench_recipe.py wallclock [--seeds 1337 1338] [--seconds 90] [--only NAME ...]
     python tests/bench_recipe.py overhead  [--reps 5]
 
 ablation: bench_ablation's tiny config (2 x 128, seq 128, 100 steps), each piece alone, the tuned
 optimizer values alone, the recipe scaled to 2 layers, the recipe minus each piece, and the recipe plus each
-moonshot training piece, val_bpb after the round trip. wallclock: 4 x 128, seq 256, baseline vs recipe variants for the same training seconds, interleaved.
+moonshot training piece, val_bpb after the round trip. depth: the recipe with only NUM_LAYERS set (its depth
+values derived) vs the baseline at that depth. wallclock: 4 x 128, seq 256, baseline vs recipe variants for the same training seconds, interleaved.
 overhead: compiled step time of each piece at equal shape, interleaved with the baseline, as ratios.
 """
 import argparse
@@ -72,18 +74,35 @@ def table(res, base_name="baseline"):
               f"{rs[0]['params']:,} | {rs[0]['bytes']:,} |")
 
 
-def ablation(a, tmp, data):
-    base = dict(data, ITERATIONS=str(a.steps), TRAIN_BATCH_TOKENS="2048", TRAIN_SEQ_LEN="128", GRAD_ACCUM_STEPS="1",
+def ablation_base(a, data) -> dict:
+    return dict(data, ITERATIONS=str(a.steps), TRAIN_BATCH_TOKENS="2048", TRAIN_SEQ_LEN="128", GRAD_ACCUM_STEPS="1",
                 NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", WARMUP_STEPS="2",
                 WARMDOWN_ITERS=str(a.steps // 3), MAX_WALLCLOCK_SECONDS="0", VAL_MAX_TOKENS="32768",
                 VAL_BATCH_SIZE="16384", TRAIN_LOG_EVERY="10")
-    configs = {k: ABLATION[k] for k in a.only} if a.only else ABLATION  # in the order given
+
+
+def run_configs(base, configs, seeds, tmp, tag) -> dict:
     res = {k: [] for k in configs}
-    for seed in a.seeds:
+    for seed in seeds:
         for i, (name, over) in enumerate(configs.items()):
-            res[name].append(run_one(base, over, seed, tmp, f"a{seed}_{i}"))
+            res[name].append(run_one(base, over, seed, tmp, f"{tag}{seed}_{i}"))
             print(f"# {name} seed {seed}: {res[name][-1]}", file=sys.stderr, flush=True)
+    return res
+
+
+def ablation(a, tmp, data):
+    configs = {k: ABLATION[k] for k in a.only} if a.only else ABLATION  # in the order given
+    res = run_configs(ablation_base(a, data), configs, a.seeds, tmp, "a")
     print(f"\n{a.steps} steps x 2048 tokens, 2 x 128, seq 128, seeds {a.seeds}, {mx.default_device()}\n")
+    table(res)
+
+
+def depth(a, tmp, data):
+    """The recipe at another depth with nothing but NUM_LAYERS set (its depth values derived) vs the baseline."""
+    base = dict(ablation_base(a, data), NUM_LAYERS=str(a.layers), MODEL_DIM=str(a.dim))
+    configs = {"baseline": {}, f"RECIPE=sp1024_record, NUM_LAYERS={a.layers} only": dict(RECIPE="sp1024_record")}
+    res = run_configs(base, configs, a.seeds, tmp, "d")
+    print(f"\n{a.steps} steps x 2048 tokens, {a.layers} x {a.dim}, seq 128, seeds {a.seeds}, {mx.default_device()}\n")
     table(res)
 
 
@@ -129,11 +148,13 @@ def overhead(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("ablation", "wallclock", "overhead"))
+    p.add_argument("part", choices=("ablation", "depth", "wallclock", "overhead"))
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seconds", type=float, default=90)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--layers", type=int, default=3, help="depth: NUM_LAYERS")
+    p.add_argument("--dim", type=int, default=96, help="depth: MODEL_DIM")
     p.add_argument("--only", nargs="*", default=None, help="exact config names (ablation, wallclock), in this order")
     a = p.parse_args()
     if a.part == "overhead":
@@ -141,4 +162,4 @@ if __name__ == "__main__":
     else:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            (ablation if a.part == "ablation" else wallclock)(a, tmp, make_data(tmp))
+            dict(ablation=ablation, depth=depth, wallclock=wallclock)[a.part](a, tmp, make_data(tmp))
