@@ -2428,7 +2428,8 @@ def hardware_name(r: Run) -> str:
     info = mx.device_info()
     name = info.get("device_name") or info.get("architecture") or "unknown"
     kind = "GPU" if _on_gpu() else "CPU"
-    return f"{r.group.size()}x {name} ({kind}, MLX backend {r.backend})"
+    ranks = f", {r.group.size()} ranks over MLX's {r.backend} backend" if r.group.size() > 1 else ""
+    return f"{r.group.size()}x {name} ({kind}{ranks})"
 
 
 def mlx_requirement() -> str:
@@ -2493,7 +2494,7 @@ def render_readme(sub: dict, r: Run) -> str:
              f"- hardware: {sub['hardware']}; MLX {sub['mlx_version']}",
              f"- bytes: {sub['bytes_total']} total (the largest seed's) = {sub['bytes_code']} code + "
              f"{sub['bytes_model']} model, of the {ARTIFACT_CAP_BYTES} cap",
-             f"- validation split: {split['tokens']} tokens, {split['documents']} documents"]
+             f"- validation split: {split['tokens']} tokens, {split['documents']} document(s)"]
     if not split["official"]:
         lines += ["", "**UNOFFICIAL DATA: these scores are not on the challenge's validation split "
                   f"({OFFICIAL_VAL_DOCS} documents) and are not comparable with the leaderboard's.** "
