@@ -2172,8 +2172,8 @@ def rescue_weights(r: Run) -> str:
 TRACKS = {"track_10min_16mb": "10min_16mb", "track_non_record_16mb": "non_record_16mb"}  # folder -> json name
 TRACK_LIMIT_S = 600.0  # track_10min_16mb: training, and evaluation, each within 10 minutes
 # The challenge's validation split: the first 50,000 FineWeb documents, each opened by BOS. For sp1024 its
-# fineweb_val_000000.bin holds 62,021,846 tokens (the data manifest's tokens_val; 124,044,716 bytes); for other
-# tokenizers the document count is the check.
+# fineweb_val_000000.bin holds 62,021,846 tokens (the data manifest's tokens_val; 124,044,716 bytes): the check;
+# for tokenizers without a known count, the number of documents (BOS tokens) is.
 OFFICIAL_VAL_DOCS = 50_000
 OFFICIAL_VAL_TOKENS = {1024: 62_021_846}
 # Variables that do not change the result: a seed run with other values is the same configuration.
@@ -2286,8 +2286,11 @@ def val_split_facts(hp: Hyperparameters) -> dict:
     """Token and document counts of the validation split, and whether they are the challenge's."""
     toks = np.concatenate([load_data_shard(f) for f in shard_files(hp.data_path, "val")])
     docs = int(np.count_nonzero(toks == BOS_ID))
-    want = OFFICIAL_VAL_TOKENS.get(hp.vocab_size, toks.size)
-    return dict(tokens=int(toks.size), documents=docs, official=docs == OFFICIAL_VAL_DOCS and toks.size == want)
+    if hp.vocab_size in OFFICIAL_VAL_TOKENS:
+        official = toks.size == OFFICIAL_VAL_TOKENS[hp.vocab_size]
+    else:
+        official = docs == OFFICIAL_VAL_DOCS
+    return dict(tokens=int(toks.size), documents=docs, official=official)
 
 
 # ---------------------------------------------------------------------------- refusals: before any work, at the end
@@ -2435,7 +2438,7 @@ def hardware_name(r: Run) -> str:
 def mlx_requirement() -> str:
     """The MLX package this run used: the CUDA and CPU builds are extras of `mlx` (mlx[cuda12], mlx[cpu])."""
     from importlib import metadata
-    for dist, extra in (("mlx-cuda-13", "cuda13"), ("mlx-cuda-12", "cuda12"), ("mlx-cuda", "cuda12"),
+    for dist, extra in (("mlx-cuda-13", "cuda13"), ("mlx-cuda-12", "cuda12"), ("mlx-cuda", "cuda"),
                         ("mlx-cpu", "cpu")):
         try:
             metadata.version(dist)

@@ -310,3 +310,34 @@ def test_a_seed_that_cannot_get_the_lock_is_refused_clearly(data, repo, monkeypa
         holder.wait()
     assert "another run has been writing its seed there for 1s" in run_log(repo, "s2")
     assert snapshot(folder) == before
+
+
+# ---------------------------------------------------------------------------- small parts
+def test_the_official_split_is_known_by_its_token_count_else_by_its_documents(data, repo, monkeypatch):
+    hp = T.Hyperparameters.from_env(sub_env(data, repo, folder_of(repo)))
+    facts = T.val_split_facts(hp)
+    assert facts["tokens"] == 3000 and not facts["official"]
+    monkeypatch.setattr(T, "OFFICIAL_VAL_TOKENS", {hp.vocab_size: 3000})
+    assert T.val_split_facts(hp)["official"]
+    monkeypatch.setattr(T, "OFFICIAL_VAL_TOKENS", {hp.vocab_size: 3001})
+    assert not T.val_split_facts(hp)["official"]
+    monkeypatch.setattr(T, "OFFICIAL_VAL_TOKENS", {})  # another tokenizer: 50,000 documents (BOS tokens)
+    assert not T.val_split_facts(hp)["official"]
+    monkeypatch.setattr(T, "OFFICIAL_VAL_DOCS", facts["documents"])
+    assert T.val_split_facts(hp)["official"]
+
+
+def test_requirements_name_the_mlx_build_that_ran(monkeypatch):
+    from importlib import metadata
+    real = metadata.version
+
+    def only(dist):
+        def version(name):
+            if name.startswith("mlx-") and name != dist:
+                raise metadata.PackageNotFoundError(name)
+            return real("mlx") if name == dist else real(name)
+        return version
+    for dist, want in (("mlx-cuda-13", "mlx[cuda13]=="), ("mlx-cuda-12", "mlx[cuda12]=="), ("mlx-cpu", "mlx[cpu]=="),
+                       ("none", "mlx==")):
+        monkeypatch.setattr(metadata, "version", only(dist))
+        assert T.requirements_text().startswith(want + T.mx.__version__ + "\n")
