@@ -2362,7 +2362,8 @@ def write_submission(r: Run, loss: float, bpb: float, eval_ms: float, model_byte
         why = f"{total} bytes are over the cap"
     if why:
         raise ArtifactError(f"SUBMISSION_DIR={d} refused: {why}; the seed was not written (the artifact and log are "
-                            f"in OUT_DIR={hp.out_dir})")
+                            f"in OUT_DIR={hp.out_dir}; a run stopped early can finish from its checkpoint: "
+                            "RESUME_FROM, saved with CHECKPOINT_EVERY)")
     seed = seed_result(r, loss, bpb, eval_ms, model_bytes)
     with folder_lock(d):
         old = read_submission_json(d)
@@ -2544,7 +2545,7 @@ def folder_lock(d: Path):
                 if time.monotonic() > deadline:
                     raise ArtifactError(f"SUBMISSION_DIR={d} refused: another run has been writing its seed there for "
                                         f"{SUBMISSION_LOCK_WAIT_S:.0f}s (it holds {lock}); this seed was not "
-                                        "written") from None
+                                        "written: rerun it once that run has finished") from None
                 time.sleep(0.1)
         try:
             yield
