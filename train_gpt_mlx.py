@@ -2431,9 +2431,10 @@ def merged_submission(old: dict | None, seed: dict, r: Run) -> dict:
 def hardware_name(r: Run) -> str:
     info = mx.device_info()
     name = info.get("device_name") or info.get("architecture") or "unknown"
-    kind = "GPU" if _on_gpu() else "CPU"
     ranks = f", {r.group.size()} ranks over MLX's {r.backend} backend" if r.group.size() > 1 else ""
-    return f"{r.group.size()}x {name} ({kind}{ranks})"
+    if not _on_gpu():  # the ranks share one CPU
+        return f"{name} (CPU{ranks})"
+    return f"{r.group.size()}x {name} (GPU{ranks})"
 
 
 def mlx_requirement() -> str:
@@ -2480,6 +2481,7 @@ def run_command(r: Run, seed: int) -> str:
     env = {name: value for name, value in result_config(hp).items()}
     env["DATA_PATH"] = os.path.relpath(os.path.abspath(hp.data_path), d)
     env["TOKENIZER_PATH"] = os.path.relpath(os.path.abspath(hp.tokenizer_path), d)
+    env["OUT_DIR"] = os.path.relpath(os.path.abspath(hp.out_dir), d)  # logs and artifacts stay out of the folder
     env["SEED"] = seed
     assigns = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
     W = r.group.size()

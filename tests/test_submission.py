@@ -114,11 +114,12 @@ def test_two_seeds_make_a_folder_whose_train_gpt_rescores_from_inside_it(data, r
     words = dict(w.split("=", 1) for w in shlex.split(commands[0])[:-2])
     assert words["TOKENIZER_PATH"] == "../../../data/tokenizers/fineweb_1024_bpe.model"
     assert words["DATA_PATH"] == "../../../data/datasets/fineweb10B_sp1024" and words["NUM_LAYERS"] == "2"
+    assert words["OUT_DIR"] == "../../../../out"  # where the seeds' logs went: outside the folder
 
     # the README's seed-1 variables, from inside the folder, with DATA_PATH and TOKENIZER_PATH left to find
     # the repository's data/: the packed train_gpt.py re-scores seed 1's artifact
     env = {k: v for k, v in os.environ.items() if k not in words}
-    env.update({k: v for k, v in words.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")})
+    env.update({k: v for k, v in words.items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "OUT_DIR")})
     env.update(EVAL_ONLY="1", LOAD_ARTIFACT=str(repo.parent / "out" / "s1_model.int6.ptz"), RUN_ID="rescore",
                OUT_DIR=str(repo.parent / "rescore"))
     done = subprocess.run([sys.executable, "train_gpt.py"], cwd=folder, env=env, capture_output=True, text=True,
@@ -341,3 +342,18 @@ def test_requirements_name_the_mlx_build_that_ran(monkeypatch):
                        ("none", "mlx==")):
         monkeypatch.setattr(metadata, "version", only(dist))
         assert T.requirements_text().startswith(want + T.mx.__version__ + "\n")
+
+
+@pytest.mark.skipif(not Path(sys.executable).with_name("mlx.launch").exists(), reason="needs mlx.launch")
+def test_two_ranks_write_one_seed_and_say_how_they_ran(data, repo):
+    """Every rank checks the folder before any work; rank 0 alone writes it; the README's command launches the ranks."""
+    folder = folder_of(repo)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", **sub_env(data, repo, folder, SEED=1, RUN_ID="two"))
+    cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", "2", "--backend", "ring", "--", sys.executable,
+           "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import train_gpt_mlx as T; sys.exit(T.main())"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    sub = strict_json(folder / "submission.json")
+    assert sub["seeds"] == [1] and "2 ranks over MLX's ring backend" in sub["hardware"]
+    assert "world_size:2 " in (folder / "train_seed1.log").read_text()
+    assert "mlx.launch -n 2 --backend ring -- python train_gpt.py" in (folder / "README.md").read_text()
