@@ -3,6 +3,9 @@
 bits-per-byte, and write a <=16,000,000-byte submission artifact. Driven by environment variables."""
 from __future__ import annotations
 
+import ast
+import base64
+import contextlib
 import difflib
 import glob
 import json
@@ -11,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import struct
 import sys
 import tempfile
@@ -18,7 +22,7 @@ import time
 import uuid
 import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -134,6 +138,7 @@ class Hyperparameters:
     submission_github_id: str = _env("SUBMISSION_GITHUB_ID", "", str)
     submission_name: str = _env("SUBMISSION_NAME", "", str)
     submission_blurb: str = _env("SUBMISSION_BLURB", "", str)
+    submission_unofficial_data: bool = _env("SUBMISSION_UNOFFICIAL_DATA", False, bool)
     # record base (issue 8): the sp1024 records' model pieces, each off by default; RECIPE bundles them
     recipe: str = _env("RECIPE", "baseline", str, choices=("baseline", "sp1024_record"))
     smear_gate: bool = _env("SMEAR_GATE", False, bool)
@@ -186,7 +191,10 @@ class Hyperparameters:
             except ValueError as e:
                 errors.append(f"{f.metadata['env']}={raw!r}: {e}")
         if errors:
-            raise ConfigError("invalid environment:\n  " + "\n  ".join(blame_recipe(errors, recipe, env)))
+            raise ConfigError("invalid environment:\n  " + "\n  ".join(blame_recipe(errors, recipe)))
+        for name in ("data_path", "tokenizer_path"):  # unset: the repository's data/, from anywhere inside it
+            if env.get(ENV_NAMES[name]) is None:
+                values[name] = find_upward(values[name])
         derived = tuple(sorted(set(recipe) & set(RECIPE_DEPTH_RULES)))
         hp = cls(**values, env_notes=tuple(unknown_env_notes(env)), from_recipe=tuple(sorted(recipe)), derived=derived)
         hp.check_relations()
@@ -229,9 +237,13 @@ class Hyperparameters:
              f"RUN_ID={self.run_id!r} must be a plain name: letters, digits, '.', '_', '-' "
              "(it names files in OUT_DIR)"),
             (self.submission_dir and (self.eval_only or self.val_max_tokens or not (
-                self.submission_author and self.submission_github_id and self.submission_name)),
+                self.submission_author and self.submission_github_id and self.submission_name
+                and self.submission_blurb)),
              "SUBMISSION_DIR needs a training run scored on the whole validation split (no EVAL_ONLY, "
-             "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME")) if bad]
+             "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME, SUBMISSION_BLURB"),
+            (self.submission_dir and Path(self.submission_dir).parent.name not in TRACKS,
+             f"SUBMISSION_DIR={self.submission_dir} must be records/<track>/<date>_<name> with <track> one of "
+             f"{', '.join(TRACKS)}")) if bad]
         errs += self.record_base_errors()
         if errs:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(blame_recipe(errs, self.from_recipe)))
@@ -306,7 +318,7 @@ def recipe_values(env: dict) -> dict:
     return values
 
 
-def blame_recipe(errors: list, recipe: dict | tuple, env: dict | None = None) -> list:
+def blame_recipe(errors: list, recipe) -> list:
     """Say which bad values came from RECIPE rather than from the user, so they know what to override."""
     out = []
     for msg in errors:
@@ -332,6 +344,20 @@ ENV_FAMILIES = ("ENGRAM_", "NGRAM_", "EVAL_", "SKIPGRAM_", "COMPLEMENT_", "QAT_"
 
 def env_fields() -> list:
     return [f for f in fields(Hyperparameters) if f.metadata.get("env")]
+
+
+ENV_NAMES = {f.name: f.metadata["env"] for f in env_fields()}
+
+
+def find_upward(rel: str) -> str:
+    """A relative default path as found from the working folder or the nearest folder above it that has it,
+    so the script also runs from inside records/<track>/<folder>/ (the challenge runs it there)."""
+    if os.path.isabs(rel) or os.path.exists(rel):
+        return rel
+    for folder in Path.cwd().parents:
+        if (folder / rel).exists():
+            return str(folder / rel)
+    return rel
 
 
 def unknown_env_notes(env) -> list[str]:
@@ -1747,7 +1773,7 @@ class Run:
     hp: Hyperparameters
     log: Logger
     run_id: str
-    code_bytes: int
+    code_bytes: int  # what the challenge counts: the packed train_gpt.py (counted_script)
     model: GPT = None
     opt: Optimizers = None
     graphs: dict = None  # {(qat_on, recur_on): Compiled}
@@ -1763,6 +1789,9 @@ class Run:
     group: mx.distributed.Group = None  # the ranks mlx.launch started (size 1: one process)
     backend: str = "none"
     pre_quant: tuple = (math.nan, math.nan)  # the last full-precision (val_loss, val_bpb)
+    interrupted: bool = False  # Ctrl-C stopped training or its last evaluation: no submission seed
+    resumed_from: str = ""  # RUN_ID of the run whose checkpoint this one continued
+    val_split: dict = None  # SUBMISSION_DIR: what the validation split is (val_split_facts)
 
     @property
     def graph(self) -> "Compiled":
@@ -1825,7 +1854,7 @@ def main(env=None) -> int:
     log(f"world_size:{group.size()} backend:{backend}")
     for note in hp.env_notes:
         log(f"WARNING: {note}  (STRICT_ENV=1 makes this an error)")
-    r = Run(hp, log, run_id, os.path.getsize(os.path.abspath(__file__)), group=group, backend=backend)
+    r = Run(hp, log, run_id, len(counted_script()), group=group, backend=backend)
     try:
         return run(r)
     except KeyboardInterrupt:
@@ -1842,6 +1871,8 @@ def run(r: Run) -> int:
     hp = r.hp
     sp = load_tokenizer(hp.tokenizer_path)
     preflight_paths(hp)
+    if hp.submission_dir:
+        preflight_submission(r)
     if hp.eval_only:
         return eval_only(r, sp)
     checkpoint = read_checkpoint(hp.resume_from, hp) if hp.resume_from else None
@@ -2007,6 +2038,7 @@ def resume(r: Run, meta: dict, params: dict, state: dict):
     load_flat_into(r.model, params)
     r.opt.load_arrays(state)
     r.step, r.train_ms, r.qat_on, r.recur_on = meta["step"], meta["train_ms"], meta["qat_on"], meta["recur_on"]
+    r.resumed_from = meta.get("run_id", "")
     r.stream.restore(meta["stream"])
     r.log(f"resumed from {r.hp.resume_from}: step:{r.step} train_time:{r.train_ms:.0f}ms qat:{r.qat_on} "
           f"recurrence:{r.recur_on}")
@@ -2045,6 +2077,7 @@ def train(r: Run):
         except KeyboardInterrupt:
             r.log(f"interrupted at step {r.step}: evaluating and writing the artifact (Ctrl-C again to abort)")
             interrupted = True
+            r.interrupted = True
             if hp.checkpoint_every:
                 save_checkpoint(r)
             continue
@@ -2116,6 +2149,7 @@ def periodic_eval(r: Run, final: bool) -> bool:
                                 "val", final=final, seq=r.hp.train_seq_len, group=r.group)
     except KeyboardInterrupt:
         r.log("evaluation interrupted: skipped; training stops and the artifact is still written")
+        r.interrupted = True
         return True
     r.pre_quant = (loss, bpb)
     r.log(f"step:{r.step}/{r.hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
@@ -2218,7 +2252,8 @@ def write_and_prove_artifact(r: Run):
     _, flat, header = read_artifact(path)
     total = r.code_bytes + model_bytes
     log(f"artifact: code_bytes:{r.code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
-        f"cap:{ARTIFACT_CAP_BYTES} {'OK' if total <= ARTIFACT_CAP_BYTES else 'OVER'} codec:{header['codec']}")
+        f"source_bytes:{len(readable_source().encode())} cap:{ARTIFACT_CAP_BYTES} "
+        f"{'OK' if total <= ARTIFACT_CAP_BYTES else 'OVER'} codec:{header['codec']}")
     if total > ARTIFACT_CAP_BYTES:
         log(f"WARNING: artifact is OVER the {ARTIFACT_CAP_BYTES}-byte cap by {total - ARTIFACT_CAP_BYTES} bytes: "
             "this cannot be submitted; shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT)")
@@ -2235,48 +2270,6 @@ def write_and_prove_artifact(r: Run):
         write_submission(r, loss, bpb, ms, model_bytes)
 
 
-def write_submission(r: Run, loss: float, bpb: float, eval_ms: float, model_bytes: int):
-    """The challenge's record folder: submission.json (this SEED added to the folder's seeds; mean, sample std), README,
-    this seed's log, the script, requirements.txt. Refused over the cap or into another configuration's folder."""
-    hp, d, W = r.hp, r.hp.submission_dir, r.group.size()
-    res = dict(val_loss=loss, val_bpb=bpb, pre_quant_val_loss=r.pre_quant[0], pre_quant_val_bpb=r.pre_quant[1],
-               step_stop=r.step, wallclock_seconds=r.train_ms / 1000, eval_time_seconds=eval_ms / 1000,
-               bytes_total=r.code_bytes + model_bytes, bytes_model=model_bytes, bytes_code=r.code_bytes)
-    skip = ("seed", "run_id", "out_dir", "data_path", "tokenizer_path", "eval_token_nll_path")
-    on = {f.metadata["env"]: getattr(hp, f.name) for f in env_fields()  # the techniques on
-          if getattr(hp, f.name) != f.default and f.name not in skip and not f.name.startswith("submission")}
-    jpath = os.path.join(d, "submission.json")
-    sub = json.loads(Path(jpath).read_text()) if os.path.exists(jpath) else dict(config=on, seed_results={})
-    if res["bytes_total"] > ARTIFACT_CAP_BYTES or sub["config"] != on:
-        raise ArtifactError(f"SUBMISSION_DIR={d} refused: " + (f"{res['bytes_total']} bytes are over the cap" if
-                            sub["config"] == on else f"it holds seeds of another configuration ({sub['config']})"))
-    sub["seed_results"][str(hp.seed)] = res
-    runs = [sub["seed_results"][k] for k in sorted(sub["seed_results"], key=int)]
-    sub.update({k: float(np.mean([s[k] for s in runs])) if isinstance(v, float) else max(s[k] for s in runs)
-                for k, v in res.items()}, seeds=sorted(map(int, sub["seed_results"])), date=time.strftime("%Y-%m-%d"),
-               author=hp.submission_author, github_id=hp.submission_github_id, name=hp.submission_name,
-               blurb=hp.submission_blurb, hardware=f"{W}x {mx.device_info().get('device_name')}, backend {r.backend}",
-               track=next((p for p in Path(d).parts if p.startswith("track_")), "track_non_record_16mb"),
-               **{f"{k}_std": float(np.std([s[k] for s in runs], ddof=min(1, len(runs) - 1)))
-                  for k in ("val_loss", "val_bpb")})
-    os.makedirs(d, exist_ok=True)
-    for src, dst in ((r.path(".txt"), f"train_seed{hp.seed}.log"), (__file__, "train_gpt_mlx.py"),
-                     (Path(__file__).with_name("requirements.txt"), "requirements.txt")):
-        Path(d, dst).write_bytes(Path(src).read_bytes())
-    atomic_write(jpath, json.dumps(sub, indent=2).encode())
-    cmd = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in on.items()) + " SEED=<seed> " + (
-        f"mlx.launch -n {W} --backend {r.backend} -- " if W > 1 else "") + "python train_gpt_mlx.py"
-    rows = [("seed", "val_loss", "val_bpb", "steps", "bytes_total"), ("---",) * 5] + [
-        (s, f"{p['val_loss']:.8f}", f"{p['val_bpb']:.8f}", p["step_stop"], p["bytes_total"])
-        for s, p in zip(sub["seeds"], runs)] + [
-        ("mean ± std", *(f"{sub[k]:.8f} ± {sub[k + '_std']:.8f}" for k in ("val_loss", "val_bpb")), "", "")]
-    Path(d, "README.md").write_text(
-        f"# {sub['name']}\n\n{sub['blurb']}\n\n{sub['author']} (@{sub['github_id']}), {sub['date']}, {sub['track']}, "
-        f"{sub['hardware']}. Techniques on: the variables in the command.\n\n```bash\n{cmd}\n```\n\n"
-        + "".join("| " + " | ".join(map(str, row)) + " |\n" for row in rows))
-    r.log(f"submission: {d} seeds:{sub['seeds']} val_bpb:{sub['val_bpb']:.8f} std:{sub['val_bpb_std']:.8f}")
-
-
 def rescue_weights(r: Run) -> str:
     """Save the trained state somewhere (OUT_DIR, else the temp folder) and say where."""
     for folder in (r.hp.out_dir, tempfile.gettempdir()):
@@ -2286,6 +2279,424 @@ def rescue_weights(r: Run) -> str:
         except OSError:
             continue
     return "the trained weights could not be saved anywhere (disk full?)"
+
+
+# ======== The challenge's record folder: the counted script, submission.json, README ================================
+TRACKS = {"track_10min_16mb": "10min_16mb", "track_non_record_16mb": "non_record_16mb"}  # folder -> json name
+TRACK_LIMIT_S = 600.0  # track_10min_16mb: training, and evaluation, each within 10 minutes
+# The challenge's validation split: the first 50,000 FineWeb documents, each opened by BOS. For sp1024 its
+# fineweb_val_000000.bin holds 62,021,846 tokens (the data manifest's tokens_val; 124,044,716 bytes): the check;
+# for tokenizers without a known count, the number of documents (BOS tokens) is.
+OFFICIAL_VAL_DOCS = 50_000
+OFFICIAL_VAL_TOKENS = {1024: 62_021_846}
+# Variables that do not change the result: a seed run with other values is the same configuration.
+NOT_RESULT_VARS = {"SEED", "RUN_ID", "OUT_DIR", "DATA_PATH", "TOKENIZER_PATH", "EVAL_TOKEN_NLL_PATH", "RESUME_FROM",
+                   "CHECKPOINT_EVERY", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "STRICT_ENV", "DIST_BACKEND",
+                   "EVAL_ONLY", "LOAD_ARTIFACT"}
+PACKED_MARK = "# train_gpt_mlx.py packed"
+SUBMISSION_LOCK_WAIT_S = 300.0  # a seed waits this long for another seed writing into the same folder
+
+
+def stripped_tree(source: str) -> ast.Module:
+    """The script without docstrings and function annotations: neither changes what it does (annotations are
+    never evaluated under `from __future__ import annotations`; dataclass fields keep theirs)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.returns = None
+            for arg in node.args.posonlyargs + node.args.args + node.args.kwonlyargs:
+                arg.annotation = None
+        body = getattr(node, "body", None)
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) or not body:
+            continue
+        first = body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value,
+                                                                                                  str):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def packed_code(source: str) -> str:
+    """stripped_tree as source (ast.unparse also drops comments), indented one space a level; kept at four where
+    that would change the program (a string spanning lines): the two must parse to the same tree."""
+    code = ast.unparse(stripped_tree(source))
+    narrow = re.sub(r"(?m)^(?:    )+", lambda m: " " * (len(m[0]) // 4), code)
+    return narrow if ast.dump(ast.parse(narrow)) == ast.dump(ast.parse(code)) else code
+
+
+def packed_script(source: str) -> str:
+    """The record folder's train_gpt.py: the challenge counts its bytes, so it holds packed_code lzma-compressed and
+    base85-encoded (ASCII: the file stays UTF-8 text, as the challenge reads it). It runs in the wrapper's own
+    globals, so `__name__ == "__main__"` holds and `__file__` is train_gpt.py."""
+    blob = base64.b85encode(lzma.compress(packed_code(source).encode("utf-8"), preset=9)).decode("ascii")
+    return (f"{PACKED_MARK}; the readable script is train_gpt_mlx.py beside this file\n"
+            "import base64, lzma\n"
+            f'exec(compile(lzma.decompress(base64.b85decode("{blob}")), "train_gpt_mlx.py", "exec"))\n')
+
+
+def running_packed() -> bool:
+    with open(__file__, "rb") as f:
+        return f.read(len(PACKED_MARK)) == PACKED_MARK.encode()
+
+
+@lru_cache(maxsize=None)
+def readable_source() -> str:
+    """train_gpt_mlx.py's text: this file; run as a packed train_gpt.py, the readable copy beside it (else the
+    packed code itself, which runs the same)."""
+    if not running_packed():
+        return Path(__file__).read_text(encoding="utf-8")
+    beside = Path(__file__).with_name("train_gpt_mlx.py")
+    if beside.is_file():
+        return beside.read_text(encoding="utf-8")
+    blob = re.search(r'b85decode\("([^"]+)"\)', Path(__file__).read_text(encoding="utf-8"))[1]
+    return lzma.decompress(base64.b85decode(blob)).decode("utf-8")
+
+
+@lru_cache(maxsize=None)
+def counted_script() -> bytes:
+    """The bytes the challenge counts as code: the record folder's train_gpt.py. Computed once per process."""
+    if running_packed():
+        return Path(__file__).read_bytes()
+    return packed_script(readable_source()).encode("utf-8")
+
+
+def result_config(hp: Hyperparameters) -> dict:
+    """The variables set away from their defaults that change the result: what makes seeds one configuration."""
+    out = {}
+    for f in env_fields():
+        name = f.metadata["env"]
+        if name in NOT_RESULT_VARS or name.startswith("SUBMISSION_") or getattr(hp, f.name) == f.default:
+            continue
+        out[name] = getattr(hp, f.name)
+    return out
+
+
+def config_differences(folder_config: dict, mine: dict) -> list[str]:
+    """'NAME (folder: a, this run: b)' for each result-changing variable on which the two disagree."""
+    defaults = {f.metadata["env"]: f.default for f in env_fields()}
+    diffs = []
+    for name in sorted(set(folder_config) | set(mine)):
+        if name in NOT_RESULT_VARS or name.startswith("SUBMISSION_"):
+            continue
+        theirs = folder_config.get(name, defaults.get(name))
+        ours = mine.get(name, defaults.get(name))
+        if theirs != ours:
+            diffs.append(f"{name} (folder: {theirs}, this run: {ours})")
+    return diffs
+
+
+def read_submission_json(d: Path) -> dict | None:
+    path = d / "submission.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise SetupError(f"SUBMISSION_DIR={d}: its submission.json is not JSON ({e}); move the folder away") from None
+
+
+def val_split_facts(hp: Hyperparameters) -> dict:
+    """Token and document counts of the validation split, and whether they are the challenge's."""
+    toks = np.concatenate([load_data_shard(f) for f in shard_files(hp.data_path, "val")])
+    docs = int(np.count_nonzero(toks == BOS_ID))
+    if hp.vocab_size in OFFICIAL_VAL_TOKENS:
+        official = toks.size == OFFICIAL_VAL_TOKENS[hp.vocab_size]
+    else:
+        official = docs == OFFICIAL_VAL_DOCS
+    return dict(tokens=int(toks.size), documents=docs, official=official)
+
+
+# ---------------------------------------------------------------------------- refusals: before any work, at the end
+def preflight_submission(r: Run):
+    """Refuse before any work a seed that the folder would not take: the wrong track for the time cap, a
+    validation split that is not the challenge's, another configuration or script version in the folder."""
+    hp, d = r.hp, Path(r.hp.submission_dir)
+    errs = []
+    if d.parent.name == "track_10min_16mb" and not 0 < hp.max_wallclock_seconds <= TRACK_LIMIT_S:
+        errs.append(f"track_10min_16mb needs MAX_WALLCLOCK_SECONDS in (0, {TRACK_LIMIT_S:.0f}] (now "
+                    f"{hp.max_wallclock_seconds}); longer runs go to track_non_record_16mb")
+    r.val_split = val_split_facts(hp)
+    if not r.val_split["official"] and not hp.submission_unofficial_data:
+        errs.append(f"the validation split in DATA_PATH={hp.data_path} is not the challenge's "
+                    f"({r.val_split['tokens']} tokens, {r.val_split['documents']} documents; the challenge's has "
+                    f"{OFFICIAL_VAL_DOCS} documents, {OFFICIAL_VAL_TOKENS[1024]} tokens for sp1024). Download it "
+                    "(data/cached_challenge_fineweb.py), or set SUBMISSION_UNOFFICIAL_DATA=1 to say so in the folder")
+    old = read_submission_json(d)
+    if old:
+        errs += folder_mismatches(old, r)
+    if errs:
+        raise SetupError(f"SUBMISSION_DIR={d} refused before any work:\n  " + "\n  ".join(errs))
+
+
+def folder_mismatches(old: dict, r: Run) -> list[str]:
+    """Why this run's seed cannot join the seeds already in the folder (empty: it can)."""
+    errs = []
+    diffs = config_differences(old.get("config", {}), result_config(r.hp))
+    if diffs:
+        errs.append("it holds seeds of another configuration; these variables differ: " + ", ".join(diffs))
+    folder_official = old.get("validation", {}).get("official", True)
+    if r.val_split and folder_official != r.val_split["official"]:
+        errs.append("its seeds were scored on " + ("the challenge's" if folder_official else "an unofficial")
+                    + " validation split and this run's is " + ("the challenge's" if r.val_split["official"]
+                                                               else "unofficial"))
+    copy = Path(r.hp.submission_dir, "train_gpt_mlx.py")
+    if copy.exists() and copy.read_text(encoding="utf-8") != readable_source():
+        errs.append(f"its {copy.name} is another version of the script; use a new folder")
+    return errs
+
+
+def unfinished_reason(r: Run, eval_ms: float) -> str:
+    """Why this run cannot be a seed ('' when it can): interrupted, stopped short, or over the track's time."""
+    hp = r.hp
+    if r.interrupted:
+        return f"the run was interrupted (Ctrl-C) at step {r.step} of ITERATIONS={hp.iterations}"
+    capped = hp.max_wallclock_seconds > 0 and r.train_ms >= hp.max_wallclock_seconds * 1000
+    if r.step < hp.iterations and not capped:
+        return f"training stopped at step {r.step} of ITERATIONS={hp.iterations}"
+    if Path(hp.submission_dir).parent.name != "track_10min_16mb":
+        return ""
+    # the cap is checked after each step (as the baseline does), so the last step may end past 600 s
+    before_last = r.train_ms - r.train_ms / max(r.step, 1)
+    if before_last > TRACK_LIMIT_S * 1000:
+        return f"training took {r.train_ms / 1000:.1f}s, over track_10min_16mb's {TRACK_LIMIT_S:.0f}s"
+    if eval_ms > TRACK_LIMIT_S * 1000:
+        return f"evaluation took {eval_ms / 1000:.1f}s, over track_10min_16mb's {TRACK_LIMIT_S:.0f}s"
+    return ""
+
+
+# ---------------------------------------------------------------------------- the seed, the json, the README
+def write_submission(r: Run, loss: float, bpb: float, eval_ms: float, model_bytes: int):
+    """Add this SEED to the record folder: submission.json (mean and sample std over the seeds), README, this
+    seed's log, the counted train_gpt.py and its readable source, requirements.txt. One seed writes at a time."""
+    hp, d = r.hp, Path(r.hp.submission_dir)
+    why = unfinished_reason(r, eval_ms)
+    total = r.code_bytes + model_bytes
+    if not why and total > ARTIFACT_CAP_BYTES:
+        why = f"{total} bytes are over the cap"
+    if why:
+        raise ArtifactError(f"SUBMISSION_DIR={d} refused: {why}; the seed was not written (the artifact and log are "
+                            f"in OUT_DIR={hp.out_dir}; a run stopped early can finish from its checkpoint: "
+                            "RESUME_FROM, saved with CHECKPOINT_EVERY)")
+    seed = seed_result(r, loss, bpb, eval_ms, model_bytes)
+    with folder_lock(d):
+        old = read_submission_json(d)
+        errs = folder_mismatches(old, r) if old else []
+        if errs:  # another seed landed while this one trained
+            raise ArtifactError(f"SUBMISSION_DIR={d} refused: " + "; ".join(errs))
+        sub = merged_submission(old, seed, r)
+        write_folder(d, folder_files(sub, r))
+    r.log(f"submission: {d} seeds:{sub['seeds']} val_bpb:{sub['val_bpb']:.8f} std:{sub['val_bpb_std']:.8f} "
+          f"bytes_code:{sub['bytes_code']} bytes_total:{sub['bytes_total']}")
+
+
+def finite_or_none(v: float):
+    return float(v) if math.isfinite(v) else None  # strict JSON has no NaN
+
+
+def seed_result(r: Run, loss: float, bpb: float, eval_ms: float, model_bytes: int) -> dict:
+    res = dict(val_loss=loss, val_bpb=bpb, pre_quant_val_loss=finite_or_none(r.pre_quant[0]),
+               pre_quant_val_bpb=finite_or_none(r.pre_quant[1]), artifact_bytes=r.code_bytes + model_bytes,
+               bytes_model=model_bytes, steps=r.step, train_seconds=round(r.train_ms / 1000, 3),
+               eval_seconds=round(eval_ms / 1000, 3), run_id=r.run_id)
+    if r.resumed_from:
+        res["resumed_from"] = r.resumed_from
+    return res
+
+
+def mean_std(values: list) -> tuple:
+    """Mean and sample standard deviation (0 for one seed); None where no seed has the value."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
+def merged_submission(old: dict | None, seed: dict, r: Run) -> dict:
+    """submission.json as the records write it, with this seed added (or replaced) among the folder's seeds."""
+    hp = r.hp
+    results = dict(old["seed_results"]) if old else {}
+    results[str(hp.seed)] = seed
+    seeds = sorted(results, key=int)
+    runs = [results[s] for s in seeds]
+    sub = dict(author=hp.submission_author, github_id=hp.submission_github_id, name=hp.submission_name,
+               blurb=hp.submission_blurb, date=time.strftime("%Y-%m-%d"),
+               track=TRACKS[Path(hp.submission_dir).parent.name])
+    for key in ("val_loss", "val_bpb", "pre_quant_val_loss", "pre_quant_val_bpb"):
+        mean, std = mean_std([s[key] for s in runs])
+        sub[key] = mean
+        if key in ("val_loss", "val_bpb"):
+            sub[f"{key}_std"] = std
+    sub["seeds"] = [int(s) for s in seeds]
+    sub["seed_results"] = {s: results[s] for s in seeds}
+    sub["step_stop"] = min(s["steps"] for s in runs)  # times and bytes: the largest seed's
+    sub["wallclock_seconds"] = max(s["train_seconds"] for s in runs)
+    sub["eval_time_seconds"] = max(s["eval_seconds"] for s in runs)
+    sub["bytes_total"] = max(s["artifact_bytes"] for s in runs)
+    sub["bytes_model"] = max(s["bytes_model"] for s in runs)
+    sub["bytes_code"] = r.code_bytes
+    sub["hardware"] = hardware_name(r)
+    sub["mlx_version"] = mx.__version__
+    sub["validation"] = r.val_split
+    sub["config"] = result_config(hp)
+    return sub
+
+
+def hardware_name(r: Run) -> str:
+    info = mx.device_info()
+    name = info.get("device_name") or info.get("architecture") or "unknown"
+    ranks = f", {r.group.size()} ranks over MLX's {r.backend} backend" if r.group.size() > 1 else ""
+    if not _on_gpu():  # the ranks share one CPU
+        return f"{name} (CPU{ranks})"
+    return f"{r.group.size()}x {name} (GPU{ranks})"
+
+
+def mlx_requirement() -> str:
+    """The MLX package this run used: the CUDA and CPU builds are extras of `mlx` (mlx[cuda12], mlx[cpu])."""
+    from importlib import metadata
+    for dist, extra in (("mlx-cuda-13", "cuda13"), ("mlx-cuda-12", "cuda12"), ("mlx-cuda", "cuda"),
+                        ("mlx-cpu", "cpu")):
+        try:
+            metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        return f"mlx[{extra}]=={mx.__version__}"
+    return f"mlx=={mx.__version__}"
+
+
+def requirements_text() -> str:
+    """What train_gpt.py imports beyond the standard library, at the versions this run used."""
+    import sentencepiece
+    import zstandard
+    return "\n".join([mlx_requirement(), f"numpy=={np.__version__}", f"sentencepiece=={sentencepiece.__version__}",
+                      f"zstandard=={zstandard.__version__}"]) + "\n"
+
+
+def seed_log(r: Run) -> bytes:
+    """This seed's log; a resumed run's starts with the log of the run it resumed, so it covers the whole run."""
+    mine = Path(r.path(".txt")).read_bytes()
+    earlier = Path(r.hp.out_dir, f"{r.resumed_from}.txt")
+    if not r.resumed_from or r.resumed_from == r.run_id or not earlier.is_file():
+        return mine  # the same RUN_ID appends to one log
+    return earlier.read_bytes() + f"# resumed by RUN_ID={r.run_id}\n".encode() + mine
+
+
+def folder_files(sub: dict, r: Run) -> dict:
+    """{name: bytes} this seed writes into the folder; other seeds' logs stay as they are."""
+    return {"train_gpt.py": counted_script(), "train_gpt_mlx.py": readable_source().encode("utf-8"),
+            "requirements.txt": requirements_text().encode(), f"train_seed{r.hp.seed}.log": seed_log(r),
+            "README.md": render_readme(sub, r).encode("utf-8"),
+            "submission.json": (json.dumps(sub, indent=2, allow_nan=False) + "\n").encode()}
+
+
+def run_command(r: Run, seed: int) -> str:
+    """The command that reproduces a seed from inside the folder: every variable it needs, paths included."""
+    hp, d = r.hp, os.path.abspath(r.hp.submission_dir)
+    env = {name: value for name, value in result_config(hp).items()}
+    env["DATA_PATH"] = os.path.relpath(os.path.abspath(hp.data_path), d)
+    env["TOKENIZER_PATH"] = os.path.relpath(os.path.abspath(hp.tokenizer_path), d)
+    env["OUT_DIR"] = os.path.relpath(os.path.abspath(hp.out_dir), d)  # logs and artifacts stay out of the folder
+    env["SEED"] = seed
+    assigns = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
+    W = r.group.size()
+    launch = f"mlx.launch -n {W} --backend {r.backend} -- " if W > 1 else ""
+    return f"{assigns} {launch}python train_gpt.py"
+
+
+def render_readme(sub: dict, r: Run) -> str:
+    """The folder's README: what the run is, set-up, the command per seed, the results."""
+    code_kb = len(readable_source().encode()) / 1000
+    split = sub["validation"]
+    lines = [f"# {sub['name']}", "", sub["blurb"], "",
+             f"- **val_bpb {sub['val_bpb']:.8f}** (mean of {len(sub['seeds'])} seed(s), sample std "
+             f"{sub['val_bpb_std']:.8f}); val_loss {sub['val_loss']:.8f}",
+             f"- track: `{sub['track']}`; author: {sub['author']} (@{sub['github_id']}); date: {sub['date']}",
+             f"- hardware: {sub['hardware']}; MLX {sub['mlx_version']}",
+             f"- bytes: {sub['bytes_total']} total (the largest seed's) = {sub['bytes_code']} code + "
+             f"{sub['bytes_model']} model, of the {ARTIFACT_CAP_BYTES} cap",
+             f"- validation split: {split['tokens']} tokens, {split['documents']} document(s)"]
+    if not split["official"]:
+        lines += ["", "**UNOFFICIAL DATA: these scores are not on the challenge's validation split "
+                  f"({OFFICIAL_VAL_DOCS} documents) and are not comparable with the leaderboard's.** "
+                  "(SUBMISSION_UNOFFICIAL_DATA=1)"]
+    lines += ["", "## Files", "",
+              f"- `train_gpt.py` ({sub['bytes_code']} bytes) is the counted code: `train_gpt_mlx.py` "
+              f"({code_kb:.0f} KB, the readable script, beside it) without comments and docstrings, lzma-compressed "
+              "and base85-encoded; it runs that script unchanged.",
+              "- `train_seed<N>.log`: each seed's training log; `submission.json`: the results; `requirements.txt`: "
+              "the packages the script imports, at the versions used.",
+              "", "## Set-up", "", "```bash",
+              f"pip install -r requirements.txt  # from this folder: {mlx_requirement()} and the rest",
+              "python data/cached_challenge_fineweb.py --variant sp1024  # from the repository root: the tokenizer, "
+              "the validation split and 1 train shard (--train-shards N for more)",
+              "```", "", "## Run", "",
+              "From this folder (unset, `DATA_PATH` and `TOKENIZER_PATH` default to the repository's `data/`, "
+              "found from here):", "", "```bash"]
+    lines += [run_command(r, int(s)) for s in sub["seeds"]]
+    lines += ["```", "", "## Results", "", "| seed | val_loss | val_bpb | steps | train s | eval s | bytes |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in sub["seeds"]:
+        p = sub["seed_results"][str(s)]
+        lines.append(f"| {s} | {p['val_loss']:.8f} | {p['val_bpb']:.8f} | {p['steps']} | {p['train_seconds']:.1f} "
+                     f"| {p['eval_seconds']:.1f} | {p['artifact_bytes']} |")
+    lines.append(f"| mean ± std | {sub['val_loss']:.8f} ± {sub['val_loss_std']:.8f} | "
+                 f"{sub['val_bpb']:.8f} ± {sub['val_bpb_std']:.8f} | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- writing the folder
+@contextlib.contextmanager
+def folder_lock(d: Path):
+    """Seeds writing into one folder take turns. flock: the OS releases it when a process dies, so no stale lock."""
+    import fcntl
+    d.parent.mkdir(parents=True, exist_ok=True)
+    lock = d.parent / f".{d.name}.lock"
+    with open(lock, "a") as f:
+        deadline = time.monotonic() + SUBMISSION_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ArtifactError(f"SUBMISSION_DIR={d} refused: another run has been writing its seed there for "
+                                        f"{SUBMISSION_LOCK_WAIT_S:.0f}s (it holds {lock}); this seed was not "
+                                        "written: rerun it once that run has finished") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_folder(d: Path, files: dict):
+    """Build the new folder beside the old one, then swap it in: a failure part way leaves the old one as it was."""
+    new = d.parent / f".{d.name}.new{os.getpid()}"
+    shutil.rmtree(new, ignore_errors=True)
+    try:
+        if d.exists():
+            shutil.copytree(d, new)
+        else:
+            new.mkdir(parents=True)
+        for name, data in files.items():
+            (new / name).write_bytes(data)
+        swap_in(new, d)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+
+
+def swap_in(new: Path, d: Path):
+    """Two renames (POSIX cannot replace a non-empty folder in one); the second failing puts the old one back."""
+    if not d.exists():
+        os.rename(new, d)
+        return
+    old = d.parent / f".{d.name}.old{os.getpid()}"
+    os.rename(d, old)
+    try:
+        os.rename(new, d)
+    except OSError:
+        os.rename(old, d)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

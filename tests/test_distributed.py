@@ -137,7 +137,8 @@ def _sub_env(data, tmp_path, folder, **over):
         header[:3] = (T.SHARD_MAGIC, T.SHARD_VERSION, val.size)
         (ds / "fineweb_val_000000.bin").write_bytes(header.tobytes() + val.astype("<u2").tobytes())
     return tiny_env(data, tmp_path, **{**dict(DATA_PATH=ds, ITERATIONS=3, VAL_MAX_TOKENS=0, SUBMISSION_DIR=folder, SUBMISSION_AUTHOR="Ada",
-                    SUBMISSION_GITHUB_ID="ada", SUBMISSION_NAME="Tiny MLX", SUBMISSION_BLURB="two layers"), **over})
+                    SUBMISSION_GITHUB_ID="ada", SUBMISSION_NAME="Tiny MLX", SUBMISSION_BLURB="two layers",
+                    SUBMISSION_UNOFFICIAL_DATA=1), **over})
 
 
 def test_submission_folder_is_complete_and_matches_the_logs(data, tmp_path):
@@ -145,14 +146,14 @@ def test_submission_folder_is_complete_and_matches_the_logs(data, tmp_path):
     for seed in (1, 2):
         assert T.main(_sub_env(data, tmp_path, folder, SEED=seed, RUN_ID=f"s{seed}")) == 0
     sub = json.loads((folder / "submission.json").read_text())
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "requirements.txt", "submission.json",
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "requirements.txt", "submission.json", "train_gpt.py",
                                                         "train_gpt_mlx.py", "train_seed1.log", "train_seed2.log"]
     assert (folder / "train_gpt_mlx.py").read_bytes() == (ROOT / "train_gpt_mlx.py").read_bytes()
     for k in ("author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "pre_quant_val_loss",
               "pre_quant_val_bpb", "step_stop", "wallclock_seconds", "eval_time_seconds", "bytes_total",
               "bytes_model", "bytes_code", "track", "hardware", "seeds", "seed_results", "val_bpb_std"):
         assert k in sub, k
-    assert sub["seeds"] == [1, 2] and sub["track"] == "track_non_record_16mb" and sub["author"] == "Ada"
+    assert sub["seeds"] == [1, 2] and sub["track"] == "non_record_16mb" and sub["author"] == "Ada"
     for seed in (1, 2):
         log, res = (folder / f"train_seed{seed}.log").read_text(), sub["seed_results"][str(seed)]
         assert (tmp_path / f"s{seed}.txt").read_text().startswith(log) and "val_tokens:3000 " in log
@@ -160,15 +161,15 @@ def test_submission_folder_is_complete_and_matches_the_logs(data, tmp_path):
         assert f"{res['val_loss']:.8f}" == f"{loss:.8f}" and f"{res['val_bpb']:.8f}" == f"{bpb:.8f}"
         code, model, total = map(int, re.search(r"^artifact: code_bytes:(\d+) model_bytes:(\d+) total_bytes:(\d+)",
                                                 log, re.M).groups())
-        assert (res["bytes_code"], res["bytes_model"], res["bytes_total"]) == (code, model, total)
+        assert (sub["bytes_code"], res["bytes_model"], res["artifact_bytes"]) == (code, model, total)
         pre = re.findall(r"^step:3/3 val_loss:(\S+) val_bpb:(\S+)", log, re.M)[-1]
-        assert f"{res['pre_quant_val_bpb']:.4f}" == pre[1] and res["step_stop"] == 3
+        assert f"{res['pre_quant_val_bpb']:.4f}" == pre[1] and res["steps"] == 3
     bpbs = [sub["seed_results"][s]["val_bpb"] for s in ("1", "2")]
     assert bpbs[0] != bpbs[1]
     assert sub["val_bpb"] == pytest.approx(np.mean(bpbs)) and sub["val_bpb_std"] == pytest.approx(np.std(bpbs, ddof=1))
-    assert sub["bytes_total"] == max(sub["seed_results"][s]["bytes_total"] for s in ("1", "2"))
+    assert sub["bytes_total"] == max(sub["seed_results"][s]["artifact_bytes"] for s in ("1", "2"))
     readme = (folder / "README.md").read_text()
-    assert "python train_gpt_mlx.py" in readme and f"{bpbs[1]:.8f}" in readme and " NUM_LAYERS=2 " in readme
+    assert "python train_gpt.py" in readme and f"{bpbs[1]:.8f}" in readme and " NUM_LAYERS=2 " in readme
 
 
 def test_submission_refusals(data, tmp_path, monkeypatch):
@@ -179,7 +180,8 @@ def test_submission_refusals(data, tmp_path, monkeypatch):
         T.Hyperparameters.from_env(_sub_env(data, tmp_path, folder, SUBMISSION_AUTHOR=""))
     assert T.main(_sub_env(data, tmp_path, folder, SEED=1)) == 0
     assert T.main(_sub_env(data, tmp_path, folder, SEED=2, MATRIX_LR=0.02)) == 1  # another configuration
-    assert "refused: it holds seeds of another configuration" in (tmp_path / "tiny.txt").read_text()
+    assert ("it holds seeds of another configuration; these variables differ: MATRIX_LR (folder: 0.04, this run: "
+            "0.02)") in (tmp_path / "tiny.txt").read_text()
     monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", 1000)
     assert T.main(_sub_env(data, tmp_path, folder, SEED=3)) == 1
     assert "bytes are over the cap" in (tmp_path / "tiny.txt").read_text()
