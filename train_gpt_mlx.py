@@ -2004,8 +2004,8 @@ def setup(r: Run, sp):
                 for rec in sorted({r.recur_on, True})}
     r.stream = TokenStream(files, cfg.vocab_size, log)
     log(f"train_shards:{len(files)} batch_tokens:{hp.train_batch_tokens} seq_len:{seq} "
-        f"microbatch_seqs:{r.micro_seqs} iterations:{hp.iterations} max_wallclock:{hp.max_wallclock_seconds}s "
-        f"warmdown: {describe_warmdown(hp)}")
+        f"microbatch_seqs:{r.micro_seqs} iterations:{hp.iterations} max_wallclock:{hp.max_wallclock_seconds}s")
+    log(f"warmdown: {describe_warmdown(hp)}")
     log_eval_config(hp, hp.train_seq_len, log)
 
 
