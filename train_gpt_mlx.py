@@ -11,9 +11,11 @@ import math
 import os
 import re
 import shlex
+import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -1674,6 +1676,9 @@ class Run:
     group: mx.distributed.Group = None  # the ranks mlx.launch started (size 1: one process)
     backend: str = "none"
     pre_quant: tuple = (math.nan, math.nan)  # the last full-precision (val_loss, val_bpb)
+    stop_asked: bool = False  # a first Ctrl-C arrived (set by the SIGINT handler; read at safe points)
+    interrupted: bool = False  # training stopped on it: the run exits 130 after writing its artifact
+    checkpoint: str = ""  # the last checkpoint written
 
     @property
     def graph(self) -> "Compiled":
@@ -1740,8 +1745,10 @@ def main(env=None) -> int:
     try:
         return run(r)
     except KeyboardInterrupt:
-        log(f"interrupted (Ctrl-C) during {r.phase}; " + (
-            "the artifact above is complete" if r.phase == "the round-trip evaluation" else "nothing was written"))
+        done = ("the artifact above is complete" if r.phase == "the round-trip evaluation" else
+                f"no artifact was written; the checkpoint {r.checkpoint} holds the last saved step" if r.checkpoint
+                else "nothing was written")
+        log(f"interrupted (Ctrl-C) during {r.phase}; {done}")
         return 130
     except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:  # ConfigError included: exit 2
         log(f"error: {e}")
@@ -1763,6 +1770,10 @@ def run(r: Run) -> int:
     train(r)
     check_ranks_agree(r, "after training")
     write_and_prove_artifact(r)
+    if r.interrupted:
+        r.log(f"exit 130: training was interrupted at step {r.step}; the artifact above is complete; to go on, "
+              f"RESUME_FROM={r.checkpoint}")
+        return 130
     return 0
 
 
@@ -1906,35 +1917,65 @@ def save_checkpoint(r: Run, path: str | None = None) -> str:
     meta = dict(step=r.step, train_ms=r.train_ms, qat_on=r.qat_on, recur_on=r.recur_on, stream=r.stream.state(),
                 run_id=r.run_id, hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
     n = write_checkpoint(path, r.model, r.opt, meta)
+    r.checkpoint = path
     r.log(f"checkpoint: step:{r.step} {path} ({n} bytes)")
     return path
 
 
 # ---------------------------------------------------------------------------- train
 def train(r: Run):
-    """Step until ITERATIONS, the wall-clock cap or Ctrl-C; evaluate periodically and at the end."""
+    """Step until ITERATIONS, the wall-clock cap or Ctrl-C; evaluate periodically and at the end. A first
+    Ctrl-C only asks to stop (catch_first_ctrl_c): the step, evaluation or checkpoint in flight completes."""
+    previous = catch_first_ctrl_c(r)
+    try:
+        train_loop(r)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def catch_first_ctrl_c(r: Run):
+    """A KeyboardInterrupt raised inside the compiled step would surface after the step has already updated the
+    weights, so a checkpoint taken then would hold step s+1 under step s. The handler only sets a flag, read at
+    safe points, and restores the default handler: a second Ctrl-C aborts. Returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigint(signum, frame):
+        r.stop_asked = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    return signal.signal(signal.SIGINT, on_sigint)
+
+
+def stop_now(r: Run) -> bool:
+    """At a safe point (no step in flight): was Ctrl-C pressed on any rank? Then save the exact state."""
+    if r.interrupted or not ranks_max(r, 1.0 if r.stop_asked else 0.0) > 0:
+        return False
+    r.interrupted = True
+    r.log(f"interrupted (Ctrl-C) at step {r.step}: saving a checkpoint, then evaluating and writing the "
+          "artifact (Ctrl-C again to abort)")
+    save_checkpoint(r)
+    return True
+
+
+def train_loop(r: Run):
     hp = r.hp
-    max_ms, stop_at, interrupted, t_last = hp.max_wallclock_seconds * 1000.0, None, False, time.perf_counter()
+    max_ms, stop_at, t_last = hp.max_wallclock_seconds * 1000.0, None, time.perf_counter()
     r.phase = "training"
     while True:
-        last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or interrupted
+        last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or r.interrupted
         progress = max(r.step / max(hp.iterations, 1), r.train_ms / max_ms if max_ms > 0 else 0.0)
         switch_modes(r, progress, last)
         if last or (hp.val_loss_every and r.step and r.step % hp.val_loss_every == 0):
             r.train_ms = ranks_max(r, r.train_ms + (time.perf_counter() - t_last) * 1000)
-            interrupted = periodic_eval(r, final=last) or interrupted
+            periodic_eval(r, final=last)
             t_last = time.perf_counter()
-            last = last or interrupted
         if last:
             break
-        try:
-            loss = one_step(r)
-        except KeyboardInterrupt:
-            r.log(f"interrupted at step {r.step}: evaluating and writing the artifact (Ctrl-C again to abort)")
-            interrupted = True
-            if hp.checkpoint_every:
-                save_checkpoint(r)
+        if stop_now(r):
             continue
+        loss = one_step(r)
         now = time.perf_counter()
         r.train_ms = ranks_max(r, r.train_ms + (now - t_last) * 1000)
         t_last = now
@@ -1969,14 +2010,9 @@ def switch_modes(r: Run, progress: float, last: bool):
 
 def one_step(r: Run) -> float:
     hp = r.hp
-    before = r.stream.state()
     x, y = r.stream.next_batch(hp.train_batch_tokens, hp.train_seq_len)
-    try:
-        loss = float(train_step(r.graph, x, y, r.micro_seqs, lr_multiplier(r.step, r.train_ms, hp),
-                                muon_momentum_at(r.step, hp), r.group))
-    except KeyboardInterrupt:  # this batch was not trained on: a checkpoint must not skip it
-        r.stream.restore(before)
-        raise
+    loss = float(train_step(r.graph, x, y, r.micro_seqs, lr_multiplier(r.step, r.train_ms, hp),
+                            muon_momentum_at(r.step, hp), r.group))
     if not math.isfinite(loss):
         raise TrainingDiverged(
             f"train loss is {loss} at step {r.step + 1}: training diverged; nothing is written. Lower the "
@@ -1996,18 +2032,13 @@ def log_step(r: Run, loss: float, capped: bool):
               f"step_avg:{avg:.2f}ms tok_s:{hp.train_batch_tokens / (avg / 1000):.0f} eta:{left * avg / 1000:.0f}s")
 
 
-def periodic_eval(r: Run, final: bool) -> bool:
-    """The val line of the baseline's log. Returns True when Ctrl-C skipped it."""
-    try:
-        loss, bpb, _ = run_eval(r.hp, r.model, r.opt, r.graph, r.val_tokens, r.tables, r.log,
-                                "val", final=final, seq=r.hp.train_seq_len, group=r.group)
-    except KeyboardInterrupt:
-        r.log("evaluation interrupted: skipped; training stops and the artifact is still written")
-        return True
+def periodic_eval(r: Run, final: bool):
+    """The val line of the baseline's log."""
+    loss, bpb, _ = run_eval(r.hp, r.model, r.opt, r.graph, r.val_tokens, r.tables, r.log,
+                            "val", final=final, seq=r.hp.train_seq_len, group=r.group)
     r.pre_quant = (loss, bpb)
     r.log(f"step:{r.step}/{r.hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
           f"train_time:{r.train_ms:.0f}ms step_avg:{r.train_ms / max(r.step, 1):.2f}ms")
-    return False
 
 
 # ---------------------------------------------------------------------------- evaluate

@@ -188,8 +188,8 @@ def test_delayed_recurrence_trains_the_plain_order_first_then_switches_and_resum
     assert "warmup_step:2/2 (recurrence graphs)" in full and "recurrence:on step:4 layers 1,1" in full
     assert _losses(full)[:4] == _losses(plain)[:4]  # same init (skip rows are ones): the plain order, bit for bit
     assert _losses(full)[4:] != _losses(plain)[4:]
-    ctrl_c_after(monkeypatch, T, 2 + 6)  # 2 warmup steps, 6 training steps: the checkpoint is past the switch
-    assert T.main(tiny_env(data, tmp_path, RUN_ID="first", CHECKPOINT_EVERY=3, **delayed)) == 0
+    ctrl_c_after(monkeypatch, T, 2 + 5)  # 2 warmup steps, 5 training steps, the 6th completes: past the switch
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="first", CHECKPOINT_EVERY=3, **delayed)) == 130
     monkeypatch.undo()
     env = tiny_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=str(tmp_path / "first_ckpt.pgck"), **delayed)
     assert T.main(env) == 0
