@@ -53,9 +53,10 @@ class Hyperparameters:
     strict_env: bool = _env("STRICT_ENV", False, bool)
     checkpoint_every: int = _env("CHECKPOINT_EVERY", 0, int, 0)
     resume_from: str = _env("RESUME_FROM", "", str)
+    resume_override: bool = _env("RESUME_OVERRIDE", False, bool)
     # training length / batch
-    iterations: int = _env("ITERATIONS", 20000, int, 0)
-    train_batch_tokens: int = _env("TRAIN_BATCH_TOKENS", 524_288, int, 1)
+    iterations: int = _env("ITERATIONS", 20000, int, 0, 10**7)
+    train_batch_tokens: int = _env("TRAIN_BATCH_TOKENS", 524_288, int, 1, 2**26)
     train_seq_len: int = _env("TRAIN_SEQ_LEN", 1024, int, 2)
     grad_accum_steps: int = _env("GRAD_ACCUM_STEPS", 8, int, 1)
     mlx_max_microbatch_tokens: int = _env("MLX_MAX_MICROBATCH_TOKENS", 8192, int, 1)
@@ -168,6 +169,8 @@ class Hyperparameters:
     ttt_reset: str = _env("TTT_RESET", "never", str, choices=("never", "doc"))
     # not a variable: what unknown_env_notes found in the environment, for the log
     env_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
+    # not a variable: how RESUME_FROM's checkpoint settings differ from the environment, for the log
+    resume_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -175,6 +178,7 @@ class Hyperparameters:
         is an error (not the default): `ITERATIONS=` is more likely a broken script than a wish."""
         env = dict(os.environ if env is None else env)
         env.update({name: env[alias] for alias, name in ENV_ALIASES.items() if alias in env and name not in env})
+        explicit = {f.name for f in env_fields() if f.metadata["env"] in env}
         env = {**RECIPES.get(env.get("RECIPE", "baseline").strip(), {}), **env}  # explicit values win
         values, errors = {}, [f"{k}={env[k]!r}: {why}" for k, why in ENV_RETIRED.items() if k in env]
         for f in env_fields():
@@ -186,11 +190,44 @@ class Hyperparameters:
         if errors:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(errors))
         hp = cls(**values, env_notes=tuple(unknown_env_notes(env)))
+        if hp.resume_from and not hp.eval_only:
+            hp = hp.resumed(explicit)
         hp.check_relations()
         if hp.strict_env and hp.env_notes:
             raise ConfigError("STRICT_ENV=1 and the environment has variables this script does not read:\n  "
                               + "\n  ".join(hp.env_notes))
         return hp
+
+    def resumed(self, explicit: set) -> "Hyperparameters":
+        """RESUME_FROM continues the checkpoint's run: every setting that changes the result comes from the
+        checkpoint. A result-changing variable the environment sets to another value is refused (shape ones
+        always, the others unless RESUME_OVERRIDE=1); every difference is logged (resume_notes)."""
+        meta = checkpoint_header(self.resume_from)["meta"]
+        saved = meta["hparams"]
+        fixed = set(MODEL_FIELDS) | set(RESUME_MUST_MATCH)
+        values, notes, refused = {}, [], []
+        for f in env_fields():
+            if f.name not in saved or f.name in RESUME_FREE or f.name.startswith("submission_"):
+                continue
+            mine, theirs, var = getattr(self, f.name), saved[f.name], f.metadata["env"]
+            if mine == theirs:
+                continue
+            if f.name not in explicit:
+                values[f.name] = theirs
+                notes.append(f"{var}={theirs} from the checkpoint (the environment's would be {mine})")
+            elif f.name in fixed:
+                refused.append(f"{var}={mine} but the checkpoint was trained with {theirs}; shape-changing "
+                               "variables must match the checkpoint (unset it: the checkpoint's value is used)")
+            elif self.resume_override:
+                notes.append(f"{var}={mine} overrides the checkpoint's {theirs} (RESUME_OVERRIDE=1)")
+            else:
+                refused.append(f"{var}={mine} but the checkpoint was trained with {theirs}: unset it to continue "
+                               "the checkpoint's run, or set RESUME_OVERRIDE=1 to train on with it")
+        if meta.get("step", 0) > values.get("iterations", self.iterations):
+            refused.append(f"the checkpoint is at step {meta['step']}, past ITERATIONS={self.iterations}")
+        if refused:
+            raise ConfigError(f"RESUME_FROM={self.resume_from}:\n  " + "\n  ".join(refused))
+        return replace(self, **values, resume_notes=tuple(notes))
 
     @property
     def eval_stride_resolved(self) -> int:
@@ -1106,6 +1143,8 @@ def flat_numpy(model) -> dict:
     return {n: np.array(p.astype(mx.float32)) for n, p in tree_flatten(model.parameters())}
 
 
+RESUME_FREE = ("run_id", "out_dir", "resume_from", "resume_override", "checkpoint_every", "val_loss_every",
+               "train_log_every", "strict_env", "data_path", "tokenizer_path", "eval_token_nll_path", "dist_backend")
 RESUME_MUST_MATCH = ("engram_proj_optimizer", "skipgram_proj_optimizer", "train_seq_len", "quant_bits",
                      "quant_bits_attn", "quant_bits_mlp", "quant_bits_embed", "qat_start_frac", "recur_start_frac")
 
@@ -1117,6 +1156,25 @@ def write_checkpoint(path: str, model: GPT, opt: Optimizers, meta: dict) -> int:
     arrays += [(n, "state", np.array(box[k])) for n, (box, k) in opt.slots().items()]
     header = dict(format="parameter-golf-mlx", version=1, kind="checkpoint", config=asdict(model.cfg), meta=meta)
     return write_container(path, CHECKPOINT_MAGIC, header, arrays, level=3)
+
+
+def checkpoint_header(path: str) -> dict:
+    """A checkpoint's JSON header alone (its settings, step), without decompressing the arrays."""
+    import zstandard
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(CHECKPOINT_MAGIC)) != CHECKPOINT_MAGIC:
+                raise ConfigError(f"RESUME_FROM={path} is not a checkpoint of this script (bad magic bytes)")
+            reader = zstandard.ZstdDecompressor().stream_reader(f)
+            (hlen,) = struct.unpack("<I", reader.read(4))
+            header = json.loads(reader.read(hlen).decode())
+    except OSError as e:
+        raise ConfigError(f"RESUME_FROM={path} is not a readable file ({e.strerror or e})") from None
+    except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"RESUME_FROM={path}: not an intact checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict) or "hparams" not in header.get("meta", {}):
+        raise ConfigError(f"RESUME_FROM={path}: its header holds no settings (not a checkpoint of this script)")
+    return header
 
 
 def read_checkpoint(path: str, hp: Hyperparameters):
@@ -1906,6 +1964,8 @@ def resume(r: Run, meta: dict, params: dict, state: dict):
     r.opt.load_arrays(state)
     r.step, r.train_ms, r.qat_on, r.recur_on = meta["step"], meta["train_ms"], meta["qat_on"], meta["recur_on"]
     r.stream.restore(meta["stream"])
+    for note in r.hp.resume_notes:
+        r.log(f"resume: {note}")
     r.log(f"resumed from {r.hp.resume_from}: step:{r.step} train_time:{r.train_ms:.0f}ms qat:{r.qat_on} "
           f"recurrence:{r.recur_on}")
 

@@ -179,7 +179,8 @@ def _losses(log):
     return [m[1] for m in re.finditer(r"^step:\d+/\d+ train_loss:(\S+)", log, re.M)]
 
 
-def test_delayed_recurrence_trains_the_plain_order_first_then_switches_and_resumes(data, tmp_path, monkeypatch):
+def test_delayed_recurrence_trains_the_plain_order_first_then_switches_and_resumes(data, tmp_path, monkeypatch,
+                                                                                   capsys):
     over = dict(NUM_LAYERS=3, ITERATIONS=8, WARMDOWN_ITERS=3, VAL_MAX_TOKENS=1024, EMA_DECAY=0.9, WARMUP_STEPS=2)
     assert T.main(tiny_env(data, tmp_path, RUN_ID="plain", **over)) == 0
     delayed = dict(over, RECUR_LAYERS="1,1", RECUR_START_FRAC=0.5)
@@ -199,8 +200,8 @@ def test_delayed_recurrence_trains_the_plain_order_first_then_switches_and_resum
     exact = r"^final_int6_zstd_roundtrip_exact .*$"
     assert re.search(exact, resumed, re.M)[0] == re.search(exact, full, re.M)[0]
     env = tiny_env(data, tmp_path, RUN_ID="other", RESUME_FROM=str(tmp_path / "first_ckpt.pgck"), **over,
-                   RECUR_LAYERS="1,1")
-    assert T.main(env) == 2 and "RECUR_START_FRAC=0.0 but the checkpoint" in (tmp_path / "other.txt").read_text()
+                   RECUR_LAYERS="1,1", RECUR_START_FRAC=0)
+    assert T.main(env) == 2 and "RECUR_START_FRAC=0.0 but the checkpoint" in capsys.readouterr().err
 
 
 def test_switching_recurrence_on_copies_the_untied_mlps_and_their_ema():
