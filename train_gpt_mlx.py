@@ -4,6 +4,7 @@ bits-per-byte, and write a <=16,000,000-byte submission artifact. Driven by envi
 from __future__ import annotations
 
 import difflib
+import fcntl
 import glob
 import json
 import lzma
@@ -391,8 +392,9 @@ DATA_HELP = ("Download the challenge data:  python data/cached_challenge_fineweb
              "--tokenizer TOKENIZER.model --out DIR --val-docs N")
 
 
-def load_data_shard(path) -> np.ndarray:
-    """Read one challenge shard (1024-byte int32 header, then uint16 tokens), checking it exactly."""
+def shard_header(path) -> int:
+    """Check one challenge shard's header (1024-byte int32 header, then uint16 tokens) against its exact file
+    size without reading the tokens; return its token count."""
     size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
         raise ValueError(f"{path}: {size} bytes is shorter than the 1024-byte shard header")
@@ -403,14 +405,33 @@ def load_data_shard(path) -> np.ndarray:
     if n < 0 or size != SHARD_HEADER_BYTES + 2 * n:
         raise ValueError(f"{path}: header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes) "
                          f"but the file has {size} bytes (truncated or corrupted)")
-    return np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_BYTES)
+    return n
+
+
+def load_data_shard(path, max_tokens: int = -1) -> np.ndarray:
+    """A shard's tokens (the first max_tokens of them when >= 0), its header checked first."""
+    n = shard_header(path)
+    return np.fromfile(path, dtype="<u2", count=n if max_tokens < 0 else min(n, max_tokens), offset=SHARD_HEADER_BYTES)
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    """DATA_PATH is one folder, taken literally: `data*` must not read two folders, nor `data[1]` none."""
+    files = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
     if not files:
-        raise FileNotFoundError(f"no {split} shards matching {data_path}/fineweb_{split}_*.bin\n{DATA_HELP}")
+        raise FileNotFoundError(f"DATA_PATH={data_path}: no {split} shards (fineweb_{split}_*.bin) in this folder"
+                                f"\n{DATA_HELP}")
     return files
+
+
+def check_train_shards(files: list[str]) -> int:
+    """Every train shard's header, before the first step: the stream reaches a bad one only hours in."""
+    total = 0
+    for path in files:
+        n = shard_header(path)
+        if n == 0:
+            raise ValueError(f"{path}: an empty train shard (0 tokens); remove it or rebuild the shards\n{DATA_HELP}")
+        total += n
+    return total
 
 
 def load_validation_tokens(data_path: str, max_tokens: int, vocab_size: int) -> np.ndarray:
@@ -488,6 +509,28 @@ def build_byte_tables(sp, vocab_size: int):
         boundary[i], space[i] = False, not is_byte and piece.startswith("\u2581")
         base[i] = 1 if is_byte else len(piece.removeprefix("\u2581").encode("utf-8"))
     return base, space, boundary
+
+
+TOKENIZER_CHECK_TOKENS, TOKENIZER_CHECK_DOCS = 2**17, 32
+
+
+def check_tokenizer(sp, data_path: str, tokenizer_path: str) -> str:
+    """A tokenizer that did not make the shards still yields a val_bpb, a wrong one (the byte counts are its
+    pieces'). Decode whole validation documents and re-encode them: the shards' own tokenizer gives the same ids
+    back. Documents holding <unk> are skipped (it does not round-trip); 90% must match. Returns the log line."""
+    tokens = load_data_shard(shard_files(data_path, "val")[0], TOKENIZER_CHECK_TOKENS)
+    starts = np.flatnonzero(tokens == BOS_ID)
+    docs = [tokens[a + 1:b] for a, b in zip(starts[:-1], starts[1:])]  # whole documents only
+    docs = [d.tolist() for d in docs if d.size and (d != sp.unk_id()).all()][:TOKENIZER_CHECK_DOCS]
+    if not docs:
+        return "tokenizer_check: skipped (no whole validation document without <unk> in the first shard's start)"
+    n = sp.vocab_size()
+    same = sum(max(d) < n and sp.encode(sp.decode(d)) == d for d in docs)
+    if same < 0.9 * len(docs):
+        raise SetupError(f"TOKENIZER_PATH={tokenizer_path} did not make the shards in DATA_PATH={data_path}: only "
+                         f"{same} of {len(docs)} validation documents re-encode to their own ids. Use the tokenizer "
+                         "the shards were built with (or rebuild the shards with this one: data/build_shards.py)")
+    return f"tokenizer_check: {same}/{len(docs)} validation documents re-encode to the same ids"
 
 
 def target_bytes(prev: np.ndarray, tgt: np.ndarray, tables) -> np.ndarray:
@@ -1737,6 +1780,7 @@ class Run:
     stop_asked: bool = False  # a first Ctrl-C arrived (set by the SIGINT handler; read at safe points)
     interrupted: bool = False  # training stopped on it: the run exits 130 after writing its artifact
     checkpoint: str = ""  # the last checkpoint written
+    warned_loss: bool = False  # the loss-above-chance warning is given once
 
     @property
     def graph(self) -> "Compiled":
@@ -1790,6 +1834,11 @@ def main(env=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
+    try:
+        lock = None if group.rank() else lock_run_id(hp.out_dir, run_id)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     log_path = os.path.join(hp.out_dir, f"{run_id}.txt")
     reused = os.path.exists(log_path) and not group.rank()
     log = Logger(None if group.rank() else log_path, group.rank())
@@ -1811,6 +1860,9 @@ def main(env=None) -> int:
     except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:  # ConfigError included: exit 2
         log(f"error: {e}")
         return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        if lock:
+            lock.close()
 
 
 def run(r: Run) -> int:
@@ -1843,6 +1895,20 @@ def check_out_dir(out_dir: str):
             pass
     except OSError as e:
         raise SetupError(f"OUT_DIR={out_dir} is not a writable folder ({e.strerror or e})") from None
+
+
+def lock_run_id(out_dir: str, run_id: str):
+    """Two runs with one RUN_ID would interleave one log and overwrite each other's artifact and checkpoint:
+    the first holds an exclusive lock on OUT_DIR/RUN_ID.lock until it ends; a second is refused."""
+    path = os.path.join(out_dir, f"{run_id}.lock")
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise SetupError(f"RUN_ID={run_id} is in use by a run still going in OUT_DIR={out_dir} (it holds {path}): "
+                         "pick another RUN_ID, or wait for that run to end") from None
+    return f
 
 
 def preflight_paths(hp: Hyperparameters):
@@ -1911,7 +1977,9 @@ def setup(r: Run, sp):
     np.random.seed(hp.seed)
     r.tables = build_byte_tables(sp, cfg.vocab_size)
     r.val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+    log(check_tokenizer(sp, hp.data_path, hp.tokenizer_path))
     files = shard_files(hp.data_path, "train")
+    log(f"train_tokens:{check_train_shards(files)} (every train shard's header checked)")
     r.model = GPT(cfg, hp.dtype())
     r.opt = Optimizers(r.model, hp)
     log(f"val_tokens:{r.val_tokens.size} params:{count_params(r.model)} " + " ".join(
@@ -2079,7 +2147,19 @@ def one_step(r: Run) -> float:
             f"learning rates (MATRIX_LR={hp.matrix_lr}, SCALAR_LR={hp.scalar_lr}, TIED_EMBED_LR={hp.tied_embed_lr}) "
             f"or set GRAD_CLIP_NORM (now {hp.grad_clip_norm})")
     r.step += 1
+    warn_if_above_chance(r, loss)
     return loss
+
+
+def warn_if_above_chance(r: Run, loss: float):
+    """A loss well above ln(VOCAB_SIZE), a uniform guess, after the first steps means the run is diverging while
+    still finite (too high a learning rate for this batch): say so once, naming the variables."""
+    hp, chance = r.hp, math.log(r.hp.vocab_size)
+    if r.step > 2 and loss > chance + 1.0 and not r.warned_loss:
+        r.warned_loss = True
+        r.log(f"WARNING: train loss {loss:.2f} at step {r.step} is above ln(VOCAB_SIZE)={chance:.2f} + 1, worse than "
+              f"a uniform guess: training is diverging. Lower MATRIX_LR={hp.matrix_lr}, SCALAR_LR={hp.scalar_lr}, "
+              f"TIED_EMBED_LR={hp.tied_embed_lr} (EMBED_LR, HEAD_LR untied), or raise TRAIN_BATCH_TOKENS")
 
 
 def log_step(r: Run, loss: float, capped: bool):
@@ -2166,6 +2246,7 @@ def eval_only(r: Run, sp) -> int:
     load_flat_into(model, flat)
     tables = build_byte_tables(sp, cfg.vocab_size)
     val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+    log(check_tokenizer(sp, hp.data_path, hp.tokenizer_path))
     log(f"val_tokens:{val_tokens.size} params:{count_params(model)} artifact:{hp.load_artifact}")
     log_eval_config(hp, trained_seq, log)
     r.phase = "evaluation"
