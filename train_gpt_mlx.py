@@ -1019,9 +1019,9 @@ def quant_plan(hp: Hyperparameters):
 
 
 def tensor_bits(name: str, plan) -> int:
-    """attn: blocks' c_q/c_k/c_v/proj; mlp: their fc/proj; embed: tok_emb, lm_head and the hashed `.tables.`
+    """attn: blocks' c_q/c_k/c_v/proj; mlp: their fc/proj and the untied recurrence MLPs'; embed: tok_emb, lm_head and the hashed `.tables.`
     (embeddings too; int8 in the records); other (hashed features' projections): QUANT_BITS. 16 = fp16."""
-    group = ("attn" if ".attn." in name else "mlp" if ".mlp" in name else
+    group = ("attn" if ".attn." in name else "mlp" if ".mlp" in name or name.startswith("recur_mlps.") else
              "embed" if name in ("tok_emb.weight", "lm_head.weight") or ".tables." in name else "other")
     return plan if isinstance(plan, int) else plan[group]
 
@@ -1341,8 +1341,9 @@ def summarize_nll(nll: np.ndarray, tokens: np.ndarray, tables):
     return total_nll / n, total_nll / math.log(2) / max(total_bytes, 1), nll
 
 
-TTT_TARGET_KEYS = {"q": ".attn.c_q.", "k": ".attn.c_k.", "v": ".attn.c_v.", "o": ".attn.proj.", "up": ".mlp.fc.",
-                   "down": ".mlp.proj.", "head": "lm_head.weight"}  # head: the shared table when tied
+TTT_TARGET_KEYS = {"q": r"\.attn\.c_q\.", "k": r"\.attn\.c_k\.", "v": r"\.attn\.c_v\.", "o": r"\.attn\.proj\.",
+                   "up": r"(\.mlp\.|^recur_mlps\.\d+\.)fc\.", "down": r"(\.mlp\.|^recur_mlps\.\d+\.)proj\.",
+                   "head": r"^lm_head\.weight$"}  # regexes over parameter names; up/down: RECUR_UNTIED_MLP's too
 
 
 class TestTimeTrainer:
@@ -1355,9 +1356,10 @@ class TestTimeTrainer:
         self.rows = min(hp.ttt_batch_seqs, -(-(seq_len + (self.per_chunk - 1) * stride) // seq_len))
         self.base = dict(tree_flatten(model.trainable_parameters()))
         keys = hp.ttt_targets.split(",")  # all: every parameter (full), every block matrix and the head (lora)
-        pat = [TTT_TARGET_KEYS[k] if k != "head" or "lm_head.weight" in self.base else "tok_emb.weight"
-                for k in (TTT_TARGET_KEYS if "all" in keys else keys)]
-        self.names = sorted(n for n in self.base if any(p in n for p in pat) or "all" in keys and hp.ttt_mode == "full")
+        pat = [TTT_TARGET_KEYS[k] if k != "head" or "lm_head.weight" in self.base else r"^tok_emb\.weight$"
+               for k in (TTT_TARGET_KEYS if "all" in keys else keys)]  # head: the shared table when tied
+        self.names = sorted(n for n in self.base if any(re.search(p, n) for p in pat)
+                            or "all" in keys and hp.ttt_mode == "full")
         self.init = {n: self.base[n] for n in self.names}
         if hp.ttt_mode == "lora":
             shapes = [(n, *self.base[n].shape) for n in self.names]
@@ -2119,21 +2121,20 @@ def train_loop(r: Run):
 
 
 def switch_modes(r: Run, progress: float, last: bool):
-    """Late QAT and delayed recurrence: move to the next graph set once training is that far along. Recurrence
-    also comes on before the last evaluation, as the artifact's model has it."""
+    """Late QAT and delayed recurrence: move to the next graph set once training is that far along. A run that
+    stops before RECUR_START_FRAC keeps the plain order it trained, and so does its artifact (plain_order)."""
     hp = r.hp
     if not r.qat_on and hp.qat_start_frac < 1.0 and progress >= hp.qat_start_frac and not last:
         r.qat_on = True
         r.log(f"qat:on step:{r.step} (bits {quant_plan(hp)} fake quantization, max-abs clip, straight-through)")
-    if not r.recur_on and (progress >= hp.recur_start_frac or last):
+    if not r.recur_on and progress >= hp.recur_start_frac and not last:
         r.recur_on = True
         if "recur_mlps" in r.model:  # the second pass's MLPs (and their EMA) start as copies of the first's
             copies = r.model.untie_copies()
             r.model.update(tree_unflatten(list(copies.items())))
             if r.opt.ema:
                 r.opt.ema.update(copies)
-        r.log(f"recurrence:on step:{r.step} layers {hp.recur_layers} run twice" +
-              (" (at the end: training stopped before RECUR_START_FRAC)" if progress < hp.recur_start_frac else ""))
+        r.log(f"recurrence:on step:{r.step} layers {hp.recur_layers} run twice")
 
 
 def one_step(r: Run) -> float:
@@ -2261,18 +2262,25 @@ def eval_only(r: Run, sp) -> int:
 def write_and_prove_artifact(r: Run):
     """Quantize + compress the saved weights (the EMA when on), then reload the file and score it."""
     hp, log = r.hp, r.log
+    raw = dict(tree_flatten(r.model.parameters()))  # a rescue checkpoint holds these, the EMA beside them
     if r.opt.ema:
         r.model.update(tree_unflatten(list(r.opt.ema.items())))
         log(f"ema: saving the EMA weights (decay {hp.ema_decay})")
+    flat, cfg = flat_numpy(r.model), r.model.cfg
+    if r.model.span and not r.recur_on:
+        flat, cfg = plain_order(flat, cfg)
+        log(f"recurrence: never trained (the run stopped before RECUR_START_FRAC={hp.recur_start_frac}): the "
+            "artifact holds the plain layer order the model was trained in")
     path = r.path(f"_model.int{hp.quant_bits}.ptz") if not r.group.rank() else os.path.join(  # ranks > 0: a private
         tempfile.gettempdir(), f"{r.run_id}_rank{r.group.rank()}.ptz")  # copy to round-trip
     log(f"writing artifact {path} (bits {quant_plan(hp)} gptq_lite:{int(hp.gptq_lite)} {hp.compressor})...")
     r.phase = "writing the artifact"
     try:
-        model_bytes = write_artifact(path, flat_numpy(r.model), r.model.cfg, quant_plan(hp),
+        model_bytes = write_artifact(path, flat, cfg, quant_plan(hp),
                                      dict(run_id=r.run_id, step=r.step, train_seq_len=hp.train_seq_len),
                                      hp.gptq_lite, hp.compressor)
     except OSError as e:
+        r.model.update(tree_unflatten(list(raw.items())))
         raise OSError(f"cannot write the artifact {path} ({e.strerror or e}); {rescue_weights(r)}") from None
     _, flat, header = read_artifact(path)
     total = r.code_bytes + model_bytes
@@ -2284,14 +2292,31 @@ def write_and_prove_artifact(r: Run):
     r.phase = "the round-trip evaluation"
     if r.group.rank():
         os.unlink(path)
-    load_flat_into(r.model, flat)
-    loss, bpb, ms = run_eval(hp, r.model, r.opt, r.graphs[False, True], r.val_tokens, r.tables, log, "roundtrip",
+    model, opt, fns = r.model, r.opt, r.graphs[False, True]
+    if cfg != r.model.cfg:  # the plain order: score the model the artifact describes
+        model, opt = GPT(cfg, hp.dtype()), None
+        fns = Compiled(model, Optimizers(model, hp))
+    load_flat_into(model, flat)
+    loss, bpb, ms = run_eval(hp, model, opt, fns, r.val_tokens, r.tables, log, "roundtrip",
                              final=True, seq=hp.train_seq_len, group=r.group)
     tag = f"final_int{hp.quant_bits}_{header['codec']}_roundtrip"
     log(f"{tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if hp.submission_dir and not r.group.rank():
         write_submission(r, loss, bpb, ms, model_bytes)
+
+
+def plain_order(flat: dict, cfg: ModelConfig):
+    """(weights, config) of the same network without RECUR_LAYERS: the second pass's MLPs dropped, the U-Net skip
+    rows cut to the plain order's (it reads only those: rows 0..L//2-1), XSA capped at L (same layers)."""
+    L = cfg.num_layers
+    plain = replace(cfg, recur_layers="", recur_untied_mlp=False, xsa_last_n=min(cfg.xsa_last_n, L))
+    flat = {n: a for n, a in flat.items() if not n.startswith("recur_mlps.")}
+    if L // 2:
+        flat["skip_weights"] = flat["skip_weights"][:L // 2]
+    else:
+        flat.pop("skip_weights", None)
+    return flat, plain
 
 
 def write_submission(r: Run, loss: float, bpb: float, eval_ms: float, model_bytes: int):
