@@ -172,7 +172,12 @@ def test_recipe_trains_end_to_end_and_logs_resolved_values(data, tmp_path):
                "LEAKY_RELU_SLOPE=0.5", "RECUR_LAYERS=1,1", "EMA_DECAY=0.9"):
         assert kv in hp_line.split(), kv
     assert re.search(r"^final_int6_[a-z]+_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+", log, re.M)
-    assert os.path.getsize(tmp_path / "tiny_model.int6.ptz") > 0
+    size = os.path.getsize(tmp_path / "tiny_model.int6.ptz")
+    cap = re.search(r"^artifact: code_bytes:(\d+) model_bytes:(\d+) total_bytes:(\d+) cap:16000000 OK ", log, re.M)
+    assert cap and int(cap[2]) == size and int(cap[3]) == int(cap[1]) + size
+    # RECUR_START_FRAC=0.5 of 6 steps: the recurrence comes on at step 3 and trains 3 steps; the artifact holds it
+    assert "recurrence:on step:3 layers 1,1 run twice" in log and "recurrence: never trained" not in log
+    assert T.read_artifact(str(tmp_path / "tiny_model.int6.ptz"))[0].recur_layers == "1,1"
 
 
 def _losses(log):
