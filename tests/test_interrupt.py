@@ -104,3 +104,20 @@ def test_a_second_ctrl_c_aborts_at_once(data, tmp_path):
     out = "".join(lines)
     assert p.wait(timeout=120) == 130 and "Traceback" not in out
     assert "interrupted (Ctrl-C) during" in out
+
+
+# the same, in-process and deterministic: a real SIGINT arrives inside each place outside the step (item 2)
+@pytest.mark.parametrize("name,calls", [("evaluate", 1), ("write_checkpoint", 1), ("ranks_max", 9), ("log_step", 5)])
+def test_ctrl_c_outside_the_step_checkpoints_exactly_and_resumes(data, tmp_path, monkeypatch, uninterrupted,
+                                                                  name, calls):
+    import train_gpt_mlx as T
+    from conftest import ctrl_c_after
+    ctrl_c_after(monkeypatch, T, calls, name)
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="cut", **OVER)) == 130
+    monkeypatch.undo()
+    log = (tmp_path / "cut.txt").read_text()
+    step = int(re.search(r"^interrupted \(Ctrl-C\) at step (\d+)", log, re.M)[1])
+    assert re.search(rf"^checkpoint: step:{step} ", log, re.M) and _exact(log)
+    env = tiny_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=str(tmp_path / "cut_ckpt.pgck"), **OVER)
+    assert T.main(env) == 0
+    assert _exact((tmp_path / "resumed.txt").read_text()) == uninterrupted
