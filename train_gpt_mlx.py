@@ -1019,8 +1019,9 @@ def quant_plan(hp: Hyperparameters):
 
 
 def tensor_bits(name: str, plan) -> int:
-    """attn: blocks' c_q/c_k/c_v/proj; mlp: their fc/proj and the untied recurrence MLPs'; embed: tok_emb, lm_head and the hashed `.tables.`
-    (embeddings too; int8 in the records); other (hashed features' projections): QUANT_BITS. 16 = fp16."""
+    """attn: blocks' c_q/c_k/c_v/proj; mlp: their fc/proj and the untied recurrence MLPs'; embed: tok_emb, lm_head
+    and the hashed `.tables.` (embeddings too; int8 in the records); other (hashed features' projections):
+    QUANT_BITS. 16 = fp16."""
     group = ("attn" if ".attn." in name else "mlp" if ".mlp" in name or name.startswith("recur_mlps.") else
              "embed" if name in ("tok_emb.weight", "lm_head.weight") or ".tables." in name else "other")
     return plan if isinstance(plan, int) else plan[group]
@@ -1836,13 +1837,13 @@ def main(env=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
+    log_path = os.path.join(hp.out_dir, f"{run_id}.txt")
+    reused = os.path.exists(log_path) and not group.rank()
     try:
-        lock = None if group.rank() else lock_run_id(hp.out_dir, run_id)
+        lock = None if group.rank() else lock_run_id(log_path, run_id)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log_path = os.path.join(hp.out_dir, f"{run_id}.txt")
-    reused = os.path.exists(log_path) and not group.rank()
     log = Logger(None if group.rank() else log_path, group.rank())
     if reused:
         log(f"note: RUN_ID={run_id} was used before in {hp.out_dir}: this run's lines follow the earlier "
@@ -1899,17 +1900,16 @@ def check_out_dir(out_dir: str):
         raise SetupError(f"OUT_DIR={out_dir} is not a writable folder ({e.strerror or e})") from None
 
 
-def lock_run_id(out_dir: str, run_id: str):
+def lock_run_id(log_path: str, run_id: str):
     """Two runs with one RUN_ID would interleave one log and overwrite each other's artifact and checkpoint:
-    the first holds an exclusive lock on OUT_DIR/RUN_ID.lock until it ends; a second is refused."""
-    path = os.path.join(out_dir, f"{run_id}.lock")
-    f = open(path, "a")
+    the first holds an exclusive lock on its log file (OUT_DIR/RUN_ID.txt) until it ends; a second is refused."""
+    f = open(log_path, "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise SetupError(f"RUN_ID={run_id} is in use by a run still going in OUT_DIR={out_dir} (it holds {path}): "
-                         "pick another RUN_ID, or wait for that run to end") from None
+        raise SetupError(f"RUN_ID={run_id} is in use by a run still going (it holds {log_path}): pick another "
+                         "RUN_ID, or wait for that run to end") from None
     return f
 
 

@@ -4,9 +4,7 @@ import errno
 import re
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
-import pytest
 from mlx.utils import tree_flatten
 
 import train_gpt_mlx as T
