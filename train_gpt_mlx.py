@@ -511,7 +511,8 @@ def build_byte_tables(sp, vocab_size: int):
     return base, space, boundary
 
 
-TOKENIZER_CHECK_TOKENS, TOKENIZER_CHECK_DOCS = 2**17, 32
+TOKENIZER_CHECK_TOKENS = 2**17  # read from the first validation shard
+TOKENIZER_CHECK_DOCS = 32  # whole documents without <unk> among them, decoded and re-encoded
 
 
 def check_tokenizer(sp, data_path: str, tokenizer_path: str) -> str:
@@ -1883,9 +1884,9 @@ def run(r: Run) -> int:
     train(r)
     check_ranks_agree(r, "after training")
     write_and_prove_artifact(r)
-    if r.interrupted:
-        r.log(f"exit 130: training was interrupted at step {r.step}; the artifact above is complete; to go on, "
-              f"RESUME_FROM={r.checkpoint}")
+    if r.stop_asked:  # Ctrl-C: not a success, though the artifact is complete
+        r.log(f"exit 130: interrupted (Ctrl-C) at step {r.step}/{r.hp.iterations}; the artifact above is complete; "
+              + (f"to go on, RESUME_FROM={r.checkpoint}" if r.interrupted else "training had already finished"))
         return 130
     return 0
 
