@@ -7,6 +7,7 @@ import ast
 import base64
 import contextlib
 import difflib
+import fcntl
 import glob
 import json
 import lzma
@@ -15,9 +16,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -55,9 +58,10 @@ class Hyperparameters:
     strict_env: bool = _env("STRICT_ENV", False, bool)
     checkpoint_every: int = _env("CHECKPOINT_EVERY", 0, int, 0)
     resume_from: str = _env("RESUME_FROM", "", str)
+    resume_override: bool = _env("RESUME_OVERRIDE", False, bool)
     # training length / batch
-    iterations: int = _env("ITERATIONS", 20000, int, 0)
-    train_batch_tokens: int = _env("TRAIN_BATCH_TOKENS", 524_288, int, 1)
+    iterations: int = _env("ITERATIONS", 20000, int, 0, 10**7)
+    train_batch_tokens: int = _env("TRAIN_BATCH_TOKENS", 524_288, int, 1, 2**26)
     train_seq_len: int = _env("TRAIN_SEQ_LEN", 1024, int, 2)
     grad_accum_steps: int = _env("GRAD_ACCUM_STEPS", 8, int, 1)
     mlx_max_microbatch_tokens: int = _env("MLX_MAX_MICROBATCH_TOKENS", 8192, int, 1)
@@ -174,6 +178,8 @@ class Hyperparameters:
     env_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
     from_recipe: tuple = field(default=(), compare=False, metadata=dict(env=None))
     derived: tuple = field(default=(), compare=False, metadata=dict(env=None))
+    # not a variable: how RESUME_FROM's checkpoint settings differ from the environment, for the log
+    resume_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -181,6 +187,7 @@ class Hyperparameters:
         is an error (not the default): `ITERATIONS=` is more likely a broken script than a wish."""
         env = dict(os.environ if env is None else env)
         env.update({name: env[alias] for alias, name in ENV_ALIASES.items() if alias in env and name not in env})
+        explicit = {f.name for f in env_fields() if f.metadata["env"] in env}
         recipe = recipe_values(env)
         env = {**recipe, **env}  # explicit values win
         values, errors = {}, [f"{k}={env[k]!r}: {why}" for k, why in ENV_RETIRED.items() if k in env]
@@ -197,11 +204,44 @@ class Hyperparameters:
                 values[name] = find_upward(values[name])
         derived = tuple(sorted(set(recipe) & set(RECIPE_DEPTH_RULES)))
         hp = cls(**values, env_notes=tuple(unknown_env_notes(env)), from_recipe=tuple(sorted(recipe)), derived=derived)
+        if hp.resume_from and not hp.eval_only:
+            hp = hp.resumed(explicit)
         hp.check_relations()
         if hp.strict_env and hp.env_notes:
             raise ConfigError("STRICT_ENV=1 and the environment has variables this script does not read:\n  "
                               + "\n  ".join(hp.env_notes))
         return hp
+
+    def resumed(self, explicit: set) -> "Hyperparameters":
+        """RESUME_FROM continues the checkpoint's run: every setting that changes the result comes from the
+        checkpoint. A result-changing variable the environment sets to another value is refused (shape ones
+        always, the others unless RESUME_OVERRIDE=1); every difference is logged (resume_notes)."""
+        meta = checkpoint_header(self.resume_from)["meta"]
+        saved = meta["hparams"]
+        fixed = set(MODEL_FIELDS) | set(RESUME_MUST_MATCH)
+        values, notes, refused = {}, [], []
+        for f in env_fields():
+            if f.name not in saved or f.name in RESUME_FREE or f.name.startswith("submission_"):
+                continue
+            mine, theirs, var = getattr(self, f.name), saved[f.name], f.metadata["env"]
+            if mine == theirs:
+                continue
+            if f.name not in explicit:
+                values[f.name] = theirs
+                notes.append(f"{var}={theirs} from the checkpoint (the environment's would be {mine})")
+            elif f.name in fixed:
+                refused.append(f"{var}={mine} but the checkpoint was trained with {theirs}; shape-changing "
+                               "variables must match the checkpoint (unset it: the checkpoint's value is used)")
+            elif self.resume_override:
+                notes.append(f"{var}={mine} overrides the checkpoint's {theirs} (RESUME_OVERRIDE=1)")
+            else:
+                refused.append(f"{var}={mine} but the checkpoint was trained with {theirs}: unset it to continue "
+                               "the checkpoint's run, or set RESUME_OVERRIDE=1 to train on with it")
+        if meta.get("step", 0) > values.get("iterations", self.iterations):
+            refused.append(f"the checkpoint is at step {meta['step']}, past ITERATIONS={self.iterations}")
+        if refused:
+            raise ConfigError(f"RESUME_FROM={self.resume_from}:\n  " + "\n  ".join(refused))
+        return replace(self, **values, resume_notes=tuple(notes))
 
     @property
     def eval_stride_resolved(self) -> int:
@@ -428,8 +468,9 @@ DATA_HELP = ("Download the challenge data:  python data/cached_challenge_fineweb
              "--tokenizer TOKENIZER.model --out DIR --val-docs N")
 
 
-def load_data_shard(path) -> np.ndarray:
-    """Read one challenge shard (1024-byte int32 header, then uint16 tokens), checking it exactly."""
+def shard_header(path) -> int:
+    """Check one challenge shard's header (1024-byte int32 header, then uint16 tokens) against its exact file
+    size without reading the tokens; return its token count."""
     size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
         raise ValueError(f"{path}: {size} bytes is shorter than the 1024-byte shard header")
@@ -440,14 +481,33 @@ def load_data_shard(path) -> np.ndarray:
     if n < 0 or size != SHARD_HEADER_BYTES + 2 * n:
         raise ValueError(f"{path}: header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes) "
                          f"but the file has {size} bytes (truncated or corrupted)")
-    return np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_BYTES)
+    return n
+
+
+def load_data_shard(path, max_tokens: int = -1) -> np.ndarray:
+    """A shard's tokens (the first max_tokens of them when >= 0), its header checked first."""
+    n = shard_header(path)
+    return np.fromfile(path, dtype="<u2", count=n if max_tokens < 0 else min(n, max_tokens), offset=SHARD_HEADER_BYTES)
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    """DATA_PATH is one folder, taken literally: `data*` must not read two folders, nor `data[1]` none."""
+    files = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
     if not files:
-        raise FileNotFoundError(f"no {split} shards matching {data_path}/fineweb_{split}_*.bin\n{DATA_HELP}")
+        raise FileNotFoundError(f"DATA_PATH={data_path}: no {split} shards (fineweb_{split}_*.bin) in this folder"
+                                f"\n{DATA_HELP}")
     return files
+
+
+def check_train_shards(files: list[str]) -> int:
+    """Every train shard's header, before the first step: the stream reaches a bad one only hours in."""
+    total = 0
+    for path in files:
+        n = shard_header(path)
+        if n == 0:
+            raise ValueError(f"{path}: an empty train shard (0 tokens); remove it or rebuild the shards\n{DATA_HELP}")
+        total += n
+    return total
 
 
 def load_validation_tokens(data_path: str, max_tokens: int, vocab_size: int) -> np.ndarray:
@@ -525,6 +585,29 @@ def build_byte_tables(sp, vocab_size: int):
         boundary[i], space[i] = False, not is_byte and piece.startswith("\u2581")
         base[i] = 1 if is_byte else len(piece.removeprefix("\u2581").encode("utf-8"))
     return base, space, boundary
+
+
+TOKENIZER_CHECK_TOKENS = 2**17  # read from the first validation shard
+TOKENIZER_CHECK_DOCS = 32  # whole documents without <unk> among them, decoded and re-encoded
+
+
+def check_tokenizer(sp, data_path: str, tokenizer_path: str) -> str:
+    """A tokenizer that did not make the shards still yields a val_bpb, a wrong one (the byte counts are its
+    pieces'). Decode whole validation documents and re-encode them: the shards' own tokenizer gives the same ids
+    back. Documents holding <unk> are skipped (it does not round-trip); 90% must match. Returns the log line."""
+    tokens = load_data_shard(shard_files(data_path, "val")[0], TOKENIZER_CHECK_TOKENS)
+    starts = np.flatnonzero(tokens == BOS_ID)
+    docs = [tokens[a + 1:b] for a, b in zip(starts[:-1], starts[1:])]  # whole documents only
+    docs = [d.tolist() for d in docs if d.size and (d != sp.unk_id()).all()][:TOKENIZER_CHECK_DOCS]
+    if not docs:
+        return "tokenizer_check: skipped (no whole validation document without <unk> in the first shard's start)"
+    n = sp.vocab_size()
+    same = sum(max(d) < n and sp.encode(sp.decode(d)) == d for d in docs)
+    if same < 0.9 * len(docs):
+        raise SetupError(f"TOKENIZER_PATH={tokenizer_path} did not make the shards in DATA_PATH={data_path}: only "
+                         f"{same} of {len(docs)} validation documents re-encode to their own ids. Use the tokenizer "
+                         "the shards were built with (or rebuild the shards with this one: data/build_shards.py)")
+    return f"tokenizer_check: {same}/{len(docs)} validation documents re-encode to the same ids"
 
 
 def target_bytes(prev: np.ndarray, tgt: np.ndarray, tables) -> np.ndarray:
@@ -1034,9 +1117,10 @@ def quant_plan(hp: Hyperparameters):
 
 
 def tensor_bits(name: str, plan) -> int:
-    """attn: blocks' c_q/c_k/c_v/proj; mlp: their fc/proj; embed: tok_emb, lm_head and the hashed `.tables.`
-    (embeddings too; int8 in the records); other (hashed features' projections): QUANT_BITS. 16 = fp16."""
-    group = ("attn" if ".attn." in name else "mlp" if ".mlp" in name else
+    """attn: blocks' c_q/c_k/c_v/proj; mlp: their fc/proj and the untied recurrence MLPs'; embed: tok_emb, lm_head
+    and the hashed `.tables.` (embeddings too; int8 in the records); other (hashed features' projections):
+    QUANT_BITS. 16 = fp16."""
+    group = ("attn" if ".attn." in name else "mlp" if ".mlp" in name or name.startswith("recur_mlps.") else
              "embed" if name in ("tok_emb.weight", "lm_head.weight") or ".tables." in name else "other")
     return plan if isinstance(plan, int) else plan[group]
 
@@ -1219,6 +1303,8 @@ def flat_numpy(model) -> dict:
     return {n: np.array(p.astype(mx.float32)) for n, p in tree_flatten(model.parameters())}
 
 
+RESUME_FREE = ("run_id", "out_dir", "resume_from", "resume_override", "checkpoint_every", "val_loss_every",
+               "train_log_every", "strict_env", "data_path", "tokenizer_path", "eval_token_nll_path", "dist_backend")
 RESUME_MUST_MATCH = ("engram_proj_optimizer", "skipgram_proj_optimizer", "train_seq_len", "quant_bits",
                      "quant_bits_attn", "quant_bits_mlp", "quant_bits_embed", "qat_start_frac", "recur_start_frac")
 
@@ -1230,6 +1316,25 @@ def write_checkpoint(path: str, model: GPT, opt: Optimizers, meta: dict) -> int:
     arrays += [(n, "state", np.array(box[k])) for n, (box, k) in opt.slots().items()]
     header = dict(format="parameter-golf-mlx", version=1, kind="checkpoint", config=asdict(model.cfg), meta=meta)
     return write_container(path, CHECKPOINT_MAGIC, header, arrays, level=3)
+
+
+def checkpoint_header(path: str) -> dict:
+    """A checkpoint's JSON header alone (its settings, step), without decompressing the arrays."""
+    import zstandard
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(CHECKPOINT_MAGIC)) != CHECKPOINT_MAGIC:
+                raise ConfigError(f"RESUME_FROM={path} is not a checkpoint of this script (bad magic bytes)")
+            reader = zstandard.ZstdDecompressor().stream_reader(f)
+            (hlen,) = struct.unpack("<I", reader.read(4))
+            header = json.loads(reader.read(hlen).decode())
+    except OSError as e:
+        raise ConfigError(f"RESUME_FROM={path} is not a readable file ({e.strerror or e})") from None
+    except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"RESUME_FROM={path}: not an intact checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict) or "hparams" not in header.get("meta", {}):
+        raise ConfigError(f"RESUME_FROM={path}: its header holds no settings (not a checkpoint of this script)")
+    return header
 
 
 def read_checkpoint(path: str, hp: Hyperparameters):
@@ -1353,8 +1458,9 @@ def summarize_nll(nll: np.ndarray, tokens: np.ndarray, tables):
     return total_nll / n, total_nll / math.log(2) / max(total_bytes, 1), nll
 
 
-TTT_TARGET_KEYS = {"q": ".attn.c_q.", "k": ".attn.c_k.", "v": ".attn.c_v.", "o": ".attn.proj.", "up": ".mlp.fc.",
-                   "down": ".mlp.proj.", "head": "lm_head.weight"}  # head: the shared table when tied
+TTT_TARGET_KEYS = {"q": r"\.attn\.c_q\.", "k": r"\.attn\.c_k\.", "v": r"\.attn\.c_v\.", "o": r"\.attn\.proj\.",
+                   "up": r"(\.mlp\.|^recur_mlps\.\d+\.)fc\.", "down": r"(\.mlp\.|^recur_mlps\.\d+\.)proj\.",
+                   "head": r"^lm_head\.weight$"}  # regexes over parameter names; up/down: RECUR_UNTIED_MLP's too
 
 
 class TestTimeTrainer:
@@ -1367,9 +1473,10 @@ class TestTimeTrainer:
         self.rows = min(hp.ttt_batch_seqs, -(-(seq_len + (self.per_chunk - 1) * stride) // seq_len))
         self.base = dict(tree_flatten(model.trainable_parameters()))
         keys = hp.ttt_targets.split(",")  # all: every parameter (full), every block matrix and the head (lora)
-        pat = [TTT_TARGET_KEYS[k] if k != "head" or "lm_head.weight" in self.base else "tok_emb.weight"
-                for k in (TTT_TARGET_KEYS if "all" in keys else keys)]
-        self.names = sorted(n for n in self.base if any(p in n for p in pat) or "all" in keys and hp.ttt_mode == "full")
+        pat = [TTT_TARGET_KEYS[k] if k != "head" or "lm_head.weight" in self.base else r"^tok_emb\.weight$"
+               for k in (TTT_TARGET_KEYS if "all" in keys else keys)]  # head: the shared table when tied
+        self.names = sorted(n for n in self.base if any(re.search(p, n) for p in pat)
+                            or "all" in keys and hp.ttt_mode == "full")
         self.init = {n: self.base[n] for n in self.names}
         if hp.ttt_mode == "lora":
             shapes = [(n, *self.base[n].shape) for n in self.names]
@@ -1789,7 +1896,10 @@ class Run:
     group: mx.distributed.Group = None  # the ranks mlx.launch started (size 1: one process)
     backend: str = "none"
     pre_quant: tuple = (math.nan, math.nan)  # the last full-precision (val_loss, val_bpb)
-    interrupted: bool = False  # Ctrl-C stopped training or its last evaluation: no submission seed
+    stop_asked: bool = False  # a first Ctrl-C arrived (set by the SIGINT handler; read at safe points)
+    interrupted: bool = False  # training stopped on it: the run exits 130 after writing its artifact (no seed)
+    checkpoint: str = ""  # the last checkpoint written
+    warned_loss: bool = False  # the loss-above-chance warning is given once
     resumed_from: str = ""  # RUN_ID of the run whose checkpoint this one continued
     val_split: dict = None  # SUBMISSION_DIR: what the validation split is (val_split_facts)
 
@@ -1847,6 +1957,11 @@ def main(env=None) -> int:
     run_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     log_path = os.path.join(hp.out_dir, f"{run_id}.txt")
     reused = os.path.exists(log_path) and not group.rank()
+    try:
+        lock = None if group.rank() else lock_run_id(log_path, run_id)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     log = Logger(None if group.rank() else log_path, group.rank())
     if reused:
         log(f"note: RUN_ID={run_id} was used before in {hp.out_dir}: this run's lines follow the earlier "
@@ -1858,12 +1973,17 @@ def main(env=None) -> int:
     try:
         return run(r)
     except KeyboardInterrupt:
-        log(f"interrupted (Ctrl-C) during {r.phase}; " + (
-            "the artifact above is complete" if r.phase == "the round-trip evaluation" else "nothing was written"))
+        done = ("the artifact above is complete" if r.phase == "the round-trip evaluation" else
+                f"no artifact was written; the checkpoint {r.checkpoint} holds the last saved step" if r.checkpoint
+                else "nothing was written")
+        log(f"interrupted (Ctrl-C) during {r.phase}; {done}")
         return 130
     except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:  # ConfigError included: exit 2
         log(f"error: {e}")
         return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        if lock:
+            lock.close()
 
 
 def run(r: Run) -> int:
@@ -1883,6 +2003,10 @@ def run(r: Run) -> int:
     train(r)
     check_ranks_agree(r, "after training")
     write_and_prove_artifact(r)
+    if r.stop_asked:  # Ctrl-C: not a success, though the artifact is complete
+        r.log(f"exit 130: interrupted (Ctrl-C) at step {r.step}/{r.hp.iterations}; the artifact above is complete; "
+              + (f"to go on, RESUME_FROM={r.checkpoint}" if r.interrupted else "training had already finished"))
+        return 130
     return 0
 
 
@@ -1894,6 +2018,19 @@ def check_out_dir(out_dir: str):
             pass
     except OSError as e:
         raise SetupError(f"OUT_DIR={out_dir} is not a writable folder ({e.strerror or e})") from None
+
+
+def lock_run_id(log_path: str, run_id: str):
+    """Two runs with one RUN_ID would interleave one log and overwrite each other's artifact and checkpoint:
+    the first holds an exclusive lock on its log file (OUT_DIR/RUN_ID.txt) until it ends; a second is refused."""
+    f = open(log_path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise SetupError(f"RUN_ID={run_id} is in use by a run still going (it holds {log_path}): pick another "
+                         "RUN_ID, or wait for that run to end") from None
+    return f
 
 
 def preflight_paths(hp: Hyperparameters):
@@ -1985,7 +2122,9 @@ def setup(r: Run, sp):
     np.random.seed(hp.seed)
     r.tables = build_byte_tables(sp, cfg.vocab_size)
     r.val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+    log(check_tokenizer(sp, hp.data_path, hp.tokenizer_path))
     files = shard_files(hp.data_path, "train")
+    log(f"train_tokens:{check_train_shards(files)} (every train shard's header checked)")
     r.model = GPT(cfg, hp.dtype())
     r.opt = Optimizers(r.model, hp)
     check_artifact_estimate(r)
@@ -2040,6 +2179,8 @@ def resume(r: Run, meta: dict, params: dict, state: dict):
     r.step, r.train_ms, r.qat_on, r.recur_on = meta["step"], meta["train_ms"], meta["qat_on"], meta["recur_on"]
     r.resumed_from = meta.get("run_id", "")
     r.stream.restore(meta["stream"])
+    for note in r.hp.resume_notes:
+        r.log(f"resume: {note}")
     r.log(f"resumed from {r.hp.resume_from}: step:{r.step} train_time:{r.train_ms:.0f}ms qat:{r.qat_on} "
           f"recurrence:{r.recur_on}")
 
@@ -2051,36 +2192,65 @@ def save_checkpoint(r: Run, path: str | None = None) -> str:
     meta = dict(step=r.step, train_ms=r.train_ms, qat_on=r.qat_on, recur_on=r.recur_on, stream=r.stream.state(),
                 run_id=r.run_id, hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
     n = write_checkpoint(path, r.model, r.opt, meta)
+    r.checkpoint = path
     r.log(f"checkpoint: step:{r.step} {path} ({n} bytes)")
     return path
 
 
 # ---------------------------------------------------------------------------- train
 def train(r: Run):
-    """Step until ITERATIONS, the wall-clock cap or Ctrl-C; evaluate periodically and at the end."""
+    """Step until ITERATIONS, the wall-clock cap or Ctrl-C; evaluate periodically and at the end. A first
+    Ctrl-C only asks to stop (catch_first_ctrl_c): the step, evaluation or checkpoint in flight completes."""
+    previous = catch_first_ctrl_c(r)
+    try:
+        train_loop(r)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def catch_first_ctrl_c(r: Run):
+    """A KeyboardInterrupt raised inside the compiled step would surface after the step has already updated the
+    weights, so a checkpoint taken then would hold step s+1 under step s. The handler only sets a flag, read at
+    safe points, and restores the default handler: a second Ctrl-C aborts. Returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigint(signum, frame):
+        r.stop_asked = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    return signal.signal(signal.SIGINT, on_sigint)
+
+
+def stop_now(r: Run) -> bool:
+    """At a safe point (no step in flight): was Ctrl-C pressed on any rank? Then save the exact state."""
+    if r.interrupted or not ranks_max(r, 1.0 if r.stop_asked else 0.0) > 0:
+        return False
+    r.interrupted = True
+    r.log(f"interrupted (Ctrl-C) at step {r.step}: saving a checkpoint, then evaluating and writing the "
+          "artifact (Ctrl-C again to abort)")
+    save_checkpoint(r)
+    return True
+
+
+def train_loop(r: Run):
     hp = r.hp
-    max_ms, stop_at, interrupted, t_last = hp.max_wallclock_seconds * 1000.0, None, False, time.perf_counter()
+    max_ms, stop_at, t_last = hp.max_wallclock_seconds * 1000.0, None, time.perf_counter()
     r.phase = "training"
     while True:
-        last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or interrupted
+        last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or r.interrupted
         progress = max(r.step / max(hp.iterations, 1), r.train_ms / max_ms if max_ms > 0 else 0.0)
         switch_modes(r, progress, last)
         if last or (hp.val_loss_every and r.step and r.step % hp.val_loss_every == 0):
             r.train_ms = ranks_max(r, r.train_ms + (time.perf_counter() - t_last) * 1000)
-            interrupted = periodic_eval(r, final=last) or interrupted
+            periodic_eval(r, final=last)
             t_last = time.perf_counter()
-            last = last or interrupted
         if last:
             break
-        try:
-            loss = one_step(r)
-        except KeyboardInterrupt:
-            r.log(f"interrupted at step {r.step}: evaluating and writing the artifact (Ctrl-C again to abort)")
-            interrupted = True
-            r.interrupted = True
-            if hp.checkpoint_every:
-                save_checkpoint(r)
+        if stop_now(r):
             continue
+        loss = one_step(r)
         now = time.perf_counter()
         r.train_ms = ranks_max(r, r.train_ms + (now - t_last) * 1000)
         t_last = now
@@ -2096,40 +2266,46 @@ def train(r: Run):
 
 
 def switch_modes(r: Run, progress: float, last: bool):
-    """Late QAT and delayed recurrence: move to the next graph set once training is that far along. Recurrence
-    also comes on before the last evaluation, as the artifact's model has it."""
+    """Late QAT and delayed recurrence: move to the next graph set once training is that far along. A run that
+    stops before RECUR_START_FRAC keeps the plain order it trained, and so does its artifact (plain_order)."""
     hp = r.hp
     if not r.qat_on and hp.qat_start_frac < 1.0 and progress >= hp.qat_start_frac and not last:
         r.qat_on = True
         r.log(f"qat:on step:{r.step} (bits {quant_plan(hp)} fake quantization, max-abs clip, straight-through)")
-    if not r.recur_on and (progress >= hp.recur_start_frac or last):
+    if not r.recur_on and progress >= hp.recur_start_frac and not last:
         r.recur_on = True
         if "recur_mlps" in r.model:  # the second pass's MLPs (and their EMA) start as copies of the first's
             copies = r.model.untie_copies()
             r.model.update(tree_unflatten(list(copies.items())))
             if r.opt.ema:
                 r.opt.ema.update(copies)
-        r.log(f"recurrence:on step:{r.step} layers {hp.recur_layers} run twice" +
-              (" (at the end: training stopped before RECUR_START_FRAC)" if progress < hp.recur_start_frac else ""))
+        r.log(f"recurrence:on step:{r.step} layers {hp.recur_layers} run twice")
 
 
 def one_step(r: Run) -> float:
     hp = r.hp
-    before = r.stream.state()
     x, y = r.stream.next_batch(hp.train_batch_tokens, hp.train_seq_len)
-    try:
-        loss = float(train_step(r.graph, x, y, r.micro_seqs, lr_multiplier(r.step, r.train_ms, hp),
-                                muon_momentum_at(r.step, hp), r.group))
-    except KeyboardInterrupt:  # this batch was not trained on: a checkpoint must not skip it
-        r.stream.restore(before)
-        raise
+    loss = float(train_step(r.graph, x, y, r.micro_seqs, lr_multiplier(r.step, r.train_ms, hp),
+                            muon_momentum_at(r.step, hp), r.group))
     if not math.isfinite(loss):
         raise TrainingDiverged(
             f"train loss is {loss} at step {r.step + 1}: training diverged; nothing is written. Lower the "
             f"learning rates (MATRIX_LR={hp.matrix_lr}, SCALAR_LR={hp.scalar_lr}, TIED_EMBED_LR={hp.tied_embed_lr}) "
             f"or set GRAD_CLIP_NORM (now {hp.grad_clip_norm})")
     r.step += 1
+    warn_if_above_chance(r, loss)
     return loss
+
+
+def warn_if_above_chance(r: Run, loss: float):
+    """A loss well above ln(VOCAB_SIZE), a uniform guess, after the first steps means the run is diverging while
+    still finite (too high a learning rate for this batch): say so once, naming the variables."""
+    hp, chance = r.hp, math.log(r.hp.vocab_size)
+    if r.step > 2 and loss > chance + 1.0 and not r.warned_loss:
+        r.warned_loss = True
+        r.log(f"WARNING: train loss {loss:.2f} at step {r.step} is above ln(VOCAB_SIZE)={chance:.2f} + 1, worse than "
+              f"a uniform guess: training is diverging. Lower MATRIX_LR={hp.matrix_lr}, SCALAR_LR={hp.scalar_lr}, "
+              f"TIED_EMBED_LR={hp.tied_embed_lr} (EMBED_LR, HEAD_LR untied), or raise TRAIN_BATCH_TOKENS")
 
 
 def log_step(r: Run, loss: float, capped: bool):
@@ -2142,19 +2318,13 @@ def log_step(r: Run, loss: float, capped: bool):
               f"step_avg:{avg:.2f}ms tok_s:{hp.train_batch_tokens / (avg / 1000):.0f} eta:{left * avg / 1000:.0f}s")
 
 
-def periodic_eval(r: Run, final: bool) -> bool:
-    """The val line of the baseline's log. Returns True when Ctrl-C skipped it."""
-    try:
-        loss, bpb, _ = run_eval(r.hp, r.model, r.opt, r.graph, r.val_tokens, r.tables, r.log,
-                                "val", final=final, seq=r.hp.train_seq_len, group=r.group)
-    except KeyboardInterrupt:
-        r.log("evaluation interrupted: skipped; training stops and the artifact is still written")
-        r.interrupted = True
-        return True
+def periodic_eval(r: Run, final: bool):
+    """The val line of the baseline's log."""
+    loss, bpb, _ = run_eval(r.hp, r.model, r.opt, r.graph, r.val_tokens, r.tables, r.log,
+                            "val", final=final, seq=r.hp.train_seq_len, group=r.group)
     r.pre_quant = (loss, bpb)
     r.log(f"step:{r.step}/{r.hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
           f"train_time:{r.train_ms:.0f}ms step_avg:{r.train_ms / max(r.step, 1):.2f}ms")
-    return False
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -2222,6 +2392,7 @@ def eval_only(r: Run, sp) -> int:
     load_flat_into(model, flat)
     tables = build_byte_tables(sp, cfg.vocab_size)
     val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+    log(check_tokenizer(sp, hp.data_path, hp.tokenizer_path))
     log(f"val_tokens:{val_tokens.size} params:{count_params(model)} artifact:{hp.load_artifact}")
     log_eval_config(hp, trained_seq, log)
     r.phase = "evaluation"
@@ -2236,18 +2407,25 @@ def eval_only(r: Run, sp) -> int:
 def write_and_prove_artifact(r: Run):
     """Quantize + compress the saved weights (the EMA when on), then reload the file and score it."""
     hp, log = r.hp, r.log
+    raw = dict(tree_flatten(r.model.parameters()))  # a rescue checkpoint holds these, the EMA beside them
     if r.opt.ema:
         r.model.update(tree_unflatten(list(r.opt.ema.items())))
         log(f"ema: saving the EMA weights (decay {hp.ema_decay})")
+    flat, cfg = flat_numpy(r.model), r.model.cfg
+    if r.model.span and not r.recur_on:
+        flat, cfg = plain_order(flat, cfg)
+        log(f"recurrence: never trained (the run stopped before RECUR_START_FRAC={hp.recur_start_frac}): the "
+            "artifact holds the plain layer order the model was trained in")
     path = r.path(f"_model.int{hp.quant_bits}.ptz") if not r.group.rank() else os.path.join(  # ranks > 0: a private
         tempfile.gettempdir(), f"{r.run_id}_rank{r.group.rank()}.ptz")  # copy to round-trip
     log(f"writing artifact {path} (bits {quant_plan(hp)} gptq_lite:{int(hp.gptq_lite)} {hp.compressor})...")
     r.phase = "writing the artifact"
     try:
-        model_bytes = write_artifact(path, flat_numpy(r.model), r.model.cfg, quant_plan(hp),
+        model_bytes = write_artifact(path, flat, cfg, quant_plan(hp),
                                      dict(run_id=r.run_id, step=r.step, train_seq_len=hp.train_seq_len),
                                      hp.gptq_lite, hp.compressor)
     except OSError as e:
+        r.model.update(tree_unflatten(list(raw.items())))
         raise OSError(f"cannot write the artifact {path} ({e.strerror or e}); {rescue_weights(r)}") from None
     _, flat, header = read_artifact(path)
     total = r.code_bytes + model_bytes
@@ -2260,14 +2438,31 @@ def write_and_prove_artifact(r: Run):
     r.phase = "the round-trip evaluation"
     if r.group.rank():
         os.unlink(path)
-    load_flat_into(r.model, flat)
-    loss, bpb, ms = run_eval(hp, r.model, r.opt, r.graphs[False, True], r.val_tokens, r.tables, log, "roundtrip",
+    model, opt, fns = r.model, r.opt, r.graphs[False, True]
+    if cfg != r.model.cfg:  # the plain order: score the model the artifact describes
+        model, opt = GPT(cfg, hp.dtype()), None
+        fns = Compiled(model, Optimizers(model, hp))
+    load_flat_into(model, flat)
+    loss, bpb, ms = run_eval(hp, model, opt, fns, r.val_tokens, r.tables, log, "roundtrip",
                              final=True, seq=hp.train_seq_len, group=r.group)
     tag = f"final_int{hp.quant_bits}_{header['codec']}_roundtrip"
     log(f"{tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if hp.submission_dir and not r.group.rank():
         write_submission(r, loss, bpb, ms, model_bytes)
+
+
+def plain_order(flat: dict, cfg: ModelConfig):
+    """(weights, config) of the same network without RECUR_LAYERS: the second pass's MLPs dropped, the U-Net skip
+    rows cut to the plain order's (it reads only those: rows 0..L//2-1), XSA capped at L (same layers)."""
+    L = cfg.num_layers
+    plain = replace(cfg, recur_layers="", recur_untied_mlp=False, xsa_last_n=min(cfg.xsa_last_n, L))
+    flat = {n: a for n, a in flat.items() if not n.startswith("recur_mlps.")}
+    if L // 2:
+        flat["skip_weights"] = flat["skip_weights"][:L // 2]
+    else:
+        flat.pop("skip_weights", None)
+    return flat, plain
 
 
 def rescue_weights(r: Run) -> str:
@@ -2474,9 +2669,12 @@ def write_submission(r: Run, loss: float, bpb: float, eval_ms: float, model_byte
     if not why and total > ARTIFACT_CAP_BYTES:
         why = f"{total} bytes are over the cap"
     if why:
-        raise ArtifactError(f"SUBMISSION_DIR={d} refused: {why}; the seed was not written (the artifact and log are "
-                            f"in OUT_DIR={hp.out_dir}; a run stopped early can finish from its checkpoint: "
-                            "RESUME_FROM, saved with CHECKPOINT_EVERY)")
+        refusal = (f"SUBMISSION_DIR={d} refused: {why}; the seed was not written (the artifact and log are in "
+                   f"OUT_DIR={hp.out_dir}; a run stopped early can finish from its checkpoint: RESUME_FROM)")
+        if r.interrupted:  # the run exits 130 for the Ctrl-C; the refusal is said, not raised
+            r.log(f"submission: {refusal}")
+            return
+        raise ArtifactError(refusal)
     seed = seed_result(r, loss, bpb, eval_ms, model_bytes)
     with folder_lock(d):
         old = read_submission_json(d)

@@ -248,8 +248,9 @@ def build_shards(docs, tokenizer, out, val_docs: int, shard_tokens: int = 100_00
             log(f"{seen:,} docs ({seen / (last_log - t0):,.0f} docs/s)")
     for w in writers.values():
         w.flush()
-    if ndocs["val"] < val_docs:
-        log(f"warning: only {seen} documents, fewer than --val-docs {val_docs}; train split is empty")
+    if not ndocs["train"]:  # the training script would find no train shard: say so here, not there
+        raise ValueError(f"{seen} documents, all in the val split (--val-docs {val_docs}): zero train shards "
+                         f"were written; give more documents than --val-docs (the val shards are in {out})")
     summary = {"tokenizer": str(tokenizer), "vocab_size": vocab, "bos_id": bos, "docs": ndocs,
                "tokens": {s: w.tokens for s, w in writers.items()},
                "files": {s: w.files for s, w in writers.items()}}

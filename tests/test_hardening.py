@@ -22,14 +22,6 @@ def _no_training_happened(log):
     return not re.search(r"^(warmup_step|step):", log, re.M)
 
 
-def _losses(log):
-    return [m.group(1) for m in re.finditer(r"^step:\d+/\d+ train_loss:(\S+)", log, re.M)]
-
-
-def _exact(log):
-    return re.search(r"^final_int6_zstd_roundtrip_exact .*$", log, re.M)[0]
-
-
 # ---------------------------------------------------------------------------- the environment
 def test_empty_value_is_an_error_not_the_default():
     with pytest.raises(T.ConfigError, match=r"ITERATIONS=''.*empty value.*20000"):
@@ -235,31 +227,13 @@ def test_reused_run_id_is_announced(data, tmp_path):
 
 
 # ---------------------------------------------------------------------------- checkpoints and resume
-def test_resume_is_bit_identical_to_an_uninterrupted_run(data, tmp_path, monkeypatch):
-    over = dict(ITERATIONS=20, WARMDOWN_ITERS=8, VAL_MAX_TOKENS=1024, EMA_DECAY=0.9, GRAD_CLIP_NORM=1.0,
-                QAT_START_FRAC=0.7, MUON_WEIGHT_DECAY=0.01)
-    assert T.main(tiny_env(data, tmp_path, RUN_ID="full", **over)) == 0
-    full = _log(tmp_path, "full")
-    ctrl_c_after(monkeypatch, T, 2 + 10)  # 2 warmup steps (plain + QAT), then 10 training steps
-    assert T.main(tiny_env(data, tmp_path, RUN_ID="first", CHECKPOINT_EVERY=4, **over)) == 0
-    monkeypatch.undo()
-    ckpt = tmp_path / "first_ckpt.pgck"
-    assert "checkpoint: step:10" in _log(tmp_path, "first") and ckpt.exists()
-    assert T.main(tiny_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=str(ckpt), **over)) == 0
-    resumed = _log(tmp_path, "resumed")
-    assert "resumed from" in resumed and "step:10" in resumed
-    assert _losses(_log(tmp_path, "first"))[:10] == _losses(full)[:10]
-    assert _losses(resumed) == _losses(full)[10:]
-    assert _exact(resumed) == _exact(full)
-
-
-def test_resume_refuses_another_shape(data, tmp_path):
+def test_resume_refuses_another_shape(data, tmp_path, capsys):
     env = tiny_env(data, tmp_path, ITERATIONS=2, WARMUP_STEPS=0, VAL_MAX_TOKENS=256, CHECKPOINT_EVERY=1)
     assert T.main(env) == 0
     ckpt = tmp_path / "tiny_ckpt.pgck"
     assert T.main(tiny_env(data, tmp_path, RUN_ID="r", RESUME_FROM=str(ckpt), NUM_LAYERS=3)) == 2
-    log = _log(tmp_path, "r")
-    assert "NUM_LAYERS=3 but the checkpoint was trained with 2" in log and "step:1/" not in log
+    assert "NUM_LAYERS=3 but the checkpoint was trained with 2" in capsys.readouterr().err
+    assert not (tmp_path / "r.txt").exists()
     with pytest.raises(T.ArtifactError, match="not a parameter-golf-mlx artifact"):
         T.read_artifact(str(ckpt))  # a checkpoint is not an artifact
 

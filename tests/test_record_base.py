@@ -173,14 +173,21 @@ def test_recipe_trains_end_to_end_and_logs_resolved_values(data, tmp_path):
                "LEAKY_RELU_SLOPE=0.5", "RECUR_LAYERS=1,1", "EMA_DECAY=0.9"):
         assert kv in hp_line.split(), kv
     assert re.search(r"^final_int6_[a-z]+_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+", log, re.M)
-    assert os.path.getsize(tmp_path / "tiny_model.int6.ptz") > 0
+    size = os.path.getsize(tmp_path / "tiny_model.int6.ptz")
+    cap = re.search(r"^artifact: code_bytes:(\d+) model_bytes:(\d+) total_bytes:(\d+) source_bytes:\d+ cap:16000000 OK ",
+                    log, re.M)
+    assert cap and int(cap[2]) == size and int(cap[3]) == int(cap[1]) + size
+    # RECUR_START_FRAC=0.5 of 6 steps: the recurrence comes on at step 3 and trains 3 steps; the artifact holds it
+    assert "recurrence:on step:3 layers 1,1 run twice" in log and "recurrence: never trained" not in log
+    assert T.read_artifact(str(tmp_path / "tiny_model.int6.ptz"))[0].recur_layers == "1,1"
 
 
 def _losses(log):
     return [m[1] for m in re.finditer(r"^step:\d+/\d+ train_loss:(\S+)", log, re.M)]
 
 
-def test_delayed_recurrence_trains_the_plain_order_first_then_switches_and_resumes(data, tmp_path, monkeypatch):
+def test_delayed_recurrence_trains_the_plain_order_first_then_switches_and_resumes(data, tmp_path, monkeypatch,
+                                                                                   capsys):
     over = dict(NUM_LAYERS=3, ITERATIONS=8, WARMDOWN_ITERS=3, VAL_MAX_TOKENS=1024, EMA_DECAY=0.9, WARMUP_STEPS=2)
     assert T.main(tiny_env(data, tmp_path, RUN_ID="plain", **over)) == 0
     delayed = dict(over, RECUR_LAYERS="1,1", RECUR_START_FRAC=0.5)
@@ -189,8 +196,8 @@ def test_delayed_recurrence_trains_the_plain_order_first_then_switches_and_resum
     assert "warmup_step:2/2 (recurrence graphs)" in full and "recurrence:on step:4 layers 1,1" in full
     assert _losses(full)[:4] == _losses(plain)[:4]  # same init (skip rows are ones): the plain order, bit for bit
     assert _losses(full)[4:] != _losses(plain)[4:]
-    ctrl_c_after(monkeypatch, T, 2 + 6)  # 2 warmup steps, 6 training steps: the checkpoint is past the switch
-    assert T.main(tiny_env(data, tmp_path, RUN_ID="first", CHECKPOINT_EVERY=3, **delayed)) == 0
+    ctrl_c_after(monkeypatch, T, 2 + 5)  # 2 warmup steps, 5 training steps, the 6th completes: past the switch
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="first", CHECKPOINT_EVERY=3, **delayed)) == 130
     monkeypatch.undo()
     env = tiny_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=str(tmp_path / "first_ckpt.pgck"), **delayed)
     assert T.main(env) == 0
@@ -200,8 +207,8 @@ def test_delayed_recurrence_trains_the_plain_order_first_then_switches_and_resum
     exact = r"^final_int6_zstd_roundtrip_exact .*$"
     assert re.search(exact, resumed, re.M)[0] == re.search(exact, full, re.M)[0]
     env = tiny_env(data, tmp_path, RUN_ID="other", RESUME_FROM=str(tmp_path / "first_ckpt.pgck"), **over,
-                   RECUR_LAYERS="1,1")
-    assert T.main(env) == 2 and "RECUR_START_FRAC=0.0 but the checkpoint" in (tmp_path / "other.txt").read_text()
+                   RECUR_LAYERS="1,1", RECUR_START_FRAC=0)
+    assert T.main(env) == 2 and "RECUR_START_FRAC=0.0 but the checkpoint" in capsys.readouterr().err
 
 
 def test_switching_recurrence_on_copies_the_untied_mlps_and_their_ema():
@@ -219,8 +226,8 @@ def test_switching_recurrence_on_copies_the_untied_mlps_and_their_ema():
             mine, first = params[f"recur_mlps.{k}.{n}"], params[f"blocks.{k}.mlp.{n}"]
             assert mx.array_equal(mine, first) and mx.array_equal(opt.ema[f"recur_mlps.{k}.{n}"], first)
     r.recur_on, logged[:] = False, []
-    T.switch_modes(r, 0.1, last=True)  # a run that stops early still ends with the artifact's model
-    assert r.recur_on and "training stopped before RECUR_START_FRAC" in logged[0]
+    T.switch_modes(r, 0.1, last=True)  # a run that stops early keeps the plain order it trained (so does its artifact)
+    assert not r.recur_on and not logged
 
 
 def test_graph_sets_differ_only_in_the_recurrence_mode():

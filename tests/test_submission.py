@@ -203,9 +203,10 @@ def test_an_interrupted_run_writes_no_seed_and_its_resumed_run_is_one_seed_with_
     folder = folder_of(repo)
     ctrl_c_after(monkeypatch, T, 3)
     env = sub_env(data, repo, folder, SEED=1, RUN_ID="cut", ITERATIONS=20, WARMUP_STEPS=0, CHECKPOINT_EVERY=100)
-    assert T.main(env) != 0
+    assert T.main(env) == 130
     log = run_log(repo, "cut")
-    assert "refused: the run was interrupted (Ctrl-C) at step 3 of ITERATIONS=20; the seed was not written" in log
+    assert re.search(r"refused: the run was interrupted \(Ctrl-C\) at step \d+ of ITERATIONS=20; the seed was not "
+                     "written", log)
     assert not folder.exists()
     monkeypatch.undo()
     ckpt = repo.parent / "out" / "cut_ckpt.pgck"

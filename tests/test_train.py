@@ -312,8 +312,8 @@ def test_same_seed_same_losses_other_seed_differs(data, tmp_path):
 
 
 def test_ctrl_c_during_training_still_writes_a_scored_artifact(data, tmp_path, monkeypatch):
-    ctrl_c_after(monkeypatch, T, 1 + 3)  # the warmup step, then 3 training steps
-    assert T.main(tiny_env(data, tmp_path, VAL_MAX_TOKENS=512)) == 0
+    ctrl_c_after(monkeypatch, T, 1 + 3)  # the warmup step, then 3 training steps: the 4th completes
+    assert T.main(tiny_env(data, tmp_path, VAL_MAX_TOKENS=512)) == 130  # interrupted is not a success
     log = (tmp_path / "tiny.txt").read_text()
-    assert "interrupted at step 3" in log and re.search(r"^step:3/20 val_loss:", log, re.M)
+    assert "interrupted (Ctrl-C) at step 4" in log and "checkpoint: step:4 " in log and re.search(r"^step:4/20 val_loss:", log, re.M)
     assert (tmp_path / "tiny_model.int6.ptz").exists() and "final_int6_zstd_roundtrip_exact" in log

@@ -40,15 +40,15 @@ def trainer(setup, stride, prime=True, **over):
 def ttt_eval(setup, toks, stride=16, mixer=None, prime=True, **over):
     """Per-target NLL of an evaluation with TTT; checks that the model's weights come back unchanged."""
     model, _, tables, _ = setup
-    before = dict(tree_flatten(model.parameters()))
+    before = {n: np.array(p) for n, p in tree_flatten(model.parameters())}  # values, not references
     tt, fns = trainer(setup, stride, prime, **over)
     try:
         nll = T.evaluate(fns.token_stats if mixer else fns.token_nll, toks, 64, 8, tables, stride=stride,
                          mixer=mixer, ttt=tt)[2]
     finally:
         tt.close()
-    after = dict(tree_flatten(model.parameters()))
-    assert all(mx.array_equal(before[n], after[n]).item() for n in before)
+    after = {n: np.array(p) for n, p in tree_flatten(model.parameters())}
+    assert before.keys() == after.keys() and all(np.array_equal(before[n], after[n]) for n in before)
     return nll
 
 
@@ -180,11 +180,13 @@ def test_targets_select_the_named_matrices(setup):
 
 
 def test_artifact_untouched_and_eval_only_matches_the_final_line(data, tmp_path):
-    """TTT during a run's final evaluations changes the reported number, not the artifact; EVAL_ONLY
-    of that artifact with the same TTT gives the run's final number, and its NLL dump re-sums to it."""
+    """TTT during a run's final evaluations changes the reported number, not the artifact (EMA on: TTT adapts
+    the EMA weights swapped in, which must come back before the artifact is written); EVAL_ONLY of that artifact
+    with the same TTT gives the run's final number, and its NLL dump re-sums to it."""
     ttt = dict(TTT_ENABLED=1, TTT_CHUNK=192, TTT_LR=0.02, EVAL_STRIDE=32, NGRAM_MIXER_ENABLED=1)
     logs = {}
     for name, extra in (("on", ttt), ("off", dict(EVAL_STRIDE=32, NGRAM_MIXER_ENABLED=1))):
+        extra = dict(extra, EMA_DECAY=0.9)
         (tmp_path / name).mkdir()
         assert T.main(tiny_env(data, tmp_path / name, ITERATIONS=3, VAL_MAX_TOKENS=800, **extra)) == 0
         logs[name] = (tmp_path / name / "tiny.txt").read_text()
