@@ -66,7 +66,7 @@ def test_sliding_eval_scores_each_target_with_its_window_context(setup):
 
 
 def mixer(V, mode="entropy", order=3):
-    return T.BackoffNgramMixer(V, order, 0.3, mode, chunk=100)
+    return T.BackoffNgramMixer(V, order, 0.3, mode)
 
 
 @pytest.mark.parametrize("stride", [0, 16])
