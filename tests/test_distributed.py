@@ -89,6 +89,8 @@ def test_eval_only_on_two_ranks_writes_the_same_nll_dump(data, tmp_path):
                               EVAL_BATCH_SEQS=23, NGRAM_MIXER_ENABLED=1,
                               EVAL_TOKEN_NLL_PATH=nll), ranks)
         dumps[ranks] = np.fromfile(nll, "<f4"), _exact((out / "tiny.txt").read_text(), "eval_only_exact")
+        split = "counting split over 2 ranks by last token" if ranks == 2 else "in a worker thread"
+        assert split in (out / "tiny.txt").read_text()  # the mixer's counting work is shared
     assert dumps[1][0].size == 2499 and np.array_equal(dumps[1][0], dumps[2][0])
     assert dumps[1][1] == dumps[2][1]
 
