@@ -6,6 +6,8 @@
                 once, then replays evaluate()'s exact mixer calls through every (order, alpha, mode) at
                 per-token resolution; the chunked mixer of --old-rev (chunk 2048, 256, 32) and a plain
                 per-token dict reference for comparison at order 4, fixed alpha 0.25.
+  --part overhead  the sliding eval's wall time alone and with the default mixer (worker thread), on
+                the first --models model and the sample's val split, interleaved --repeats times.
   --part speed  the statistics alone on synthetic Zipf tokens at the full split's size (62M tokens):
                 wall and CPU seconds and tracemalloc's peak, per (order, vocabulary), repeated.
 
@@ -33,7 +35,7 @@ from bench_ablation import FULL, make_data  # noqa: E402
 
 FULL_VAL_TOKENS = 62_021_846
 SEQ, STRIDE, BATCH = 128, 64, 64
-MODELS = {"2x64, 60 steps": (64, 60), "2x128, 600 steps": (128, 600)}
+MODELS = {"2x64, 60 steps": (64, 60), "2x128, 300 steps": (128, 300), "2x128, 600 steps": (128, 600)}
 
 
 def train(tmp: Path, data: dict, seed: int, width: int, steps: int, extra: dict):
@@ -158,11 +160,33 @@ def part_speed(a):
               f"{T.BackoffNgramMixer.peak_nbytes(a.tokens) / 2**30:.2f} |", flush=True)
 
 
+def part_overhead(a, tmp, data):
+    """Sliding eval alone vs with the default mixer (statistics in the worker thread), interleaved."""
+    hp = T.Hyperparameters.from_env({})
+    width, steps = MODELS[a.models[0]]
+    fns, tables, V = train(tmp, data, a.seeds[0], width, steps, dict(kv.split("=", 1) for kv in a.extra))
+    val = T.load_validation_tokens(data["DATA_PATH"], 0, V)
+    T.evaluate(fns.token_stats, val[:SEQ * BATCH + 1], SEQ, BATCH, tables, stride=STRIDE)  # compile
+    print(f"\n{mx.default_device()}: sliding eval (stride {STRIDE}, seq {SEQ}) of {val.size - 1:,} targets, "
+          f"{a.models[0]}; mixer order {hp.ngram_max_order}, {hp.ngram_alpha_mode} α={hp.ngram_alpha}\n")
+    print("| rep | plain s | with mixer s | ratio |\n|---|---|---|---|")
+    for r in range(a.repeats):
+        t = time.perf_counter()
+        T.evaluate(fns.token_stats, val, SEQ, BATCH, tables, stride=STRIDE)
+        plain = time.perf_counter() - t
+        t = time.perf_counter()
+        m = T.BackoffNgramMixer(V, hp.ngram_max_order, hp.ngram_alpha, hp.ngram_alpha_mode)
+        m.prepare(val, background=True)
+        T.evaluate(fns.token_stats, val, SEQ, BATCH, tables, stride=STRIDE, mixer=m)
+        mixed = time.perf_counter() - t
+        print(f"| {r + 1} | {plain:.1f} | {mixed:.1f} | {mixed / plain:.3f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", nargs="+", default=["bpb", "speed"], choices=["bpb", "speed"])
+    p.add_argument("--part", nargs="+", default=["bpb", "speed"], choices=["bpb", "speed", "overhead"])
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=["2x64, 60 steps", "2x128, 600 steps"], choices=list(MODELS))
     p.add_argument("--orders", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.4, 0.55, 0.7, 0.85])
     p.add_argument("--old-rev", default="15f8067")
@@ -175,10 +199,14 @@ def main():
     a = p.parse_args()
     if "speed" in a.part:
         part_speed(a)
-    if "bpb" in a.part:
+    if "bpb" in a.part or "overhead" in a.part:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            part_bpb(a, tmp, make_data(tmp))
+            data = make_data(tmp)
+            if "bpb" in a.part:
+                part_bpb(a, tmp, data)
+            if "overhead" in a.part:
+                part_overhead(a, tmp, data)
 
 
 if __name__ == "__main__":
