@@ -57,7 +57,7 @@ def test_two_ranks_train_and_evaluate_like_one_process(data, tmp_path):
         out = tmp_path / f"r{ranks}"
         out.mkdir()
         env = tiny_env(data, out, ITERATIONS=6, VAL_MAX_TOKENS=3000, EVAL_STRIDE=32, EVAL_BATCH_SEQS=5,
-                       NGRAM_MIXER_ENABLED=1, NGRAM_MAX_ORDER=3)
+                       NGRAM_MIXER_ENABLED=1, NGRAM_MAX_ORDER=3, NGRAM_ALPHA_MODE="entropy")
         console = _launch(out, env, ranks)
         log = (out / "tiny.txt").read_text()
         runs[ranks] = [float(v) for v in re.findall(r"^exact_train_loss:(\S+)", log, re.M)], log

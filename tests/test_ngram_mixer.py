@@ -302,21 +302,21 @@ def test_background_worker_equals_foreground():
 
 def test_peak_memory_within_the_bound():
     """tracemalloc's peak of the statistics stays within peak_nbytes (the number the cap is checked
-    against) on a Zipf stream at orders 4 and 6, and through the fallback sort."""
+    against) on Zipf streams at orders 4 and 6, V = 1024 and 8192, and through the fallback sort."""
     n = 1_000_000
-    toks = zipf_stream(n, 1024)
-    for K, bound_bits in ((4, None), (6, None), (4, 2**62)):
+    for K, V, bound_bits in ((4, 1024, None), (6, 1024, None), (4, 1024, 2**62), (4, 8192, None)):
+        toks = zipf_stream(n, V)
         real = T.group_sort
         T.group_sort = real if bound_bits is None else (lambda key, ends, b, m: real(key, ends, bound_bits, m))
         try:
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
-            mixer_stats(toks, 1024, K)
+            mixer_stats(toks, V, K)
             peak = tracemalloc.get_traced_memory()[1] - base
         finally:
             tracemalloc.stop()
             T.group_sort = real
-        assert peak <= BackoffNgramMixer.peak_nbytes(n), (K, bound_bits, peak / n)
+        assert peak <= BackoffNgramMixer.peak_nbytes(n), (K, V, bound_bits, peak / n)
 
 
 def test_memory_cap_checked_before_work(monkeypatch):
