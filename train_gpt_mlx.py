@@ -1510,8 +1510,11 @@ class BackoffNgramMixer:
         if alpha_mode not in ("fixed", "entropy") or not 0.0 <= alpha < 1.0 or max_order < 1:
             raise ValueError(f"bad mixer settings: alpha_mode={alpha_mode} alpha={alpha} max_order={max_order}")
         self.V, self.K, self.alpha, self.mode = vocab_size, max_order, alpha, alpha_mode
-        self.cap, self.group = int(max_memory_mb * 2**20), group
-        self.p = self.conf = self.n_tokens = self.next = self._worker = self._error = None
+        self.cap = int(max_memory_mb * 2**20)
+        self.group = group
+        self.p = self.conf = None  # the statistics, per target: p_ngram and the confidence C/(C+T)
+        self.n_tokens = self.next = None  # the split they were computed for; the next target nll() takes
+        self._worker = self._error = None
 
     @staticmethod
     def peak_nbytes(n_tokens: int) -> int:

@@ -55,7 +55,9 @@ def reference_stats(toks, V, K):
     """Plain-Python Witten-Bell over a dict per exact context tuple, one token at a time: score target
     j with the counts of targets 1..j-1, then count it. (p_ngram, confidence) per target, index j."""
     toks = [int(t) for t in toks]
-    rows, u, U = [dict() for _ in range(K + 1)], [0] * V, 0
+    rows = [dict() for _ in range(K + 1)]
+    u = [0] * V
+    U = 0
     p_out, conf_out = [math.nan], [math.nan]
     for j in range(1, len(toks)):
         y = toks[j]
