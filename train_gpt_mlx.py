@@ -130,11 +130,10 @@ class Hyperparameters:
     eval_batch_seqs: int = _env("EVAL_BATCH_SEQS", 0, int, 0)
     eval_token_nll_path: str = _env("EVAL_TOKEN_NLL_PATH", "", str)
     ngram_mixer_enabled: bool = _env("NGRAM_MIXER_ENABLED", False, bool)
-    ngram_max_order: int = _env("NGRAM_MAX_ORDER", 4, int, 1, 16)
+    ngram_max_order: int = _env("NGRAM_MAX_ORDER", 5, int, 1, 16)  # defaults: tests/bench_ngram.py --part bpb
     ngram_alpha: float = _env("NGRAM_ALPHA", 0.7, float, 0.0, 0.99)
-    ngram_alpha_mode: str = _env("NGRAM_ALPHA_MODE", "entropy", str, choices=("fixed", "entropy"))
+    ngram_alpha_mode: str = _env("NGRAM_ALPHA_MODE", "fixed", str, choices=("fixed", "entropy"))
     ngram_max_memory_mb: int = _env("NGRAM_MAX_MEMORY_MB", 4096, int, 1)
-    ngram_chunk: int = _env("NGRAM_CHUNK", 2048, int, 1)
     # data-parallel runs (mlx.launch) and the challenge's submission folder
     dist_backend: str = _env("DIST_BACKEND", "any", str, choices=("any", "ring", "nccl", "jaccl", "mpi"))
     submission_dir: str = _env("SUBMISSION_DIR", "", str)
@@ -371,7 +370,9 @@ def blame_recipe(errors: list, recipe) -> list:
 
 ENV_ALIASES = {"TRAIN_MAX_SEQ_LEN": "TRAIN_SEQ_LEN"}  # the public baseline reads both
 ENV_RETIRED = {"NGRAM_BUCKETS": "retired: the n-gram mixer keys exact contexts; bound its memory with "
-                                "NGRAM_MAX_MEMORY_MB"}
+                                "NGRAM_MAX_MEMORY_MB",
+               "NGRAM_CHUNK": "retired: the n-gram mixer now scores targets one at a time (each with the counts "
+                              "of every earlier target); there is no chunk to set"}
 ENV_NOTES = {  # variables other scripts read that this one does not need
     "MLX_EAGER_EVAL": "not needed: every microbatch is evaluated eagerly already (as MLX_EAGER_EVAL=1)",
     "LOGIT_CHUNK_TOKENS": "not needed: logits are computed per microbatch; bound memory with "
@@ -1554,208 +1555,242 @@ class TestTimeTrainer:
         self.model.update(tree_unflatten(list(self.base.items())))
 
 
-class ExactKeyIndex:
-    """Linear-probing hash index, unique uint64 keys -> dense ids with int32 value columns: memory grows with
-    the keys stored, lookups are vectorized per probe step, ids never move; load <= 1/2."""
+# ======== The n-gram mixer: per-token Witten-Bell counts by sorting, mixed into the model ============================
+# Target j is scored with the counts of every earlier target i < j (score first, per token). Each count is
+# "how many earlier positions end the same exact n-gram": one sort of the n-gram ids with the position as
+# tie-break, then each position's rank in its group. The (context, next) pair of order m at target j is the
+# (m+1)-gram ending at j, and the context is the m-gram ending at j-1, so one sort per n-gram length serves
+# both. n-gram ids are exact and dense (built length by length, extending backwards from the same end), so
+# there are no hash collisions and no tables. The statistics read only the tokens: they are computed once
+# for the split (in a worker thread while the model scores) and the per-batch mix is a gather.
+MIXER_BLOCK = 1 << 18  # elements per step of the elementwise passes: bounds their temporaries
+MIXER_BYTES_PER_TOKEN = 60  # mixer_stats() peaks at ~55 B/token (tracemalloc; test_peak_memory_within_the_bound)
+MIXER_BYTES_PER_BLOCK_ELEMENT = 128  # the block temporaries (a dozen float64 arrays at most)
 
-    EMPTY = np.uint64(2**64 - 1)  # real keys are < 2^63
 
-    def __init__(self, ncols: int, log2: int = 10):
-        self.n, self.cols = 0, np.zeros((ncols, 0), np.int32)
-        self._alloc(log2)
+def token_owners(tokens: np.ndarray, V: int, world: int) -> np.ndarray:
+    """Rank that counts each n-gram, by its last token: the tokens cut into `world` runs of about equal
+    frequency, so each rank sorts about 1/world of the positions at every length (a token never splits)."""
+    counts = np.bincount(tokens, minlength=V).astype(np.float64)
+    mid = np.cumsum(counts) - counts / 2
+    return np.minimum(world - 1, (mid * world / max(1, tokens.size)).astype(np.int64))
 
-    def _alloc(self, log2: int):
-        """Empty slots for 2^log2 keys; the value columns grow to 2^(log2-1) ids, keeping those stored."""
-        self.log2, self.keys, self.ids = log2, np.full(1 << log2, self.EMPTY, np.uint64), np.zeros(1 << log2, np.int32)
-        cols = np.zeros((self.cols.shape[0], 1 << (log2 - 1)), np.int32)
-        cols[:, :self.n] = self.cols[:, :self.n]
-        self.cols = cols
 
-    @staticmethod
-    def bytes_at(n: int, ncols: int) -> int:
-        """Bytes held with n keys: index slots (12 B each) at load <= 1/2, value columns for as many ids."""
-        log2 = max(10, (2 * n - 1).bit_length())
-        return (1 << log2) * 12 + ncols * 4 * (1 << (log2 - 1))
+def group_sort(key: np.ndarray, ends: np.ndarray, key_bound: int, n_pos: int):
+    """(ends sorted by (key, end) as int32, flag at each group's first element). Equal keys must come in
+    ascending end order. Keys of 16 bits: a stable radix argsort; keys that fit in 64 bits with the end: one
+    packed uint64 sort; else a stable argsort (all the same order). Temporaries go block by block; key is
+    packed in place (consumed)."""
+    pbits = max(1, (n_pos - 1).bit_length())
+    n = key.size
+    order = np.empty(n, np.int32)
+    first = np.ones(n, bool)
+    if key_bound <= 2**16:
+        key = key.astype(np.uint16)
+    elif max(1, key_bound - 1).bit_length() + pbits <= 64:
+        packed = key.view(np.uint64)
+        packed <<= np.uint64(pbits)
+        for lo in range(0, n, MIXER_BLOCK):
+            packed[lo:lo + MIXER_BLOCK] |= ends[lo:lo + MIXER_BLOCK].astype(np.uint64)
+        packed.sort()
+        for lo in range(0, n, MIXER_BLOCK):
+            order[lo:lo + MIXER_BLOCK] = packed[lo:lo + MIXER_BLOCK] & np.uint64((1 << pbits) - 1)
+        packed >>= np.uint64(pbits)
+        np.not_equal(packed[1:], packed[:-1], out=first[1:])
+        return order, first
+    idx = np.argsort(key, kind="stable")
+    for lo in range(0, n, MIXER_BLOCK):
+        at = idx[lo:lo + MIXER_BLOCK + 1]
+        order[lo:lo + MIXER_BLOCK] = ends[at[:MIXER_BLOCK]]
+        np.not_equal(key[at[1:]], key[at[:-1]], out=first[lo + 1:lo + at.size])
+    return order, first
 
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.ids.nbytes + self.cols.nbytes
 
-    def _slot(self, keys: np.ndarray) -> np.ndarray:
-        h = keys * np.uint64(0x9E3779B97F4A7C15)  # multiply-xorshift-multiply, then the top bits
-        h ^= h >> np.uint64(29)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        return (h >> np.uint64(64 - self.log2)).astype(np.int64)
+def group_starts(first: np.ndarray) -> np.ndarray:
+    """Index of each sorted element's group start."""
+    idx = np.arange(first.size, dtype=np.int32)
+    idx[~first] = 0
+    np.maximum.accumulate(idx, out=idx)
+    return idx
 
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        """ids (int64) of uint64 keys, -1 where absent."""
-        out, idx = np.full(keys.size, -1, np.int64), np.arange(keys.size)
-        slot, mask = self._slot(keys), (1 << self.log2) - 1
-        while idx.size:
-            k = self.keys[slot]
-            hit = k == keys[idx]
-            out[idx[hit]] = self.ids[slot[hit]]
-            go = ~hit & (k != self.EMPTY)
-            idx, slot = idx[go], (slot[go] + 1) & mask
-        return out
 
-    def _place(self, keys: np.ndarray, ids: np.ndarray):
-        """Write unique, absent keys: all claim their slot at once, one wins, the rest probe on."""
-        idx, slot, mask = np.arange(keys.size), self._slot(keys), (1 << self.log2) - 1
-        while idx.size:
-            free = np.flatnonzero(self.keys[slot] == self.EMPTY)
-            self.keys[slot[free]] = keys[idx[free]]
-            won = np.zeros(idx.size, bool)
-            won[free] = self.keys[slot[free]] == keys[idx[free]]
-            self.ids[slot[won]] = ids[idx[won]]
-            idx, slot = idx[~won], (slot[~won] + 1) & mask
+def ngram_level(tokens, L: int, prev, owned: np.ndarray, V: int):
+    """Length-L n-grams ending at each owned end e >= L-1: (ends sorted by (n-gram, end), group-start flags,
+    dense ids in that order, R: how many earlier ends hold the same n-gram, int32 [N+1], R[N] = 1)."""
+    N = tokens.size
+    if prev is None:
+        ends = owned
+        key = tokens[ends].astype(np.int64)
+        bound = V
+    else:
+        keep = prev[0] >= L - 1
+        ends = prev[0][keep]
+        key = prev[2][keep].astype(np.int64)  # the (L-1)-gram ending at e, extended back by t[e-L+1]
+        del keep
+        key *= V
+        key += tokens[ends - (L - 1)]
+        bound = (int(prev[2][-1]) + 1 if prev[2].size else 1) * V
+    order, first = group_sort(key, ends, bound, N)
+    del key, ends
+    ids = np.cumsum(first, dtype=np.int32)
+    ids -= 1
+    rank = np.arange(order.size, dtype=np.int32)
+    rank -= group_starts(first)
+    R = np.zeros(N + 1, np.int32)
+    R[order] = rank
+    R[N] = 1  # a sentinel: "the pair after the last position" is never a first occurrence
+    return order, first, ids, R
 
-    def add(self, keys: np.ndarray) -> np.ndarray:
-        """Insert keys absent from the index (repeats allowed); returns the id of each."""
-        uniq, inv = np.unique(keys, return_inverse=True)
-        n = self.n + uniq.size
-        if n >= 2**31:
-            raise MemoryError("n-gram table past 2^31 keys: lower NGRAM_MAX_MEMORY_MB")
-        if 2 * n > (1 << self.log2):  # grow: rehash every key into a table twice as large or more
-            old_k, old_i = self.keys, self.ids
-            self._alloc((2 * n - 1).bit_length())
-            self._place(old_k[old_k != self.EMPTY], old_i[old_k != self.EMPTY])
-        new = np.arange(self.n, n, dtype=np.int64)
-        self._place(uniq, new)
-        self.n = n
-        return new[inv.reshape(-1)]
+
+def continuation_counts(prev_order, prev_first, R_next, N: int) -> np.ndarray:
+    """T at each context end e: distinct next tokens seen after earlier occurrences of the m-gram ending
+    at e, i.e. how many earlier ends of its group start an (m+1)-gram for the first time (R_next == 0)."""
+    fresh = (R_next == 0)[prev_order + 1]  # gathered from a byte array: fewer cache misses than from R
+    before = np.cumsum(fresh, dtype=np.int32)
+    before -= fresh  # exclusive: the element's own pair is not earlier than itself
+    at_start = before[group_starts(prev_first)]
+    before -= at_start
+    del at_start
+    T = np.zeros(N, np.int32)
+    T[prev_order] = before
+    return T
+
+
+def unigram_estimate(tokens, R1, V: int) -> tuple:
+    """(p, confidence) of order 0 per target j (index j; 0 unused): p = (u + 1) / (U + V) with u the count
+    of t[j] among targets 1..j-1 (R1 counts position 0 too) and U = j - 1; confidence U / (U + V)."""
+    N = tokens.size
+    U = np.arange(-1, N - 1, dtype=np.float64)
+    u = R1[:N].astype(np.float64)
+    u -= tokens == tokens[0]
+    u += 1.0
+    p = u / (U + V)
+    return p, U / (U + V)
+
+
+def mix_order(p, conf, m: int, R_ctx, R_pair, T):
+    """Interpolate order m into p and conf at targets j >= m: p = (c + T p) / (C + T) where the context was
+    seen (C > 0), conf = C / (C + T); C, c, T read at the context end j-1 and the pair end j."""
+    N = p.size
+    for lo in range(max(m, 1), N, MIXER_BLOCK):
+        hi = min(lo + MIXER_BLOCK, N)
+        C = R_ctx[lo - 1:hi - 1].astype(np.float64)
+        Tn = T[lo - 1:hi - 1].astype(np.float64)
+        seen = C > 0
+        d = np.maximum(C + Tn, 1.0)
+        p[lo:hi] = np.where(seen, (R_pair[lo:hi] + Tn * p[lo:hi]) / d, p[lo:hi])
+        conf[lo:hi] = np.where(seen, C / d, conf[lo:hi])
+
+
+def mixer_stats(tokens: np.ndarray, V: int, K: int, group=None) -> tuple:
+    """(p_ngram, confidence) float64 [N] for every target j (index j) from tokens[:j+1] alone: the
+    interpolated Witten-Bell estimate of orders 0..K over the counts of targets 1..j-1. With a `group`,
+    each rank sorts the n-grams whose last token it owns and one all_sum per array joins the counts
+    (integers: the result is bit-identical to one process)."""
+    tokens = np.ascontiguousarray(tokens)
+    N = tokens.size
+    owned = np.arange(N, dtype=np.int32)
+    if group is not None and group.size() > 1:
+        owned = owned[token_owners(tokens, V, group.size())[tokens] == group.rank()]
+    level = ngram_level(tokens, 1, None, owned, V)
+    del owned
+    R1 = all_sum_ints(level[3], group)
+    p, conf = unigram_estimate(tokens, R1, V)
+    prev = (level[0], level[1], level[2], R1)
+    for L in range(2, K + 2):
+        level = ngram_level(tokens, L, prev, prev[0], V)
+        R = all_sum_ints(level[3], group)
+        ctx_order, ctx_first, R_ctx = prev[0], prev[1], prev[3]
+        prev = None  # the (L-1)-gram ids are no longer needed
+        T = all_sum_ints(continuation_counts(ctx_order, ctx_first, R, N), group)
+        del ctx_order, ctx_first
+        mix_order(p, conf, L - 1, R_ctx, R, T)
+        del T, R_ctx
+        prev = (level[0], level[1], level[2], R)
+    return p, conf
+
+
+def all_sum_ints(a: np.ndarray, group) -> np.ndarray:
+    """Sum an int32 array over the ranks (each rank holds its own ends' counts, zeros elsewhere)."""
+    if group is None or group.size() == 1:
+        return a
+    out = mx.distributed.all_sum(mx.array(a), group=group)
+    return np.array(out, np.int32)
 
 
 class BackoffNgramMixer:
-    """Interpolated Witten-Bell backoff n-gram cache over exact contexts (a trie of ExactKeyIndex tables:
-    context key = suffix id * V + t[j-m], pair key = context id * V + next), mixed into the model.
-    Legal: contexts are found without the target and each event adds 1 to its pair count and context
-    total, so every order and the mix sum to 1 (C2); the weight reads only H and the context's counts
-    (C1); chunks are scored before they enter the cache (C3), each target once (C4). At max_memory_mb
-    new keys stop; known pairs still count, so the sums stay consistent."""
+    """Interpolated Witten-Bell backoff n-gram cache over exact contexts, at per-token resolution, mixed into
+    the model: NLL = -log((1 - a) p_model + a p_ngram), a = alpha * C/(C+T) at the highest seen order
+    (U/(U+V) for unigrams only), times min(1, H/log V) in entropy mode.
+    Legal: each order's estimate sums to 1 over the V candidates (c sums to C; the T unseen-mass share is
+    the lower order's distribution), so the mix does (C2); the weight reads only H and the context's counts,
+    the counts only tokens before the target (C1, C3); nll() takes each target once, in order (C4)."""
 
     def __init__(self, vocab_size: int, max_order: int, alpha: float, alpha_mode: str = "fixed",
-                 chunk: int = 2048, max_memory_mb: float = 4096):
+                 max_memory_mb: float = 4096, group=None):
         if alpha_mode not in ("fixed", "entropy") or not 0.0 <= alpha < 1.0 or max_order < 1:
             raise ValueError(f"bad mixer settings: alpha_mode={alpha_mode} alpha={alpha} max_order={max_order}")
-        self.V, self.K, self.alpha, self.mode, self.chunk = vocab_size, max_order, alpha, alpha_mode, chunk
-        self.ctx = [ExactKeyIndex(2) for _ in range(max_order)]  # columns: C (total), T (distinct)
-        self.pair = [ExactKeyIndex(1) for _ in range(max_order)]  # column: count
-        self.u, self.U = np.zeros(vocab_size, np.int64), 0  # unigram counts of scored targets
-        self.cap, self.frozen_at, self.next = int(max_memory_mb * 2**20), None, None
-        if self.nbytes > self.cap:
-            raise ValueError(f"max_memory_mb={max_memory_mb} is below the empty tables' {self.nbytes / 2**20:.1f} MiB")
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.ctx + self.pair) + self.u.nbytes
+        self.V, self.K, self.alpha, self.mode = vocab_size, max_order, alpha, alpha_mode
+        self.cap = int(max_memory_mb * 2**20)
+        self.group = group
+        self.p = self.conf = None  # the statistics, per target: p_ngram and the confidence C/(C+T)
+        self.n_tokens = self.next = None  # the split they were computed for; the next target nll() takes
+        self._worker = self._error = None
 
     @staticmethod
-    def worst_case_nbytes(n_tokens: int, max_order: int, vocab_size: int) -> int:
-        """Upper bound of the memory for a split of n_tokens (every event a new context and pair)."""
-        per = ExactKeyIndex.bytes_at(n_tokens, 2) + ExactKeyIndex.bytes_at(n_tokens, 1)
-        return max_order * per + 8 * vocab_size
+    def peak_nbytes(n_tokens: int) -> int:
+        """Upper bound of the statistics' peak memory for a split of n_tokens (any order, any vocabulary)."""
+        return MIXER_BYTES_PER_TOKEN * n_tokens + MIXER_BYTES_PER_BLOCK_ELEMENT * min(n_tokens, MIXER_BLOCK)
 
-    def _ids(self, tok, lo: int, j: np.ndarray, y):
-        """Per order: context ids and pair ids (-1: absent, or fewer than m tokens of history),
-        for targets j (absolute; tok[i] == tokens[lo + i]). The target is read only for the pair."""
-        prev, cids, pids = np.zeros(j.size, np.int64), [], []  # order 0: the empty context, id 0
-        for m in range(1, self.K + 1):
-            ok = np.flatnonzero((j >= m) & (prev >= 0))
-            cid, pid = np.full(j.size, -1, np.int64), np.full(j.size, -1, np.int64)
-            cid[ok] = self.ctx[m - 1].find((prev[ok] * self.V + tok[j[ok] - m - lo]).astype(np.uint64))
-            ok = np.flatnonzero(cid >= 0)
-            if y is not None:
-                pid[ok] = self.pair[m - 1].find((cid[ok] * self.V + y[ok]).astype(np.uint64))
-            cids.append(cid)
-            pids.append(pid)
-            prev = cid
-        return cids, pids
+    def prepare(self, tokens: np.ndarray, background: bool = False):
+        """Compute the statistics of the whole split, checked against the cap first; in a worker thread
+        with `background` (numpy sorts release the GIL, so they overlap the model's scoring)."""
+        need = self.peak_nbytes(tokens.size)
+        if need > self.cap:
+            raise MemoryError(f"the n-gram mixer needs {need / 2**20:.0f} MiB for {tokens.size} tokens, above "
+                              f"NGRAM_MAX_MEMORY_MB={self.cap / 2**20:.0f}: raise it or evaluate fewer tokens")
+        self.n_tokens = tokens.size
+        if not background or (self.group is not None and self.group.size() > 1):  # collectives: main thread
+            self._compute(tokens)
+            return
+        self._worker = threading.Thread(target=self._compute, args=(tokens,), daemon=True)
+        self._worker.start()
 
-    def _gather(self, cids, pids):
-        """Per-order (c, C, T) as float64; an absent context reads C = 0, so its order is skipped."""
-        out = []
-        for m in range(self.K):
-            cid, pid = cids[m], pids[m]
-            C, T = (np.where(cid >= 0, self.ctx[m].cols[i][cid], 0).astype(np.float64) for i in (0, 1))
-            out.append((np.where(pid >= 0, self.pair[m].cols[0][pid], 0).astype(np.float64), C, T))
-        return out
+    def _compute(self, tokens):
+        try:
+            self.p, self.conf = mixer_stats(np.asarray(tokens), self.V, self.K, self.group)
+        except BaseException as e:  # re-raised in the thread that reads the statistics
+            self._error = e
 
-    def _mix(self, gathered, u_y, H):
-        """p_ngram and a_eff = a * C/(C+T) at the highest seen order (U/(U+V) for unigrams only), from
-        per-order (c, C, T): an unseen context does not dilute the model."""
-        p = (u_y + 1.0) / (self.U + self.V)
-        conf = np.full(np.shape(H), self.U / (self.U + self.V))
-        for c, C, T in gathered:
-            seen, d = C > 0, np.maximum(C + T, 1.0)
-            p = np.where(seen, (c + T * p) / d, p)
-            conf = np.where(seen, C / d, conf)
-        a = self.alpha * conf
-        if self.mode == "entropy":
-            a = a * np.minimum(1.0, H / math.log(self.V))
-        return p, a
+    def stats(self, tokens) -> tuple:
+        """(p_ngram, confidence) per target, waiting for the worker if it still runs."""
+        if self.n_tokens is None:
+            self.prepare(np.asarray(tokens))
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        if self._error is not None:
+            raise self._error
+        if len(tokens) != self.n_tokens:
+            raise RuntimeError(f"mixer prepared for {self.n_tokens} tokens, called with {len(tokens)}")
+        return self.p, self.conf
 
     def nll(self, tokens, start: int, lp: mx.array, H: mx.array) -> mx.array:
         """Mixed NLL (nats) float32 [M] of targets start..start+M-1, given the model's log-prob of
         each target (lp) and entropy (H). Calls must continue exactly where the last one ended."""
         if (self.next is not None and start != self.next) or start < 1 or lp.shape != H.shape or lp.ndim != 1:
             raise RuntimeError(f"mixer calls must continue in order: expected start {self.next}, got {start}")
-        M, lp, H = lp.shape[0], np.array(lp, np.float64), np.array(H, np.float64)
-        lo = max(0, start - self.K)  # only the tokens this call needs: tok[i] == tokens[lo + i]
-        tok, out = np.array(tokens[lo:start + M]).astype(np.int64), np.empty(M, np.float32)
-        for a in range(0, M, self.chunk):  # a..b: positions in this call, start + a..: absolute targets
-            b = min(a + self.chunk, M)
-            out[a:b] = self._chunk(tok, lo, np.arange(start + a, start + b), lp[a:b], H[a:b])
-        self.next = start + M
-        return mx.array(out)
-
-    def _chunk(self, tok, lo: int, j: np.ndarray, lp, H) -> np.ndarray:
-        """Score targets j with the cache as it stands, then add their events (score first)."""
-        y = tok[j - lo]
-        cids, pids = self._ids(tok, lo, j, y)
-        p, a = self._mix(self._gather(cids, pids), self.u[y].astype(np.float64), H)
+        p_all, conf_all = self.stats(tokens)
+        M = lp.shape[0]
+        p = p_all[start:start + M]
+        a = self.alpha * conf_all[start:start + M]
+        if self.mode == "entropy":
+            a = a * np.minimum(1.0, np.array(H, np.float64) / math.log(self.V))
+        lp = np.array(lp, np.float64)
         with np.errstate(divide="ignore"):
             mixed = -np.logaddexp(np.log1p(-a) + lp, np.log(a) + np.log(p))
-        out = np.where(a > 0, mixed, -lp)  # alpha = 0 (or nothing seen yet) is exactly -lp
-        self._add(tok, lo, j, y, cids, pids)
-        return out
-
-    def _fits(self, j, cids, pids) -> bool:
-        """Memory after this chunk's update in the worst case (every missing key new, the old
-        arrays of a growing table alive while it rehashes) stays within the cap."""
-        need, transient = self.u.nbytes, 0
-        for m in range(self.K):
-            elig = j > m
-            for t, new in ((self.ctx[m], cids[m] < 0), (self.pair[m], pids[m] < 0)):
-                after = max(t.nbytes, ExactKeyIndex.bytes_at(t.n + int((elig & new).sum()), t.cols.shape[0]))
-                need += after
-                transient = max(transient, t.nbytes if after > t.nbytes else 0)
-        return need + transient <= self.cap
-
-    def _add(self, tok, lo: int, j, y, cids, pids):
-        """Add the chunk's events to every order. New keys only while the cap allows (else freeze:
-        only pairs already present count, with their context totals, so sums stay consistent)."""
-        grow = self.frozen_at is None and self._fits(j, cids, pids)
-        if not grow and self.frozen_at is None:
-            self.frozen_at = int(j[0])
-        prev = np.zeros(j.size, np.int64)
-        for m in range(1, self.K + 1):
-            ctx, pair, cid, pid = self.ctx[m - 1], self.pair[m - 1], cids[m - 1], pids[m - 1]
-            if grow:  # lower orders were added first, so prev >= 0 wherever j >= m
-                miss = np.flatnonzero((j >= m) & (cid < 0))
-                if miss.size:
-                    cid[miss] = ctx.add((prev[miss] * self.V + tok[j[miss] - m - lo]).astype(np.uint64))
-                miss = np.flatnonzero((cid >= 0) & (pid < 0))
-                if miss.size:
-                    pid[miss] = pair.add((cid[miss] * self.V + y[miss]).astype(np.uint64))
-                    _, first = np.unique(pid[miss], return_index=True)
-                    np.add.at(ctx.cols[1], cid[miss[first]], 1)  # one new distinct pair each
-            live = np.flatnonzero(pid >= 0)
-            np.add.at(pair.cols[0], pid[live], 1)
-            np.add.at(ctx.cols[0], cid[live], 1)
-            prev = cid
-        self.u += np.bincount(y, minlength=self.V)
-        self.U += y.size
+        self.next = start + M
+        return mx.array(np.where(a > 0, mixed, -lp).astype(np.float32))  # alpha = 0 (or nothing seen): -lp
 
 
 # ======== Compiled functions: one builder for all of them ============================================================
@@ -2062,8 +2097,10 @@ def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int) -> di
     if hp.ttt_enabled:
         need["eval"]["TTT_BATCH_SEQS (a test-time training step)"] = hp.ttt_batch_seqs * eval_seq * 4 * L * d * (
             16 + 4 * mlp)
-    if hp.ngram_mixer_enabled:
-        need["eval"]["NGRAM_MAX_MEMORY_MB (the n-gram mixer's cap)"] = hp.ngram_max_memory_mb * 2**20
+    if hp.ngram_mixer_enabled:  # its statistics' peak for VAL_MAX_TOKENS, never above the cap (it refuses)
+        mixer_peak = BackoffNgramMixer.peak_nbytes(hp.val_max_tokens) if hp.val_max_tokens else math.inf
+        need["eval"]["NGRAM_MAX_MEMORY_MB (the n-gram mixer's statistics)"] = min(mixer_peak,
+                                                                                 hp.ngram_max_memory_mb * 2**20)
     return need
 
 
@@ -2337,12 +2374,17 @@ def log_eval_config(hp: Hyperparameters, trained_seq: int, log):
             if hp.ngram_mixer_enabled else "off") + f" ttt:{ttt if hp.ttt_enabled else 'off'}")
 
 
-def make_mixer(hp: Hyperparameters, vocab: int, n_tokens: int, log):
-    mixer = BackoffNgramMixer(vocab, hp.ngram_max_order, hp.ngram_alpha, hp.ngram_alpha_mode, hp.ngram_chunk,
-                              hp.ngram_max_memory_mb)
-    worst = mixer.worst_case_nbytes(n_tokens, hp.ngram_max_order, vocab) / 2**20
-    log(f"ngram_mixer: memory cap {hp.ngram_max_memory_mb} MiB, worst case for this split {worst:.0f} MiB"
-        + ("" if worst <= hp.ngram_max_memory_mb else "; new contexts stop at the cap, scoring goes on"))
+def make_mixer(hp: Hyperparameters, vocab: int, tokens: np.ndarray, log, group=None):
+    """The mixer, its statistics started from the tokens alone (a worker thread on one process), so they
+    are ready by the time the model's first scores arrive."""
+    mixer = BackoffNgramMixer(vocab, hp.ngram_max_order, hp.ngram_alpha, hp.ngram_alpha_mode,
+                              hp.ngram_max_memory_mb, group)
+    need = mixer.peak_nbytes(tokens.size) / 2**20
+    W = 1 if group is None else group.size()
+    log(f"ngram_mixer: per-token statistics for {tokens.size} tokens, peak {need:.0f} MiB "
+        f"(cap NGRAM_MAX_MEMORY_MB={hp.ngram_max_memory_mb}), " + (
+            f"counting split over {W} ranks by last token" if W > 1 else "in a worker thread"))
+    mixer.prepare(tokens, background=True)
     return mixer
 
 
@@ -2359,7 +2401,7 @@ def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, gr
         kw = dict(seq_len=eval_seq, stride=hp.eval_stride_resolved,
                   batch_seqs=hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq))
         if hp.ngram_mixer_enabled:
-            mixer = make_mixer(hp, model.cfg.vocab_size, val_tokens.size, log)
+            mixer = make_mixer(hp, model.cfg.vocab_size, val_tokens, log, group)
         if hp.ttt_enabled:  # adapts the weights evaluated here (the EMA when on); close() restores them
             ttt = TestTimeTrainer(model, hp, eval_seq, hp.eval_stride_resolved or eval_seq, group)
             fns = Compiled(model, opt or Optimizers(model, hp), ttt=ttt)

@@ -86,7 +86,7 @@ def main():
         tables = T.build_byte_tables(T.load_tokenizer(a.tokenizer), 1024)
         val = T.load_validation_tokens(str(tmp), 0, 1024)
         for mode in ("sliding", "sliding + mixer", "sliding + TTT lora (chunk 32768, 32 rows)"):
-            mixer = T.BackoffNgramMixer(1024, 4, 0.7, "entropy", 2048) if "mixer" in mode else None
+            mixer = T.BackoffNgramMixer(1024, 4, 0.7, "entropy") if "mixer" in mode else None
             fn, ttt = (fns.token_stats if mixer else fns.token_nll), None
             T.evaluate(fn, val[: 64 * a.seq + 1], a.seq, 64, tables, stride=a.stride)  # compile
             if "TTT" in mode:

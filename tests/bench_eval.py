@@ -51,7 +51,7 @@ def main():
         V, L, B = cfg.vocab_size, a.seq, a.batch_seqs
 
         def run(toks, stride, mix=None, mode="entropy"):
-            mixer = T.BackoffNgramMixer(V, *mix, mode, 2048) if mix else None  # mix = (order, alpha)
+            mixer = T.BackoffNgramMixer(V, *mix, mode) if mix else None  # mix = (order, alpha)
             fn = fns.token_stats if mix and mode == "entropy" else fns.token_nll
             mx.reset_peak_memory()
             t = time.perf_counter()

@@ -1,15 +1,17 @@
 """N-gram mixer benchmark (prints markdown tables; not a test).
 
-  --part bpb    trains the tiny full-stack model (2 x 128, 100 steps, every training-side piece on)
-                per seed on shards built from ../shared/fineweb_sample, records the sliding-window
-                model outputs over the whole val split once, then replays evaluate()'s exact mixer
-                calls through every mixer config (the hashed mixer of --old-rev for comparison).
-  --part speed  plain sliding eval vs sliding + default mixer at 40k, 130k and 1M tokens of a stream
-                of the sample's train and val shards (past the sample's ~586k tokens: a copy with the
-                vocabulary relabeled, so its contexts are all new), interleaved, and the mixer alone
-                on a 4M-token stream: cost per token per band, memory, the projection to 62M tokens.
+  --part bpb    trains tiny models per seed on shards built from ../shared/fineweb_sample (the 2 x 64,
+                60-step artifact of issue #17 and a 2 x 128, 600-step model of the recipe ablation bench's
+                shape; EngramLite on), records the sliding-window model outputs over the whole val split
+                once, then replays evaluate()'s exact mixer calls through every (order, alpha, mode) at
+                per-token resolution; the chunked mixer of --old-rev (chunk 2048, 256, 32) and a plain
+                per-token dict reference for comparison at order 4, fixed alpha 0.25.
+  --part overhead  the sliding eval's wall time alone and with the default mixer (worker thread), on
+                the first --models model and the sample's val split, interleaved --repeats times.
+  --part speed  the statistics alone on synthetic Zipf tokens at the full split's size (62M tokens):
+                wall and CPU seconds and tracemalloc's peak, per (order, vocabulary), repeated.
 
-    python tests/bench_ngram.py [--part bpb speed] [--seeds 1337 1338] [--old-rev a3d05d2]
+    python tests/bench_ngram.py [--part bpb speed] [--seeds 1337 1338] [--old-rev 15f8067]
 """
 import argparse
 import contextlib
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import mlx.core as mx
@@ -32,18 +35,19 @@ from bench_ablation import FULL, make_data  # noqa: E402
 
 FULL_VAL_TOKENS = 62_021_846
 SEQ, STRIDE, BATCH = 128, 64, 64
+MODELS = {"2x64, 60 steps": (64, 60), "2x128, 300 steps": (128, 300), "2x128, 600 steps": (128, 600)}
 
 
-def train(tmp: Path, data: dict, seed: int, steps: int):
-    """The tiny full-stack model of the issue's measurement; returns (fns, tables, V)."""
-    env = dict(data, **{k: str(v) for k, v in FULL.items()}, COMPLEMENT_ALPHA="0.5", ITERATIONS=str(steps),
-               TRAIN_BATCH_TOKENS="2048", TRAIN_SEQ_LEN=str(SEQ), GRAD_ACCUM_STEPS="1", NUM_LAYERS="2",
-               MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", WARMUP_STEPS="2", WARMDOWN_ITERS=str(steps // 3),
-               MAX_WALLCLOCK_SECONDS="0", VAL_MAX_TOKENS="32768", VAL_BATCH_SIZE="16384", MATRIX_LR="0.04",
-               SEED=str(seed), RUN_ID=f"s{seed}", OUT_DIR=str(tmp))
+def train(tmp: Path, data: dict, seed: int, width: int, steps: int, extra: dict):
+    """A tiny model with EngramLite (logit) and EMA, the bench_ablation cell shape; (fns, tables, V)."""
+    env = dict(data, **{k: str(v) for k, v in FULL.items()}, **extra, ITERATIONS=str(steps), TRAIN_BATCH_TOKENS="2048",
+               TRAIN_SEQ_LEN=str(SEQ), GRAD_ACCUM_STEPS="1", NUM_LAYERS="2", MODEL_DIM=str(width), NUM_HEADS="4",
+               NUM_KV_HEADS="2", WARMUP_STEPS="2", WARMDOWN_ITERS=str(steps // 3), MAX_WALLCLOCK_SECONDS="0",
+               VAL_MAX_TOKENS="32768", VAL_BATCH_SIZE="16384", SEED=str(seed), RUN_ID=f"s{seed}_{width}_{steps}",
+               OUT_DIR=str(tmp))
     with contextlib.redirect_stdout(io.StringIO()):
         assert T.main(env) == 0
-    cfg, flat, _ = T.read_artifact(str(tmp / f"s{seed}_model.int6.ptz"))
+    cfg, flat, _ = T.read_artifact(str(tmp / f"s{seed}_{width}_{steps}_model.int6.ptz"))
     hp = T.Hyperparameters.from_env(env)
     model = T.GPT(cfg, hp.dtype())
     T.load_flat_into(model, flat)
@@ -62,27 +66,12 @@ class Recorder:
         return -lp
 
 
-class Timed:
-    """Wraps a mixer and adds up the seconds spent inside nll()."""
-
-    def __init__(self, mixer):
-        self.m, self.s = mixer, 0.0
-
-    def nll(self, tokens, start, lp, H):
-        mx.eval(lp, H)  # the model's lazy forward pass is not the mixer's time
-        t = time.perf_counter()
-        out = self.m.nll(tokens, start, lp, H)
-        mx.eval(out)
-        self.s += time.perf_counter() - t
-        return out
-
-
 def replay(mixer, toks, calls) -> np.ndarray:
     return np.concatenate([np.array(mixer.nll(toks, s, mx.array(lp), mx.array(H))) for s, lp, H in calls])
 
 
 def old_module(rev: str):
-    """train_gpt_mlx.py as of rev (the hashed-bucket mixer), imported from a temporary file."""
+    """train_gpt_mlx.py as of rev (the chunked mixer), imported from a temporary file."""
     src = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{rev}:train_gpt_mlx.py"], check=True,
                          capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "old_train_gpt_mlx.py"
@@ -94,116 +83,130 @@ def old_module(rev: str):
     return mod
 
 
+def dict_reference_nll(toks, calls, V: int, K: int, alpha: float) -> np.ndarray:
+    """Per-token dict reference (tests/test_ngram_mixer.py), fixed alpha: score a target, then count it."""
+    from test_ngram_mixer import reference_stats
+    p, conf = reference_stats(toks, V, K)
+    lp = np.concatenate([lp for _, lp, _ in calls]).astype(np.float64)
+    a = alpha * conf[1:]
+    return -np.log((1 - a) * np.exp(lp) + a * p[1:])
+
+
+def model_bpb(a, tmp, data, name, seed, old, res):
+    """Every mixer config on one trained model's recorded sliding-window outputs, into res[config][name]."""
+    width, steps = MODELS[name]
+    t0 = time.time()
+    fns, tables, V = train(tmp, data, seed, width, steps, dict(kv.split("=", 1) for kv in a.extra))
+    val = T.load_validation_tokens(data["DATA_PATH"], 0, V)
+    rec = Recorder()
+    T.evaluate(fns.token_stats, val, SEQ, BATCH, tables, stride=STRIDE, mixer=rec)
+    bpb = lambda nll: T.summarize_nll(nll, val, tables)[1]  # noqa: E731
+    put = lambda cfg, v: res.setdefault(cfg, {}).setdefault(name, []).append(v)  # noqa: E731
+    put("off", bpb(np.concatenate([-lp for _, lp, _ in rec.calls])))
+    for chunk in a.old_chunks:
+        put(f"chunked ({a.old_rev}) order 4, fixed α=0.25, chunk {chunk}",
+            bpb(replay(old.BackoffNgramMixer(V, 4, 0.25, "fixed", chunk), val, rec.calls)))
+    put("per-token dict reference, order 4, fixed α=0.25", bpb(dict_reference_nll(val, rec.calls, V, 4, 0.25)))
+    for K in a.orders:
+        for mode in ("fixed", "entropy"):
+            for al in a.alphas:
+                put(f"order {K}, {mode} α={al}", bpb(replay(T.BackoffNgramMixer(V, K, al, mode), val, rec.calls)))
+    print(f"# {name} seed {seed} done in {time.time() - t0:.0f}s; {val.size - 1:,} targets", file=sys.stderr,
+          flush=True)
+
+
 def part_bpb(a, tmp, data):
     old = old_module(a.old_rev)
-    new_cfgs = [(K, al, mode) for K in a.orders for mode in ("fixed", "entropy") for al in a.alphas]
     res = {}
-    for seed in a.seeds:
-        t0 = time.time()
-        fns, tables, V = train(tmp, data, seed, a.steps)
-        val = T.load_validation_tokens(data["DATA_PATH"], 0, V)
-        rec = Recorder()
-        T.evaluate(fns.token_stats, val, SEQ, BATCH, tables, stride=STRIDE, mixer=rec)
-        bpb = lambda nll: T.summarize_nll(nll, val, tables)[1]  # noqa: E731
-        res.setdefault("off", []).append(bpb(np.concatenate([-lp for _, lp, _ in rec.calls])))
-        for K, B, al, mode in ((4, 16384, 0.25, "entropy"), (4, 262144, 0.25, "fixed"), (2, 16384, 0.3, "entropy")):
-            name = f"hashed (old) order {K}, {B:,} buckets, {mode} α={al}"
-            res.setdefault(name, []).append(bpb(replay(old.BackoffNgramMixer(V, K, B, al, mode, 2048), val, rec.calls)))
-        for K, al, mode in new_cfgs:
-            m = T.BackoffNgramMixer(V, K, al, mode, 2048)
-            res.setdefault(f"exact order {K}, {mode} α={al}", []).append(bpb(replay(m, val, rec.calls)))
-        print(f"# seed {seed} done in {time.time() - t0:.0f}s; {val.size - 1:,} targets", file=sys.stderr, flush=True)
-    print(f"\nval_bpb on the sample's val split, sliding stride {STRIDE}, seq {SEQ}; tiny full-stack model "
-          f"(2x128, {a.steps} steps), seeds {a.seeds}\n")
-    print("| mixer | " + " | ".join(f"seed {s}" for s in a.seeds) + " | mean | Δ vs off |")
-    print("|---|" + "---|" * (len(a.seeds) + 2))
-    off = np.mean(res["off"])
-    for name, v in sorted(res.items(), key=lambda kv: np.mean(kv[1]) if kv[0] != "off" else -1):
-        print(f"| {name} | " + " | ".join(f"{x:.4f}" for x in v) + f" | {np.mean(v):.4f} | {np.mean(v) - off:+.4f} |")
+    for name in a.models:
+        for seed in a.seeds:
+            model_bpb(a, tmp, data, name, seed, old, res)
+    print(f"\nval_bpb on the sample's val split, sliding stride {STRIDE}, seq {SEQ}; 2-layer models with "
+          f"EngramLite + EMA; seeds {a.seeds}; mean ± half the range over seeds\n")
+    print("| mixer | " + " | ".join(a.models) + " | mean Δ vs off |")
+    print("|---|" + "---|" * (len(a.models) + 1))
+    off = {m: np.mean(res["off"][m]) for m in a.models}
+    gain = lambda cfg: np.mean([np.mean(res[cfg][m]) - off[m] for m in a.models])  # noqa: E731
+    for cfg in sorted(res, key=lambda c: gain(c) if c != "off" else -1e9):
+        cells = [f"{np.mean(res[cfg][m]):.4f} ± {np.ptp(res[cfg][m]) / 2:.4f}" for m in a.models]
+        print(f"| {cfg} | " + " | ".join(cells) + f" | {gain(cfg):+.4f} |")
 
 
-def long_stream(data_path: str, n: int, V: int) -> np.ndarray:
-    """Train + val shards of the sample, then relabeled copies (BOS kept) until n + 1 tokens."""
-    files = T.shard_files(data_path, "train") + T.shard_files(data_path, "val")
-    base = np.concatenate([T.load_data_shard(f) for f in files]).astype(np.int64)
-    parts, rng = [base], np.random.default_rng(0)
-    while sum(p.size for p in parts) < n + 1:
-        perm = rng.permutation(V)
-        i = int(np.flatnonzero(perm == 1)[0])
-        perm[i], perm[1] = perm[1], 1  # BOS stays BOS, so documents still start with it
-        parts.append(perm[base])
-    return np.concatenate(parts)[:n + 1].astype(np.uint16)
+def zipf_tokens(n: int, V: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, V + 1) ** 1.1
+    return rng.choice(V, size=n, p=w / w.sum()).astype(np.uint16)
 
 
-def part_speed(a, tmp, data):
-    fns, tables, V = train(tmp, data, a.seeds[0], a.steps)
-    K, al, mode = T.Hyperparameters.ngram_max_order, T.Hyperparameters.ngram_alpha, T.Hyperparameters.ngram_alpha_mode
-    fn_mix = fns.token_stats if mode == "entropy" else fns.token_nll
-    stream = long_stream(data["DATA_PATH"], 1_000_000, V)
-    T.evaluate(fns.token_nll, stream[:SEQ * BATCH + 1], SEQ, BATCH, tables, stride=STRIDE)  # compile
-    T.evaluate(fns.token_stats, stream[:SEQ * BATCH + 1], SEQ, BATCH, tables, stride=STRIDE)
-    print(f"\n{mx.default_device()}, mlx {mx.__version__}; default mixer: order {K}, {mode} α={al}, chunk 2048; "
-          f"sliding stride {STRIDE}, seq {SEQ}, batch {BATCH}; tiny full-stack model\n")
-    print("| tokens | rep | plain sliding s | sliding + mixer s | ratio | mixer µs/token | mixer MiB | mixer B/token |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n, reps in ((40_000, 3), (130_000, 2), (1_000_000, 1)):
-        toks = stream[:n + 1]
-        for r in range(reps):
-            t = time.perf_counter()
-            T.evaluate(fns.token_nll, toks, SEQ, BATCH, tables, stride=STRIDE)
-            plain = time.perf_counter() - t
-            m = Timed(T.BackoffNgramMixer(V, K, al, mode, 2048))
-            t = time.perf_counter()
-            T.evaluate(fn_mix, toks, SEQ, BATCH, tables, stride=STRIDE, mixer=m)
-            mixed = time.perf_counter() - t
-            print(f"| {n:,} | {r + 1} | {plain:.1f} | {mixed:.1f} | {mixed / plain:.3f} | {m.s / n * 1e6:.2f} | "
-                  f"{m.m.nbytes / 2**20:.1f} | {m.m.nbytes / n:.0f} |", flush=True)
-    mixer_alone(V, K, al, mode, long_stream(data["DATA_PATH"], 4_000_000, V))
+def part_speed(a):
+    print(f"\nthe mixer's statistics alone, synthetic Zipf(1.1) tokens, {a.tokens:,} tokens; "
+          f"{a.repeats} runs each (wall s, CPU s, tracemalloc peak)\n")
+    print("| order | V | wall s (best / worst) | CPU s (best / worst) | peak GiB | B/token | bound GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for K, V in a.speed_configs:
+        toks = zipf_tokens(a.tokens, V)
+        walls, cpus, peaks = [], [], []
+        for _ in range(a.repeats):
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            w, c = time.perf_counter(), time.process_time()
+            T.mixer_stats(toks, V, K)
+            walls.append(time.perf_counter() - w)
+            cpus.append(time.process_time() - c)
+            peaks.append(tracemalloc.get_traced_memory()[1] - base)
+            tracemalloc.stop()
+        print(f"| {K} | {V} | {min(walls):.1f} / {max(walls):.1f} | {min(cpus):.1f} / {max(cpus):.1f} | "
+              f"{max(peaks) / 2**30:.2f} | {max(peaks) / a.tokens:.1f} | "
+              f"{T.BackoffNgramMixer.peak_nbytes(a.tokens) / 2**30:.2f} |", flush=True)
 
 
-def mixer_alone(V, K, al, mode, toks):
-    """Cost per token per band of 500k tokens, keys and memory; projection to the full split."""
-    n, band = toks.size - 1, 500_000
-    rng = np.random.default_rng(0)
-    lp = np.log(rng.uniform(0.01, 0.9, n)).astype(np.float32)
-    H = rng.uniform(0.5, 6.0, n).astype(np.float32)
-    m = T.BackoffNgramMixer(V, K, al, mode, 2048, max_memory_mb=10**6)
-    print(f"\nthe mixer alone (order {K}) on {n:,} tokens, calls of 4,096 targets\n")
-    print("| tokens seen | µs/token in this band | keys (ctx + pair) | MiB | B/token |\n|---|---|---|---|---|")
-    t, keys = time.perf_counter(), []
-    for s in range(1, n + 1, 4096):
-        e = min(s + 4096, n + 1)
-        m.nll(toks, s, mx.array(lp[s - 1:e - 1]), mx.array(H[s - 1:e - 1]))
-        if (e - 1) % band < 4096 and e - 1 >= band:
-            now = time.perf_counter()
-            keys.append((e - 1, [x.n for x in m.ctx + m.pair]))
-            print(f"| {e - 1:,} | {(now - t) / band * 1e6:.2f} | {sum(keys[-1][1]):,} | {m.nbytes / 2**20:.0f} | "
-                  f"{m.nbytes / (e - 1):.0f} |", flush=True)
-            t = now
-    (n0, k0), (n1, k1) = keys[-2], keys[-1]
-    proj = [a + (b - a) / (n1 - n0) * (FULL_VAL_TOKENS - n1) for a, b in zip(k0, k1)]
-    mib = sum(T.ExactKeyIndex.bytes_at(int(k), 2 if i < K else 1) for i, k in enumerate(proj)) / 2**20
-    print(f"\nprojection to {FULL_VAL_TOKENS:,} tokens (keys growing at the last band's rate): "
-          f"{sum(proj) / 1e6:.0f}M keys, {mib:,.0f} MiB; worst case "
-          f"{T.BackoffNgramMixer.worst_case_nbytes(FULL_VAL_TOKENS, K, V) / 2**20:,.0f} MiB")
+def part_overhead(a, tmp, data):
+    """Sliding eval alone vs with the default mixer (statistics in the worker thread), interleaved."""
+    hp = T.Hyperparameters.from_env({})
+    width, steps = MODELS[a.models[0]]
+    fns, tables, V = train(tmp, data, a.seeds[0], width, steps, dict(kv.split("=", 1) for kv in a.extra))
+    val = T.load_validation_tokens(data["DATA_PATH"], 0, V)
+    T.evaluate(fns.token_stats, val[:SEQ * BATCH + 1], SEQ, BATCH, tables, stride=STRIDE)  # compile
+    print(f"\n{mx.default_device()}: sliding eval (stride {STRIDE}, seq {SEQ}) of {val.size - 1:,} targets, "
+          f"{a.models[0]}; mixer order {hp.ngram_max_order}, {hp.ngram_alpha_mode} α={hp.ngram_alpha}\n")
+    print("| rep | plain s | with mixer s | ratio |\n|---|---|---|---|")
+    for r in range(a.repeats):
+        t = time.perf_counter()
+        T.evaluate(fns.token_stats, val, SEQ, BATCH, tables, stride=STRIDE)
+        plain = time.perf_counter() - t
+        t = time.perf_counter()
+        m = T.BackoffNgramMixer(V, hp.ngram_max_order, hp.ngram_alpha, hp.ngram_alpha_mode)
+        m.prepare(val, background=True)
+        T.evaluate(fns.token_stats, val, SEQ, BATCH, tables, stride=STRIDE, mixer=m)
+        mixed = time.perf_counter() - t
+        print(f"| {r + 1} | {plain:.1f} | {mixed:.1f} | {mixed / plain:.3f} |", flush=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", nargs="+", default=["bpb", "speed"], choices=["bpb", "speed"])
+    p.add_argument("--part", nargs="+", default=["bpb", "speed"], choices=["bpb", "speed", "overhead"])
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--orders", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
+    p.add_argument("--models", nargs="+", default=["2x64, 60 steps", "2x128, 600 steps"], choices=list(MODELS))
+    p.add_argument("--orders", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.4, 0.55, 0.7, 0.85])
-    p.add_argument("--old-rev", default="a3d05d2")
+    p.add_argument("--old-rev", default="15f8067")
+    p.add_argument("--old-chunks", type=int, nargs="*", default=[2048, 256, 32])
+    p.add_argument("--extra", nargs="*", default=["COMPLEMENT_ALPHA=0.5"], help="training variables, KEY=VALUE")
+    p.add_argument("--tokens", type=int, default=FULL_VAL_TOKENS)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--speed-configs", type=lambda s: tuple(int(x) for x in s.split(",")), nargs="+",
+                   default=[(4, 1024), (6, 1024), (4, 8192)], help="order,vocab pairs")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        data = make_data(tmp)
-        if "bpb" in a.part:
-            part_bpb(a, tmp, data)
-        if "speed" in a.part:
-            part_speed(a, tmp, data)
+    if "speed" in a.part:
+        part_speed(a)
+    if "bpb" in a.part or "overhead" in a.part:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            data = make_data(tmp)
+            if "bpb" in a.part:
+                part_bpb(a, tmp, data)
+            if "overhead" in a.part:
+                part_overhead(a, tmp, data)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 (../shared/fineweb_sample) when present, else from generated text with a tiny tokenizer."""
 import importlib.util
 import json
+import math
 import os
 import random
 import signal
@@ -24,24 +25,21 @@ def load_script(rel: str):
     return mod
 
 
-def mixer_distribution(mix, tokens, j: int, p_model):
-    """Full mixed distribution [V] for target j from a BackoffNgramMixer's current cache state."""
-    lo = max(0, j - mix.K)
-    tok = np.array(tokens[lo:j + 1]).astype(np.int64)
-    cids, _ = mix._ids(tok, lo, np.array([j]), None)
-    g = []
-    for m in range(mix.K):
-        cid = int(cids[m][0])
-        if cid < 0:
-            g.append((0.0, 0.0, 0.0))
-            continue
-        pid = mix.pair[m].find((cid * mix.V + np.arange(mix.V)).astype(np.uint64))
-        c = np.where(pid >= 0, mix.pair[m].cols[0][pid], 0).astype(np.float64)
-        g.append((c, float(mix.ctx[m].cols[0][cid]), float(mix.ctx[m].cols[1][cid])))
+def mixer_distribution(mix, tokens, j: int, p_model) -> np.ndarray:
+    """Full mixed distribution [V] (float64) the mixer assigns to target j: its p_ngram for every
+    candidate y is the statistics of tokens[:j] + [y] (target j's statistics read nothing after it),
+    and its weight a reads no target, so it is the same for every candidate."""
+    from train_gpt_mlx import mixer_stats
+    head = np.asarray(tokens[:j + 1]).astype(np.int64)
+    p = np.empty(mix.V)
+    for y in range(mix.V):
+        head[j] = y
+        p[y] = mixer_stats(head, mix.V, mix.K)[0][j]
+    conf = mixer_stats(head, mix.V, mix.K)[1][j]
     pm = np.array(p_model, np.float64)
     H = -(pm * np.log(np.maximum(pm, 1e-30))).sum()
-    p, a = mix._mix(g, mix.u.astype(np.float64), H)
-    return mx.array(((1.0 - a) * pm + a * p).astype(np.float32))
+    a = mix.alpha * conf * (min(1.0, H / math.log(mix.V)) if mix.mode == "entropy" else 1.0)
+    return (1.0 - a) * pm + a * p
 
 
 def generated_docs(n: int, seed: int = 0) -> list[str]:

@@ -57,7 +57,7 @@ def test_two_ranks_train_and_evaluate_like_one_process(data, tmp_path):
         out = tmp_path / f"r{ranks}"
         out.mkdir()
         env = tiny_env(data, out, ITERATIONS=6, VAL_MAX_TOKENS=3000, EVAL_STRIDE=32, EVAL_BATCH_SEQS=5,
-                       NGRAM_MIXER_ENABLED=1, NGRAM_MAX_ORDER=3, NGRAM_CHUNK=200)
+                       NGRAM_MIXER_ENABLED=1, NGRAM_MAX_ORDER=3, NGRAM_ALPHA_MODE="entropy")
         console = _launch(out, env, ranks)
         log = (out / "tiny.txt").read_text()
         runs[ranks] = [float(v) for v in re.findall(r"^exact_train_loss:(\S+)", log, re.M)], log
@@ -86,9 +86,11 @@ def test_eval_only_on_two_ranks_writes_the_same_nll_dump(data, tmp_path):
         out.mkdir()
         nll = out / "nll.f32"
         _launch(out, tiny_env(data, out, EVAL_ONLY=1, LOAD_ARTIFACT=art, VAL_MAX_TOKENS=2500, EVAL_STRIDE=16,
-                              EVAL_BATCH_SEQS=23, NGRAM_MIXER_ENABLED=1, NGRAM_CHUNK=97,
+                              EVAL_BATCH_SEQS=23, NGRAM_MIXER_ENABLED=1,
                               EVAL_TOKEN_NLL_PATH=nll), ranks)
         dumps[ranks] = np.fromfile(nll, "<f4"), _exact((out / "tiny.txt").read_text(), "eval_only_exact")
+        split = "counting split over 2 ranks by last token" if ranks == 2 else "in a worker thread"
+        assert split in (out / "tiny.txt").read_text()  # the mixer's counting work is shared
     assert dumps[1][0].size == 2499 and np.array_equal(dumps[1][0], dumps[2][0])
     assert dumps[1][1] == dumps[2][1]
 

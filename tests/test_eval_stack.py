@@ -66,7 +66,7 @@ def test_sliding_eval_scores_each_target_with_its_window_context(setup):
 
 
 def mixer(V, mode="entropy", order=3):
-    return T.BackoffNgramMixer(V, order, 0.3, mode, chunk=100)
+    return T.BackoffNgramMixer(V, order, 0.3, mode)
 
 
 @pytest.mark.parametrize("stride", [0, 16])
@@ -111,6 +111,7 @@ def test_eval_only_with_sliding_mixer_writes_per_token_nll(data, tmp_path):
     out = tmp_path / "nll.f32"
     env = tiny_env(data, tmp_path, EVAL_ONLY=1, LOAD_ARTIFACT=art, RUN_ID="ev", VAL_MAX_TOKENS=1500, EVAL_STRIDE=16,
                    EVAL_SEQ_LEN=96, EVAL_BATCH_SEQS=8, NGRAM_MIXER_ENABLED=1, NGRAM_MAX_MEMORY_MB=64, NGRAM_MAX_ORDER=4,
+                   NGRAM_ALPHA_MODE="entropy",
                    EVAL_TOKEN_NLL_PATH=str(out))
     assert T.main(env) == 0
     log = (tmp_path / "ev.txt").read_text()

@@ -1,14 +1,18 @@
-"""Tests of the eval-time n-gram mixer over exact contexts: legality (CHALLENGE.md C1-C4:
-normalized, causal, score-first, each target once), equality with a plain-Python exact-dict
-reference at orders 1-6, chunk-independent bookkeeping, the memory cap, the key index."""
+"""Tests of the eval-time n-gram mixer at per-token resolution (each target scored with the counts of
+every earlier target): legality (CHALLENGE.md C1-C4: normalized, causal, score-first, each target
+once), equality with a plain-Python per-token dict reference at orders 1-6, the sort's two paths,
+the split over ranks, the worker thread, the memory bound and its check before work."""
 import math
+import threading
+import tracemalloc
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import train_gpt_mlx as T
 from conftest import mixer_distribution
-from train_gpt_mlx import BackoffNgramMixer, ExactKeyIndex
+from train_gpt_mlx import BackoffNgramMixer, mixer_stats
 
 
 def model_outputs(tokens, V, seed=1):
@@ -41,134 +45,154 @@ def repetitive_stream(n, V, seed=0):
     return t.astype(np.uint16)
 
 
-def chunk_starts(cuts, chunk):
-    """Where the mixer's chunks begin when nll() is called on targets [cuts[i], cuts[i+1])."""
-    return sorted({s for a, b in zip(cuts, cuts[1:]) for s in range(a, b, chunk)} | {cuts[-1]})
+def zipf_stream(n, V, seed=0):
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, V + 1) ** 1.1
+    return rng.choice(V, size=n, p=w / w.sum()).astype(np.uint16)
 
 
-def reference_probs(toks, lp, H, V, K, alpha, mode, chunk, frozen_at=None, cuts=None):
-    """Plain-Python mixer over a dict per exact context tuple, one token at a time: the mixed
-    probability of every target. From target frozen_at on, only pairs already present count."""
+def reference_stats(toks, V, K):
+    """Plain-Python Witten-Bell over a dict per exact context tuple, one token at a time: score target
+    j with the counts of targets 1..j-1, then count it. (p_ngram, confidence) per target, index j."""
     toks = [int(t) for t in toks]
+    rows = [dict() for _ in range(K + 1)]
+    u = [0] * V
+    U = 0
+    p_out, conf_out = [math.nan], [math.nan]
+    for j in range(1, len(toks)):
+        y = toks[j]
+        p, conf = (u[y] + 1) / (U + V), U / (U + V)
+        for m in range(1, min(K, j) + 1):
+            row = rows[m].get(tuple(toks[j - m:j]))
+            if row:
+                C, Tn = sum(row.values()), len(row)
+                p, conf = (row.get(y, 0) + Tn * p) / (C + Tn), C / (C + Tn)
+        p_out.append(p)
+        conf_out.append(conf)
+        for m in range(1, min(K, j) + 1):
+            row = rows[m].setdefault(tuple(toks[j - m:j]), {})
+            row[y] = row.get(y, 0) + 1
+        u[y] += 1
+        U += 1
+    return np.array(p_out), np.array(conf_out)
+
+
+def reference_probs(toks, lp, H, V, K, alpha, mode):
+    """The mixed probability of every target from the reference statistics."""
+    p, conf = reference_stats(toks, V, K)
     lp, H = np.array(lp, np.float64), np.array(H, np.float64)
-    rows, u, U, out = [dict() for _ in range(K + 1)], [0] * V, 0, []
-    starts = chunk_starts(cuts or [1, len(toks)], chunk)
-    for s, e in zip(starts, starts[1:]):
-        js = range(s, e)
-        for j in js:
-            y = toks[j]
-            p, conf = (u[y] + 1) / (U + V), U / (U + V)
-            for m in range(1, min(K, j) + 1):
-                row = rows[m].get(tuple(toks[j - m:j]))
-                if row:
-                    C, Tn = sum(row.values()), len(row)
-                    p, conf = (row.get(y, 0) + Tn * p) / (C + Tn), C / (C + Tn)
-            a = alpha * conf * (min(1.0, H[j - 1] / math.log(V)) if mode == "entropy" else 1.0)
-            out.append((1 - a) * math.exp(lp[j - 1]) + a * p)
-        for j in js:  # score first, then add
-            y = toks[j]
-            for m in range(1, min(K, j) + 1):
-                ctx = tuple(toks[j - m:j])
-                if frozen_at is not None and s >= frozen_at and y not in rows[m].get(ctx, {}):
-                    continue
-                row = rows[m].setdefault(ctx, {})
-                row[y] = row.get(y, 0) + 1
-            u[y] += 1
-            U += 1
-    return np.array(out)
+    a = alpha * conf[1:] * (np.minimum(1.0, H / math.log(V)) if mode == "entropy" else 1.0)
+    return (1 - a) * np.exp(lp) + a * p[1:]
 
 
-def decode(m):
-    """Per order: {context tuple (t[j-m], ..., t[j-1]): (C, T, {next: count})} from the tables."""
-    names, out = {0: ()}, []
-    for k in range(m.K):
-        ctx, pair = m.ctx[k], m.pair[k]
-        live = ctx.keys != ExactKeyIndex.EMPTY
-        keys, ids = ctx.keys[live].astype(np.int64), ctx.ids[live]
-        names = {int(i): (int(key % m.V),) + names[int(key // m.V)] for key, i in zip(keys, ids)}
-        table = {names[i]: (int(ctx.cols[0][i]), int(ctx.cols[1][i]), {}) for i in names}
-        live = pair.keys != ExactKeyIndex.EMPTY
-        for key, i in zip(pair.keys[live].astype(np.int64), pair.ids[live]):
-            table[names[int(key // m.V)]][2][int(key % m.V)] = int(pair.cols[0][i])
-        out.append(table)
-    return out
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("V,mode", [(16, "entropy"), (16, "fixed"), (1024, "entropy")])
+def test_matches_per_token_dict_reference(K, V, mode):
+    """Statistics within 1e-9 of the per-token dict reference on random streams; mixed NLLs to float32."""
+    n = 1500
+    toks = repetitive_stream(n, V, seed=11 + K)
+    p, conf = mixer_stats(toks, V, K)
+    rp, rconf = reference_stats(toks, V, K)
+    np.testing.assert_allclose(p[1:], rp[1:], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(conf[1:], rconf[1:], rtol=0, atol=1e-9)
+    lp, H = cheap_outputs(toks, seed=K)
+    got = np.exp(-np.array(BackoffNgramMixer(V, K, 0.6, mode).nll(toks, 1, lp, H), np.float64))
+    np.testing.assert_allclose(got, reference_probs(toks, lp, H, V, K, 0.6, mode), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("V", [64, 1024])
-@pytest.mark.parametrize("mode", ["fixed", "entropy"])
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 6])
+def test_matches_per_token_dict_reference_on_sample(data, K):
+    """Same on the sample's validation tokens (real FineWeb text when ../shared is present), through
+    several nll calls of uneven length as evaluate() makes them."""
+    V = data["vocab_size"]
+    toks = T.load_validation_tokens(data["data_path"], 0, V)[:20001]
+    p, conf = mixer_stats(toks, V, K)
+    rp, rconf = reference_stats(toks, V, K)
+    np.testing.assert_allclose(p[1:], rp[1:], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(conf[1:], rconf[1:], rtol=0, atol=1e-9)
+    lp, H = cheap_outputs(toks, seed=K)
+    m = BackoffNgramMixer(V, K, 0.5, "entropy")
+    cuts = [1, 4000, 4100, 12345, toks.size]
+    got = np.concatenate([np.array(m.nll(toks, a, lp[a - 1:b - 1], H[a - 1:b - 1]), np.float64)
+                          for a, b in zip(cuts, cuts[1:])])
+    np.testing.assert_allclose(np.exp(-got), reference_probs(toks, lp, H, V, K, 0.5, "entropy"), rtol=1e-6)
+
+
 @pytest.mark.parametrize("K", [1, 2, 4, 6])
-def test_normalized_and_consistent(V, mode, K):
-    n, chunk = 1200, 100
+@pytest.mark.parametrize("mode", ["fixed", "entropy"])
+def test_normalized_over_all_candidates(K, mode):
+    """The mixed row at random positions sums to 1 within 1e-9 over all V candidates, every entry is
+    positive, and the mixer's NLL is the row's entry at the real target."""
+    V, n = 64, 700
     toks = repetitive_stream(n, V)
     P, lp, H = model_outputs(toks, V)
-    mix = BackoffNgramMixer(V, K, 0.4, mode, chunk=chunk)
+    out = np.array(BackoffNgramMixer(V, K, 0.4, mode).nll(toks, 1, lp, H))
     rng = np.random.default_rng(2)
-    checked = set(rng.choice(np.arange(1, n), size=20, replace=False).tolist()) | {1, 2, 3, 4, 5, 6}
-    for s in range(1, n, chunk):  # one call per chunk: mixer_distribution() sees the pre-chunk state
-        e = min(s + chunk, n)
-        dists = {j: mixer_distribution(mix, toks, j, P[j - 1]) for j in checked if s <= j < e}
-        out = mix.nll(toks, s, lp[s - 1:e - 1], H[s - 1:e - 1])
-        for j, d in dists.items():
-            assert abs(d.sum().item() - 1.0) < 1e-5
-            assert d.min().item() > 0
-            p_t = d[int(toks[j])].item()
-            assert math.isclose(math.exp(-out[j - s].item()), p_t, rel_tol=2e-5), (j, p_t)
-    assert mix.U == n - 1
+    for j in sorted(set(rng.choice(np.arange(1, n), size=8, replace=False).tolist()) | {1, 2, K, K + 1}):
+        pm = np.array(P[j - 1], np.float64)
+        d = mixer_distribution(BackoffNgramMixer(V, K, 0.4, mode), toks, j, pm / pm.sum())
+        assert abs(d.sum() - 1.0) < 1e-9
+        assert d.min() > 0
+        assert math.isclose(math.exp(-out[j - 1]), d[int(toks[j])], rel_tol=2e-6), j
+
+
+def test_normalized_at_full_vocabulary():
+    """The same at V=1024, a few late positions, where the orders have real history."""
+    V, n, K = 1024, 1200, 4
+    toks = repetitive_stream(n, V, seed=3)
+    pm = np.full(V, 1.0 / V)
+    mix = BackoffNgramMixer(V, K, 0.9, "fixed")
+    for j in (n - 1, n - 200):
+        d = mixer_distribution(mix, toks, j, pm)
+        assert abs(d.sum() - 1.0) < 1e-9 and d.min() > 0
 
 
 def test_causal():
+    """Changing token k leaves every NLL of a target <= k bit-identical (and changes later ones)."""
     V, n, k = 64, 900, 450
     a = repetitive_stream(n, V)
+    _, lp, H = model_outputs(a, V)
+    ref = np.array(BackoffNgramMixer(V, 4, 0.5, "entropy").nll(a, 1, lp, H))
+    for pos in (k, 2, n - 1):
+        b = a.copy()
+        b[pos] = (b[pos] + 1) % V
+        out = np.array(BackoffNgramMixer(V, 4, 0.5, "entropy").nll(b, 1, lp, H))  # same model outputs
+        assert np.array_equal(ref[:pos - 1], out[:pos - 1])  # targets 1..pos-1
+        assert not np.array_equal(ref[pos - 1:], out[pos - 1:])
     b = a.copy()
     b[k + 1:] = np.random.default_rng(9).integers(0, V, size=n - k - 1)
-    P, lp, H = model_outputs(a, V)
-    outs = []
-    for t in (a, b):
-        m = BackoffNgramMixer(V, 4, 0.5, "entropy", chunk=64)
-        outs.append(np.array(m.nll(t, 1, lp, H)))  # same model outputs: only the cache differs
-    assert np.array_equal(outs[0][:k], outs[1][:k])  # targets 1..k (indices 0..k-1)
-    assert not np.array_equal(outs[0][k:], outs[1][k:])
+    out = np.array(BackoffNgramMixer(V, 4, 0.5, "entropy").nll(b, 1, lp, H))
+    assert np.array_equal(ref[:k], out[:k])
 
 
-def test_score_first_and_learns_repeats():
-    V, half, chunk = 512, 3000, 256
+def test_each_target_once_in_order():
+    """nll() takes targets exactly once, continuing where the last call ended (C4)."""
+    V, n = 32, 300
+    toks = repetitive_stream(n, V)
+    _, lp, H = model_outputs(toks, V)
+    m = BackoffNgramMixer(V, 3, 0.3)
+    m.nll(toks, 1, lp[:100], H[:100])
+    for bad in (1, 50, 102):  # again, back, or skipping one
+        with pytest.raises(RuntimeError, match="continue in order"):
+            m.nll(toks, bad, lp[100:110], H[100:110])
+    m.nll(toks, 101, lp[100:], H[100:])
+    with pytest.raises(RuntimeError, match="prepared for"):
+        m.stats(toks[:-1])  # another split than the one its statistics were computed for
+
+
+def test_score_first_and_learns_repeats_within_a_document():
+    """A span repeated 50 tokens later is already cheap the second time (per-token resolution: no chunk
+    hides it), and the first target is the model alone."""
+    V = 512
     rng = np.random.default_rng(3)
-    first = rng.integers(0, V, size=half)
-    toks = np.concatenate([first, first]).astype(np.int32)
+    span = rng.integers(0, V, size=50)
+    toks = np.concatenate([rng.integers(0, V, size=20), span, span]).astype(np.int32)
     n = len(toks)
     lp, H = mx.full((n - 1,), -math.log(V)), mx.full((n - 1,), math.log(V))
-    m = BackoffNgramMixer(V, 4, 0.9, "fixed", chunk=chunk)
-    out = np.array(m.nll(mx.array(toks), 1, lp, H))
-    fresh = BackoffNgramMixer(V, 4, 0.9, "fixed", chunk=chunk)
-    assert np.array_equal(out[:chunk], np.array(fresh.nll(toks, 1, lp[:chunk], H[:chunk])))
-    assert np.array_equal(out[0], -lp[0])  # nothing seen yet: the model alone
-    assert out[:half - 1].mean() > math.log(V) - 0.05
-    assert out[half:].mean() < 0.2 * math.log(V)  # exact contexts: the repeat is nearly free
-
-
-def test_update_independent_of_chunk():
-    """The tables hold exactly the counts of every (context, next) event, whatever the chunking:
-    C = sum of counts, T = distinct next tokens, one event per target with >= m tokens of history."""
-    V, n, K = 64, 2000, 4
-    toks = repetitive_stream(n, V, seed=5)
-    _, lp, H = model_outputs(toks, V)
-    ms = [BackoffNgramMixer(V, K, 0.3, chunk=c) for c in (1, 257)]
-    for m in ms:
-        m.nll(toks, 1, lp[:700], H[:700])
-        m.nll(toks, 701, lp[700:], H[700:])
-    with pytest.raises(RuntimeError, match="continue in order"):
-        ms[0].nll(toks, 5, lp[:3], H[:3])
-    tabs = [decode(m) for m in ms]
-    assert tabs[0] == tabs[1]
-    for k, table in enumerate(tabs[0]):
-        m = k + 1
-        want = {}
-        for j in range(m, n):
-            row = want.setdefault(tuple(int(t) for t in toks[j - m:j]), {})
-            row[int(toks[j])] = row.get(int(toks[j]), 0) + 1
-        assert {c: r for c, (_, _, r) in table.items()} == want
-        assert all(C == sum(r.values()) and Tn == len(r) for C, Tn, r in table.values())
-    assert np.array_equal(ms[0].u, np.bincount(toks[1:], minlength=V))
+    out = np.array(BackoffNgramMixer(V, 4, 0.9, "fixed").nll(mx.array(toks), 1, lp, H))
+    assert out[0] == np.float32(math.log(V))  # nothing seen yet: the model alone
+    assert out[:69].mean() > math.log(V) - 0.1
+    assert out[75:].mean() < 0.35 * math.log(V)
 
 
 def test_alpha_zero_is_model():
@@ -176,121 +200,134 @@ def test_alpha_zero_is_model():
     toks = repetitive_stream(n, V)
     _, lp, H = model_outputs(toks, V)
     for mode in ("fixed", "entropy"):
-        m = BackoffNgramMixer(V, 4, 0.0, mode, chunk=128)
+        m = BackoffNgramMixer(V, 4, 0.0, mode)
         assert np.array_equal(np.array(m.nll(toks, 1, lp, H)), np.array(-lp))
-
-
-@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 6])
-@pytest.mark.parametrize("V,chunk,mode", [(16, 1, "entropy"), (16, 7, "fixed"), (1024, 64, "entropy")])
-def test_matches_exact_dict_reference(K, V, chunk, mode):
-    """Same per-target probability (1e-6) as the per-token dict reference on random streams."""
-    n = 1500
-    toks = repetitive_stream(n, V, seed=11 + K)
-    lp, H = cheap_outputs(toks, seed=K)
-    m = BackoffNgramMixer(V, K, 0.6, mode, chunk=chunk)
-    got = np.exp(-np.array(m.nll(toks, 1, lp, H), np.float64))
-    np.testing.assert_allclose(got, reference_probs(toks, lp, H, V, K, 0.6, mode, chunk), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 6])
-def test_matches_exact_dict_reference_on_sample(data, K):
-    """Same on the sample's validation tokens (real FineWeb text when ../shared is present),
-    through several nll calls of uneven length as evaluate() makes them."""
-    V = data["vocab_size"]
-    toks = T.load_validation_tokens(data["data_path"], 0, V)[:20001]
-    lp, H = cheap_outputs(toks, seed=K)
-    m = BackoffNgramMixer(V, K, 0.5, "entropy", chunk=2048)
-    cuts = [1, 4000, 4100, 12345, toks.size]
-    got = np.concatenate([np.array(m.nll(toks, a, lp[a - 1:b - 1], H[a - 1:b - 1]), np.float64)
-                          for a, b in zip(cuts, cuts[1:])])
-    ref = reference_probs(toks, lp, H, V, K, 0.5, "entropy", 2048, cuts=cuts)
-    np.testing.assert_allclose(np.exp(-got), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_short_history_skips_orders():
     """Target j uses orders <= j only: at j=1, K=6 equals K=1; at j=2, K=6 equals K=2."""
-    V, n = 16, 400
-    toks = repetitive_stream(n, V, seed=4)
-    P, lp, H = model_outputs(toks, V)
-    ms = [BackoffNgramMixer(V, K, 0.5, "fixed", chunk=64) for K in (1, 2, 6)]
-    for m in ms:
-        m.nll(toks, 1, lp, H)
-    d = [np.array(mixer_distribution(m, toks, 1, P[0])) for m in ms]
-    assert np.array_equal(d[0], d[2]) and abs(d[0].sum() - 1) < 1e-5
-    assert np.array_equal(np.array(mixer_distribution(ms[1], toks, 2, P[1])),
-                          np.array(mixer_distribution(ms[2], toks, 2, P[1])))
+    toks = repetitive_stream(400, 16, seed=4)
+    stats = [mixer_stats(toks, 16, K) for K in (1, 2, 6)]
+    assert stats[0][0][1] == stats[2][0][1] and stats[0][1][1] == stats[2][1][1]
+    assert stats[1][0][2] == stats[2][0][2] and stats[1][1][2] == stats[2][1][2]
 
 
-def test_memory_cap_stops_new_keys_and_keeps_scoring():
-    """At the cap the tables stop taking new keys (never exceeding it), events of pairs already
-    present still count, the distribution stays normalized, and it equals the reference that
-    freezes at the same target."""
-    V, K, n, chunk = 256, 4, 60000, 2048
-    toks = repetitive_stream(n, V, seed=8)
-    lp, H = cheap_outputs(toks)
-    cap_mb = 1.0
-    m = BackoffNgramMixer(V, K, 0.5, "fixed", chunk=chunk, max_memory_mb=cap_mb)
-    got = []
-    for a in range(1, n, 5000):
-        b = min(a + 5000, n)
-        got.append(np.array(m.nll(toks, a, lp[a - 1:b - 1], H[a - 1:b - 1]), np.float64))
-        assert m.nbytes <= cap_mb * 2**20
-    assert m.frozen_at is not None and 1 < m.frozen_at < n - chunk
-    sizes = [(t.n, t.nbytes) for t in m.ctx + m.pair]
-    cuts = list(range(1, n, 5000)) + [n]
-    ref = reference_probs(toks, lp, H, V, K, 0.5, "fixed", chunk, frozen_at=m.frozen_at, cuts=cuts)
-    np.testing.assert_allclose(np.exp(-np.concatenate(got)), ref, rtol=1e-6, atol=1e-6)
-    P, lp2, H2 = model_outputs(toks[:3], V)
-    d = np.array(mixer_distribution(m, toks, n - 1, P[0]), np.float64)
-    assert abs(d.sum() - 1) < 1e-5
-    for table in decode(m):
-        assert all(C == sum(r.values()) and Tn == len(r) for C, Tn, r in table.values())
-    m.nll(np.concatenate([toks, toks[:3000]]), n, *cheap_outputs(np.concatenate([toks[-1:], toks[:3000]])))
-    assert [(t.n, t.nbytes) for t in m.ctx + m.pair] == sizes  # frozen for good
-
-
-def test_memory_cap_checked_before_work():
-    with pytest.raises(ValueError, match="max_memory_mb"):
-        BackoffNgramMixer(1024, 6, 0.3, max_memory_mb=0.1)  # below the empty tables
-    V, K, n = 1024, 5, 30000
-    toks = np.random.default_rng(0).integers(0, V, size=n).astype(np.uint16)  # every context new
-    m = BackoffNgramMixer(V, K, 0.3)
-    m.nll(toks, 1, *cheap_outputs(toks))
-    assert m.frozen_at is None and m.nbytes <= BackoffNgramMixer.worst_case_nbytes(n, K, V)
-
-
-def test_cost_and_memory_grow_with_distinct_pairs_only():
-    """A repeated text adds no keys; memory per stored key stays bounded (load <= 1/2)."""
-    V, K = 1024, 4
-    rng = np.random.default_rng(1)
-    base = rng.integers(0, V, size=8001).astype(np.uint16)
-    toks = np.tile(base, 3)  # after the second copy starts, every context and pair recurs
-    lp, H = cheap_outputs(toks)
-    m = BackoffNgramMixer(V, K, 0.3)
-    m.nll(toks, 1, lp[:8010], H[:8010])
-    sizes = [t.n for t in m.ctx + m.pair]
-    m.nll(toks, 8011, lp[8010:], H[8010:])
-    assert [t.n for t in m.ctx + m.pair] == sizes
-    for t in m.ctx + m.pair:
-        assert t.nbytes <= max(ExactKeyIndex.bytes_at(t.n, t.cols.shape[0]), ExactKeyIndex.bytes_at(0, 2))
-
-
-def test_exact_key_index():
-    """find after add, absent keys, growth with rehash, keys that share a slot; ids are dense."""
+def test_group_sort_paths_agree():
+    """The packed uint64 sort and the stable-argsort fallback (forced by a key bound past 64 bits)
+    give the same order and group starts; equal keys keep ascending ends."""
     rng = np.random.default_rng(0)
-    idx = ExactKeyIndex(1, log2=10)
-    seen = np.zeros(0, np.uint64)
-    for _ in range(6):
-        keys = rng.integers(0, 2**62, size=3000, dtype=np.int64).astype(np.uint64)
-        keys[:500] = np.arange(500, dtype=np.uint64) << np.uint64(54)  # identical low bits
-        keys = np.setdiff1d(keys, seen)
-        rep = np.concatenate([keys, keys[::3]])  # repeats get the same id
-        ids = idx.add(rep)
-        assert np.array_equal(ids[keys.size:], ids[:keys.size][::3])
-        seen = np.concatenate([seen, keys])
-        assert np.array_equal(np.sort(idx.find(seen)), np.arange(seen.size))
-        assert 2 * idx.n <= idx.keys.size
-    assert np.all(idx.find(np.array([1, 2, 3], np.uint64) + np.uint64(2**62)) == -1)
+    n = 5000
+    key = rng.integers(0, 300, size=n).astype(np.int64)
+    ends = np.sort(rng.choice(10 * n, size=n, replace=False)).astype(np.int32)
+    packed = T.group_sort(key.copy(), ends, 300, 10 * n)
+    fallback = T.group_sort(key.copy(), ends, 2**62, 10 * n)
+    assert np.array_equal(packed[0], fallback[0]) and np.array_equal(packed[1], fallback[1])
+    want = ends[np.lexsort((ends, key))]
+    assert np.array_equal(packed[0], want)
+    assert packed[1].sum() == np.unique(key).size
+
+
+def test_fallback_sort_gives_the_same_statistics(monkeypatch):
+    """Every level through the stable-argsort path (as a large vocabulary can force): same numbers."""
+    toks = zipf_stream(20000, 300)
+    want = mixer_stats(toks, 300, 5)
+    real = T.group_sort
+    monkeypatch.setattr(T, "group_sort", lambda key, ends, bound, n: real(key, ends, 2**62, n))
+    got = mixer_stats(toks, 300, 5)
+    assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])
+
+
+class FakeGroup:
+    """A rank of two, run as a thread (all_sum_ints is replaced by a sum through a barrier)."""
+
+    def __init__(self, rank):
+        self._rank = rank
+
+    def size(self):
+        return 2
+
+    def rank(self):
+        return self._rank
+
+
+def test_ranks_split_the_counting_and_match_one_process(monkeypatch):
+    """With 2 ranks each sorts the n-grams of the tokens it owns (about half of every level) and the
+    joined statistics are bit-identical to one process's."""
+    V, K = 256, 4
+    toks = zipf_stream(30000, V, seed=1)
+    want = mixer_stats(toks, V, K)
+    barrier, slots, sorted_n = threading.Barrier(2), [None, None], [0, 0]
+
+    def fake_sum(a, group):
+        if group is None:
+            return a
+        slots[group.rank()] = a
+        barrier.wait()
+        out = slots[0] + slots[1]
+        barrier.wait()
+        return out
+
+    real = T.group_sort
+
+    def counting_sort(key, ends, bound, n):
+        sorted_n[owner[int(ends[0])] if ends.size else 0] += ends.size
+        return real(key, ends, bound, n)
+
+    owner = T.token_owners(toks, V, 2)[toks]
+    monkeypatch.setattr(T, "all_sum_ints", fake_sum)
+    monkeypatch.setattr(T, "group_sort", counting_sort)
+    got = [None, None]
+
+    def rank(r):
+        got[r] = mixer_stats(toks, V, K, FakeGroup(r))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in (0, 1):
+        assert np.array_equal(got[r][0], want[0]) and np.array_equal(got[r][1], want[1])
+    share = sorted_n[0] / sum(sorted_n)
+    assert 0.4 < share < 0.6, share
+
+
+def test_background_worker_equals_foreground():
+    V, K = 128, 4
+    toks = zipf_stream(20000, V, seed=2)
+    lp, H = cheap_outputs(toks)
+    fg = BackoffNgramMixer(V, K, 0.5, "entropy")
+    bg = BackoffNgramMixer(V, K, 0.5, "entropy")
+    bg.prepare(toks, background=True)
+    assert np.array_equal(np.array(fg.nll(toks, 1, lp, H)), np.array(bg.nll(toks, 1, lp, H)))
+
+
+def test_peak_memory_within_the_bound():
+    """tracemalloc's peak of the statistics stays within peak_nbytes (the number the cap is checked
+    against) on Zipf streams at orders 4 and 6, V = 1024 and 8192, and through the fallback sort."""
+    n = 1_000_000
+    for K, V, bound_bits in ((4, 1024, None), (6, 1024, None), (4, 1024, 2**62), (4, 8192, None)):
+        toks = zipf_stream(n, V)
+        real = T.group_sort
+        T.group_sort = real if bound_bits is None else (lambda key, ends, b, m: real(key, ends, bound_bits, m))
+        try:
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            mixer_stats(toks, V, K)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+            T.group_sort = real
+        assert peak <= BackoffNgramMixer.peak_nbytes(n), (K, V, bound_bits, peak / n)
+
+
+def test_memory_cap_checked_before_work(monkeypatch):
+    """Below the statistics' peak the mixer refuses before any counting, naming the variable."""
+    toks = repetitive_stream(100_000, 64)
+    need = BackoffNgramMixer.peak_nbytes(toks.size)
+    monkeypatch.setattr(T, "mixer_stats", lambda *a, **k: pytest.fail("counted before checking the cap"))
+    with pytest.raises(MemoryError, match="NGRAM_MAX_MEMORY_MB"):
+        BackoffNgramMixer(64, 4, 0.3, max_memory_mb=need / 2**20 * 0.99).prepare(toks)
 
 
 def test_env_vars():
@@ -298,5 +335,7 @@ def test_env_vars():
     assert hp.ngram_max_memory_mb == 123
     with pytest.raises(T.ConfigError, match="NGRAM_BUCKETS.*retired"):
         T.Hyperparameters.from_env(dict(NGRAM_MIXER_ENABLED="1", NGRAM_BUCKETS="16384"))
+    with pytest.raises(T.ConfigError, match="NGRAM_CHUNK.*one at a time"):
+        T.Hyperparameters.from_env(dict(NGRAM_MIXER_ENABLED="1", NGRAM_CHUNK="2048"))
     with pytest.raises(T.ConfigError, match="NGRAM_MAX_MEMORY_MB"):
         T.Hyperparameters.from_env(dict(NGRAM_MAX_MEMORY_MB="0"))

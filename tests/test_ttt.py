@@ -60,7 +60,7 @@ def plain_eval(setup, toks, stride=16, mixer=None, batch=8):
 
 
 def mixer(V):
-    return T.BackoffNgramMixer(V, 3, 0.3, "entropy", chunk=100)
+    return T.BackoffNgramMixer(V, 3, 0.3, "entropy")
 
 
 @pytest.mark.parametrize("mode,stride,chunk", [("lora", 16, 256), ("full", 0, 512), ("full", 16, 128)])
