@@ -42,136 +42,141 @@ class ConfigError(ValueError):
     """A bad environment value; the message names the variable and what is allowed."""
 
 
-def _env(name, default, kind=int, lo=None, hi=None, choices=None):
-    return field(default=default, metadata=dict(env=name, kind=kind, lo=lo, hi=hi, choices=choices))
+def _env(default, kind=int, lo=None, hi=None, choices=None):
+    """A variable of the environment: its name is the field's in upper case (iterations: ITERATIONS)."""
+    return field(default=default, metadata=dict(env=True, kind=kind, lo=lo, hi=hi, choices=choices))
+
+
+def env_name(f) -> str:
+    return f.name.upper()
 
 
 @dataclass(frozen=True)
 class Hyperparameters:
     """Every knob, read once from the environment and validated once (from_env)."""
     # data / run
-    data_path: str = _env("DATA_PATH", "./data/datasets/fineweb10B_sp1024", str)
-    tokenizer_path: str = _env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", str)
-    run_id: str = _env("RUN_ID", "", str)
-    out_dir: str = _env("OUT_DIR", "logs", str)
-    seed: int = _env("SEED", 1337, int, 0, 2**31 - 1)
-    strict_env: bool = _env("STRICT_ENV", False, bool)
-    checkpoint_every: int = _env("CHECKPOINT_EVERY", 0, int, 0)
-    resume_from: str = _env("RESUME_FROM", "", str)
-    resume_override: bool = _env("RESUME_OVERRIDE", False, bool)
+    data_path: str = _env("./data/datasets/fineweb10B_sp1024", str)
+    tokenizer_path: str = _env("./data/tokenizers/fineweb_1024_bpe.model", str)
+    run_id: str = _env("", str)
+    out_dir: str = _env("logs", str)
+    seed: int = _env(1337, int, 0, 2**31 - 1)
+    strict_env: bool = _env(False, bool)
+    checkpoint_every: int = _env(0, int, 0)
+    resume_from: str = _env("", str)
+    resume_override: bool = _env(False, bool)
     # training length / batch
-    iterations: int = _env("ITERATIONS", 20000, int, 0, 10**7)
-    train_batch_tokens: int = _env("TRAIN_BATCH_TOKENS", 524_288, int, 1, 2**26)
-    train_seq_len: int = _env("TRAIN_SEQ_LEN", 1024, int, 2)
-    grad_accum_steps: int = _env("GRAD_ACCUM_STEPS", 8, int, 1)
-    mlx_max_microbatch_tokens: int = _env("MLX_MAX_MICROBATCH_TOKENS", 8192, int, 1)
-    warmup_steps: int = _env("WARMUP_STEPS", 20, int, 0)
-    warmdown_iters: int = _env("WARMDOWN_ITERS", 1200, int, 0)
-    warmdown_frac: float = _env("WARMDOWN_FRAC", 0.0, float, 0.0, 1.0)
-    max_wallclock_seconds: float = _env("MAX_WALLCLOCK_SECONDS", 600.0, float, 0.0)
+    iterations: int = _env(20000, int, 0, 10**7)
+    train_batch_tokens: int = _env(524_288, int, 1, 2**26)
+    train_seq_len: int = _env(1024, int, 2)
+    grad_accum_steps: int = _env(8, int, 1)
+    mlx_max_microbatch_tokens: int = _env(8192, int, 1)
+    warmup_steps: int = _env(20, int, 0)
+    warmdown_iters: int = _env(1200, int, 0)
+    warmdown_frac: float = _env(0.0, float, 0.0, 1.0)
+    max_wallclock_seconds: float = _env(600.0, float, 0.0)
     # evaluation / logging
-    val_batch_size: int = _env("VAL_BATCH_SIZE", 524_288, int, 1)
-    val_loss_every: int = _env("VAL_LOSS_EVERY", 0, int, 0)
-    val_max_tokens: int = _env("VAL_MAX_TOKENS", 0, int, 0)
-    train_log_every: int = _env("TRAIN_LOG_EVERY", 200, int, 1)
-    eval_only: bool = _env("EVAL_ONLY", False, bool)
-    load_artifact: str = _env("LOAD_ARTIFACT", "", str)
+    val_batch_size: int = _env(524_288, int, 1)
+    val_loss_every: int = _env(0, int, 0)
+    val_max_tokens: int = _env(0, int, 0)
+    train_log_every: int = _env(200, int, 1)
+    eval_only: bool = _env(False, bool)
+    load_artifact: str = _env("", str)
     # model
-    vocab_size: int = _env("VOCAB_SIZE", 1024, int, 2, 65536)
-    num_layers: int = _env("NUM_LAYERS", 9, int, 1, 128)
-    model_dim: int = _env("MODEL_DIM", 512, int, 8, 16384)
-    num_heads: int = _env("NUM_HEADS", 8, int, 1, 256)
-    num_kv_heads: int = _env("NUM_KV_HEADS", 4, int, 1, 256)
-    mlp_mult: int = _env("MLP_MULT", 2, int, 1, 16)
-    tie_embeddings: bool = _env("TIE_EMBEDDINGS", True, bool)
-    tied_embed_init_std: float = _env("TIED_EMBED_INIT_STD", 0.005, float, 0.0, 1.0)
-    logit_softcap: float = _env("LOGIT_SOFTCAP", 30.0, float, 0.0)
-    rope_base: float = _env("ROPE_BASE", 10000.0, float, 1.0)
-    qk_gain_init: float = _env("QK_GAIN_INIT", 1.5, float, 0.0)
-    compute_dtype: str = _env("COMPUTE_DTYPE", "auto", str, choices=("auto", "float32", "bfloat16", "float16"))
+    vocab_size: int = _env(1024, int, 2, 65536)
+    num_layers: int = _env(9, int, 1, 128)
+    model_dim: int = _env(512, int, 8, 16384)
+    num_heads: int = _env(8, int, 1, 256)
+    num_kv_heads: int = _env(4, int, 1, 256)
+    mlp_mult: int = _env(2, int, 1, 16)
+    tie_embeddings: bool = _env(True, bool)
+    tied_embed_init_std: float = _env(0.005, float, 0.0, 1.0)
+    logit_softcap: float = _env(30.0, float, 0.0)
+    rope_base: float = _env(10000.0, float, 1.0)
+    qk_gain_init: float = _env(1.5, float, 0.0)
+    compute_dtype: str = _env("auto", str, choices=("auto", "float32", "bfloat16", "float16"))
     # optimizers
-    beta1: float = _env("BETA1", 0.9, float, 0.0, 0.999999)
-    beta2: float = _env("BETA2", 0.95, float, 0.0, 0.999999)
-    adam_eps: float = _env("ADAM_EPS", 1e-8, float, 0.0, 1.0)
-    tied_embed_lr: float = _env("TIED_EMBED_LR", 0.05, float, 0.0)
-    embed_lr: float = _env("EMBED_LR", 0.6, float, 0.0)
-    head_lr: float = _env("HEAD_LR", 0.008, float, 0.0)
-    matrix_lr: float = _env("MATRIX_LR", 0.04, float, 0.0)
-    scalar_lr: float = _env("SCALAR_LR", 0.04, float, 0.0)
-    muon_momentum: float = _env("MUON_MOMENTUM", 0.95, float, 0.0, 0.999999)
-    muon_momentum_warmup_start: float = _env("MUON_MOMENTUM_WARMUP_START", 0.85, float, 0.0, 0.999999)
-    muon_momentum_warmup_steps: int = _env("MUON_MOMENTUM_WARMUP_STEPS", 500, int, 0)
-    muon_backend_steps: int = _env("MUON_BACKEND_STEPS", 5, int, 1, 20)
-    muon_weight_decay: float = _env("MUON_WEIGHT_DECAY", 0.0, float, 0.0, 1.0)
-    grad_clip_norm: float = _env("GRAD_CLIP_NORM", 0.0, float, 0.0)
+    beta1: float = _env(0.9, float, 0.0, 0.999999)
+    beta2: float = _env(0.95, float, 0.0, 0.999999)
+    adam_eps: float = _env(1e-8, float, 0.0, 1.0)
+    tied_embed_lr: float = _env(0.05, float, 0.0)
+    embed_lr: float = _env(0.6, float, 0.0)
+    head_lr: float = _env(0.008, float, 0.0)
+    matrix_lr: float = _env(0.04, float, 0.0)
+    scalar_lr: float = _env(0.04, float, 0.0)
+    muon_momentum: float = _env(0.95, float, 0.0, 0.999999)
+    muon_momentum_warmup_start: float = _env(0.85, float, 0.0, 0.999999)
+    muon_momentum_warmup_steps: int = _env(500, int, 0)
+    muon_backend_steps: int = _env(5, int, 1, 20)
+    muon_weight_decay: float = _env(0.0, float, 0.0, 1.0)
+    grad_clip_norm: float = _env(0.0, float, 0.0)
     # artifact
-    quant_bits: int = _env("QUANT_BITS", 6, int, choices=(6, 8))
+    quant_bits: int = _env(6, int, choices=(6, 8))
     # moonshot stack, training side (every piece off by default)
-    engram_lite_enabled: bool = _env("ENGRAM_LITE_ENABLED", False, bool)
-    engram_mode: str = _env("ENGRAM_MODE", "logit", str, choices=("logit", "input"))
-    engram_hash_size: int = _env("ENGRAM_HASH_SIZE", 4096, int, 1, 2**20)
-    engram_dim: int = _env("ENGRAM_DIM", 128, int, 1, 4096)
-    engram_heads: int = _env("ENGRAM_HEADS", 2, int, 1, 16)
-    skipgram_hash_size: int = _env("SKIPGRAM_HASH_SIZE", 0, int, 0, 2**20)
-    skipgram_dim: int = _env("SKIPGRAM_DIM", 32, int, 1, 4096)
-    skipgram_patterns: str = _env("SKIPGRAM_PATTERNS", "-1,-3;-1,-5;-2,-4", str)
-    engram_proj_optimizer: str = _env("ENGRAM_PROJ_OPTIMIZER", "muon", str, choices=("muon", "adam"))
-    skipgram_proj_optimizer: str = _env("SKIPGRAM_PROJ_OPTIMIZER", "adam", str, choices=("muon", "adam"))
-    complement_alpha: float = _env("COMPLEMENT_ALPHA", 0.0, float, 0.0, 1.0)
-    complement_floor: float = _env("COMPLEMENT_FLOOR", 0.1, float, 0.0, 1.0)
-    complement_max_tokens: int = _env("COMPLEMENT_MAX_TOKENS", 100_000_000, int, 1)
-    ema_decay: float = _env("EMA_DECAY", 0.0, float, 0.0, 0.999999)
-    ema_warmup: float = _env("EMA_WARMUP", 3.0, float, 0.0)
-    qat_start_frac: float = _env("QAT_START_FRAC", 1.0, float, 0.0, 1.0)
+    engram_lite_enabled: bool = _env(False, bool)
+    engram_mode: str = _env("logit", str, choices=("logit", "input"))
+    engram_hash_size: int = _env(4096, int, 1, 2**20)
+    engram_dim: int = _env(128, int, 1, 4096)
+    engram_heads: int = _env(2, int, 1, 16)
+    skipgram_hash_size: int = _env(0, int, 0, 2**20)
+    skipgram_dim: int = _env(32, int, 1, 4096)
+    skipgram_patterns: str = _env("-1,-3;-1,-5;-2,-4", str)
+    engram_proj_optimizer: str = _env("muon", str, choices=("muon", "adam"))
+    skipgram_proj_optimizer: str = _env("adam", str, choices=("muon", "adam"))
+    complement_alpha: float = _env(0.0, float, 0.0, 1.0)
+    complement_floor: float = _env(0.1, float, 0.0, 1.0)
+    complement_max_tokens: int = _env(100_000_000, int, 1)
+    ema_decay: float = _env(0.0, float, 0.0, 0.999999)
+    ema_warmup: float = _env(3.0, float, 0.0)
+    qat_start_frac: float = _env(1.0, float, 0.0, 1.0)
     # moonshot stack, evaluation side
-    eval_mode: str = _env("EVAL_MODE", "auto", str, choices=("auto", "standard", "sliding"))
-    eval_seq_len: int = _env("EVAL_SEQ_LEN", 0, int, 0)
-    eval_stride: int = _env("EVAL_STRIDE", 0, int, 0)
-    eval_batch_seqs: int = _env("EVAL_BATCH_SEQS", 0, int, 0)
-    eval_token_nll_path: str = _env("EVAL_TOKEN_NLL_PATH", "", str)
-    ngram_mixer_enabled: bool = _env("NGRAM_MIXER_ENABLED", False, bool)
-    ngram_max_order: int = _env("NGRAM_MAX_ORDER", 5, int, 1, 16)  # defaults: tests/bench_ngram.py --part bpb
-    ngram_alpha: float = _env("NGRAM_ALPHA", 0.7, float, 0.0, 0.99)
-    ngram_alpha_mode: str = _env("NGRAM_ALPHA_MODE", "fixed", str, choices=("fixed", "entropy"))
-    ngram_max_memory_mb: int = _env("NGRAM_MAX_MEMORY_MB", 4096, int, 1)
+    eval_mode: str = _env("auto", str, choices=("auto", "standard", "sliding"))
+    eval_seq_len: int = _env(0, int, 0)
+    eval_stride: int = _env(0, int, 0)
+    eval_batch_seqs: int = _env(0, int, 0)
+    eval_token_nll_path: str = _env("", str)
+    ngram_mixer_enabled: bool = _env(False, bool)
+    ngram_max_order: int = _env(5, int, 1, 16)  # defaults: tests/bench_ngram.py --part bpb
+    ngram_alpha: float = _env(0.7, float, 0.0, 0.99)
+    ngram_alpha_mode: str = _env("fixed", str, choices=("fixed", "entropy"))
+    ngram_max_memory_mb: int = _env(4096, int, 1)
     # data-parallel runs (mlx.launch) and the challenge's submission folder
-    dist_backend: str = _env("DIST_BACKEND", "any", str, choices=("any", "ring", "nccl", "jaccl", "mpi"))
-    submission_dir: str = _env("SUBMISSION_DIR", "", str)
-    submission_author: str = _env("SUBMISSION_AUTHOR", "", str)
-    submission_github_id: str = _env("SUBMISSION_GITHUB_ID", "", str)
-    submission_name: str = _env("SUBMISSION_NAME", "", str)
-    submission_blurb: str = _env("SUBMISSION_BLURB", "", str)
-    submission_unofficial_data: bool = _env("SUBMISSION_UNOFFICIAL_DATA", False, bool)
+    dist_backend: str = _env("any", str, choices=("any", "ring", "nccl", "jaccl", "mpi"))
+    submission_dir: str = _env("", str)
+    submission_author: str = _env("", str)
+    submission_github_id: str = _env("", str)
+    submission_name: str = _env("", str)
+    submission_blurb: str = _env("", str)
+    submission_unofficial_data: bool = _env(False, bool)
     # record base (issue 8): the sp1024 records' model pieces, each off by default; RECIPE bundles them
-    recipe: str = _env("RECIPE", "baseline", str, choices=("baseline", "sp1024_record"))
-    smear_gate: bool = _env("SMEAR_GATE", False, bool)
-    bigram_hash_size: int = _env("BIGRAM_HASH_SIZE", 0, int, 0, 2**20)
-    bigram_dim: int = _env("BIGRAM_DIM", 128, int, 1, 4096)
-    xsa_last_n: int = _env("XSA_LAST_N", 0, int, 0, 256)
-    rope_dims: int = _env("ROPE_DIMS", 0, int, 0, 4096)
-    ln_scale: bool = _env("LN_SCALE", False, bool)
-    leaky_relu_slope: float = _env("LEAKY_RELU_SLOPE", 0.0, float, 0.0, 1.0)
-    parallel_start_layer: int = _env("PARALLEL_START_LAYER", 0, int, 0, 127)
-    recur_layers: str = _env("RECUR_LAYERS", "", str)
-    recur_untied_mlp: bool = _env("RECUR_UNTIED_MLP", False, bool)
-    recur_start_frac: float = _env("RECUR_START_FRAC", 0.0, float, 0.0, 1.0)
+    recipe: str = _env("baseline", str, choices=("baseline", "sp1024_record"))
+    smear_gate: bool = _env(False, bool)
+    bigram_hash_size: int = _env(0, int, 0, 2**20)
+    bigram_dim: int = _env(128, int, 1, 4096)
+    xsa_last_n: int = _env(0, int, 0, 256)
+    rope_dims: int = _env(0, int, 0, 4096)
+    ln_scale: bool = _env(False, bool)
+    leaky_relu_slope: float = _env(0.0, float, 0.0, 1.0)
+    parallel_start_layer: int = _env(0, int, 0, 127)
+    recur_layers: str = _env("", str)
+    recur_untied_mlp: bool = _env(False, bool)
+    recur_start_frac: float = _env(0.0, float, 0.0, 1.0)
     # mixed-precision artifact: bits per tensor group (0 = QUANT_BITS; 16 = fp16), clip search, codec
-    quant_bits_attn: int = _env("QUANT_BITS_ATTN", 0, int, choices=(0, 5, 6, 8, 16))
-    quant_bits_mlp: int = _env("QUANT_BITS_MLP", 0, int, choices=(0, 5, 6, 8, 16))
-    quant_bits_embed: int = _env("QUANT_BITS_EMBED", 0, int, choices=(0, 5, 6, 8, 16))
-    gptq_lite: bool = _env("GPTQ_LITE", False, bool)
-    compressor: str = _env("COMPRESSOR", "zstd", str, choices=("auto", "zstd", "lzma"))
+    quant_bits_attn: int = _env(0, int, choices=(0, 5, 6, 8, 16))
+    quant_bits_mlp: int = _env(0, int, choices=(0, 5, 6, 8, 16))
+    quant_bits_embed: int = _env(0, int, choices=(0, 5, 6, 8, 16))
+    gptq_lite: bool = _env(False, bool)
+    compressor: str = _env("zstd", str, choices=("auto", "zstd", "lzma"))
     # test-time training at evaluation (score a chunk, then train on it; README "Test-time training")
-    ttt_enabled: bool = _env("TTT_ENABLED", False, bool)
-    ttt_mode: str = _env("TTT_MODE", "lora", str, choices=("lora", "full"))
-    ttt_rank: int = _env("TTT_RANK", 8, int, 1, 1024)
-    ttt_targets: str = _env("TTT_TARGETS", "all", str)
-    ttt_lr: float = _env("TTT_LR", 0.01, float, 0.0)
-    ttt_epochs: int = _env("TTT_EPOCHS", 1, int, 1, 64)
-    ttt_chunk: int = _env("TTT_CHUNK", 2048, int, 1)
-    ttt_batch_seqs: int = _env("TTT_BATCH_SEQS", 8, int, 1)
-    ttt_grad_clip: float = _env("TTT_GRAD_CLIP", 1.0, float, 0.0)
-    ttt_reset: str = _env("TTT_RESET", "never", str, choices=("never", "doc"))
+    ttt_enabled: bool = _env(False, bool)
+    ttt_mode: str = _env("lora", str, choices=("lora", "full"))
+    ttt_rank: int = _env(8, int, 1, 1024)
+    ttt_targets: str = _env("all", str)
+    ttt_lr: float = _env(0.01, float, 0.0)
+    ttt_epochs: int = _env(1, int, 1, 64)
+    ttt_chunk: int = _env(2048, int, 1)
+    ttt_batch_seqs: int = _env(8, int, 1)
+    ttt_grad_clip: float = _env(1.0, float, 0.0)
+    ttt_reset: str = _env("never", str, choices=("never", "doc"))
     # not variables: what unknown_env_notes found in the environment, and the variables RECIPE set (for the log
     # and error messages), those derived from NUM_LAYERS among them
     env_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
@@ -186,16 +191,16 @@ class Hyperparameters:
         is an error (not the default): `ITERATIONS=` is more likely a broken script than a wish."""
         env = dict(os.environ if env is None else env)
         env.update({name: env[alias] for alias, name in ENV_ALIASES.items() if alias in env and name not in env})
-        explicit = {f.name for f in env_fields() if f.metadata["env"] in env}
+        explicit = {f.name for f in env_fields() if env_name(f) in env}
         recipe = recipe_values(env)
         env = {**recipe, **env}  # explicit values win
         values, errors = {}, [f"{k}={env[k]!r}: {why}" for k, why in ENV_RETIRED.items() if k in env]
         for f in env_fields():
-            raw = env.get(f.metadata["env"])
+            raw = env.get(env_name(f))
             try:
                 values[f.name] = f.default if raw is None else _parse(raw.strip(), f)
             except ValueError as e:
-                errors.append(f"{f.metadata['env']}={raw!r}: {e}")
+                errors.append(f"{env_name(f)}={raw!r}: {e}")
         if errors:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(blame_recipe(errors, recipe)))
         for name in ("data_path", "tokenizer_path"):  # unset: the repository's data/, from anywhere inside it
@@ -222,7 +227,7 @@ class Hyperparameters:
         for f in env_fields():
             if f.name not in saved or f.name in RESUME_FREE or f.name.startswith("submission_"):
                 continue
-            mine, theirs, var = getattr(self, f.name), saved[f.name], f.metadata["env"]
+            mine, theirs, var = getattr(self, f.name), saved[f.name], env_name(f)
             if mine == theirs:
                 continue
             if f.name not in explicit:
@@ -387,7 +392,7 @@ def env_fields() -> list:
     return [f for f in fields(Hyperparameters) if f.metadata.get("env")]
 
 
-ENV_NAMES = {f.name: f.metadata["env"] for f in env_fields()}
+ENV_NAMES = {f.name: env_name(f) for f in env_fields()}
 
 
 def find_upward(rel: str) -> str:
@@ -404,7 +409,7 @@ def find_upward(rel: str) -> str:
 def unknown_env_notes(env) -> list[str]:
     """One line per variable that looks like ours but is not read (typo, case, another script's name),
     naming the closest known one: silence would leave a knob the user believes on, off."""
-    known = {f.metadata["env"] for f in env_fields()} | set(ENV_ALIASES) | set(ENV_RETIRED)
+    known = {env_name(f) for f in env_fields()} | set(ENV_ALIASES) | set(ENV_RETIRED)
     notes = []
     for name in sorted(set(env) - known):
         up = name.upper()
@@ -444,7 +449,7 @@ def recur_span(text: str, num_layers: int):
 def _parse(raw: str, f):
     kind, lo, hi, choices = (f.metadata[k] for k in ("kind", "lo", "hi", "choices"))
     if not raw:
-        raise ValueError(f"empty value; unset {f.metadata['env']} to use the default ({f.default!r})")
+        raise ValueError(f"empty value; unset {env_name(f)} to use the default ({f.default!r})")
     if kind is bool:
         if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             raise ValueError("expected 0/1 (or true/false)")
@@ -1345,7 +1350,7 @@ def read_checkpoint(path: str, hp: Hyperparameters):
     fixed = set(asdict(ModelConfig.from_hparams(hp))) | set(RESUME_MUST_MATCH)
     for f in env_fields():
         if f.name in fixed and saved.get(f.name) != getattr(hp, f.name):
-            raise ConfigError(f"RESUME_FROM={path}: {f.metadata['env']}={getattr(hp, f.name)} but the "
+            raise ConfigError(f"RESUME_FROM={path}: {env_name(f)}={getattr(hp, f.name)} but the "
                               f"checkpoint was trained with {saved.get(f.name)}; shape-changing variables "
                               "must match the checkpoint")
     if (saved["ema_decay"] > 0) != (hp.ema_decay > 0):
@@ -2135,7 +2140,7 @@ def check_artifact_estimate(r: Run):
 
 def log_run_header(r: Run, hp: Hyperparameters):
     r.log(f"run_id:{r.run_id} mlx:{mx.__version__} device:{mx.default_device()} compute_dtype:{hp.dtype()}")
-    r.log("hparams: " + " ".join(hparam_text(hp, f.metadata["env"], getattr(hp, f.name)) for f in env_fields()))
+    r.log("hparams: " + " ".join(hparam_text(hp, env_name(f), getattr(hp, f.name)) for f in env_fields()))
     if hp.derived:
         r.log(f"recipe: {hp.recipe} at NUM_LAYERS={hp.num_layers}; [derived] values follow from NUM_LAYERS "
               "(set them to override)")
@@ -2601,7 +2606,7 @@ def result_config(hp: Hyperparameters) -> dict:
     """The variables set away from their defaults that change the result: what makes seeds one configuration."""
     out = {}
     for f in env_fields():
-        name = f.metadata["env"]
+        name = env_name(f)
         if name in NOT_RESULT_VARS or name.startswith("SUBMISSION_") or getattr(hp, f.name) == f.default:
             continue
         out[name] = getattr(hp, f.name)
@@ -2610,7 +2615,7 @@ def result_config(hp: Hyperparameters) -> dict:
 
 def config_differences(folder_config: dict, mine: dict) -> list[str]:
     """'NAME (folder: a, this run: b)' for each result-changing variable on which the two disagree."""
-    defaults = {f.metadata["env"]: f.default for f in env_fields()}
+    defaults = {env_name(f): f.default for f in env_fields()}
     diffs = []
     for name in sorted(set(folder_config) | set(mine)):
         if name in NOT_RESULT_VARS or name.startswith("SUBMISSION_"):
