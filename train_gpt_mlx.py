@@ -11,12 +11,15 @@ import math
 import os
 import re
 import shlex
+import signal
+import socket
 import struct
 import sys
 import tempfile
 import time
 import uuid
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -1639,7 +1642,11 @@ class Logger:
     """Console + log file. A log that cannot be written (disk full) warns once and goes on."""
 
     def __init__(self, path: str | None, rank: int = 0):
-        self.path, self.f, self.rank = path, open(path, "a", encoding="utf-8") if path else None, rank
+        self.path, self.f, self.rank = path, None, rank
+        try:
+            self.f = open(path, "a", encoding="utf-8") if path else None
+        except OSError:  # OUT_DIR unwritable: check_out_dir names it, on every rank at once
+            pass
 
     def __call__(self, msg: str):
         if not self.rank or msg.startswith("error"):  # rank 0 logs; the others only say why they stop
@@ -1672,6 +1679,8 @@ class Run:
     recur_on: bool = True  # False until RECUR_START_FRAC
     phase: str = "setup"
     group: mx.distributed.Group = None  # the ranks mlx.launch started (size 1: one process)
+    local_ranks: int = 1  # ranks on this host: they share its memory
+    stop_requested: bool = False  # Ctrl-C: stop at the next step boundary (agreed across ranks in ranks_max)
     backend: str = "none"
     pre_quant: tuple = (math.nan, math.nan)  # the last full-precision (val_loss, val_bpb)
 
@@ -1702,27 +1711,73 @@ def init_world(backend: str):
     return mx.distributed.init(), "none"
 
 
+def ranks_on_this_host(group) -> int:
+    """Ranks that mlx.launch started on one host share its memory: the memory check multiplies by their number."""
+    if group.size() == 1:
+        return 1
+    mine = zlib.crc32(socket.gethostname().encode())
+    hosts = mx.distributed.all_gather(mx.array([mine], mx.uint32), group=group).tolist()
+    return hosts.count(mine)
+
+
 def ranks_max(r: Run, v: float) -> float:
-    """Rank 0's view is not enough where ranks must decide alike (the wall-clock cap, its warmdown)."""
-    return v if r.group.size() == 1 else mx.distributed.all_max(mx.array(v, mx.float32), group=r.group).item()
+    """Rank 0's view is not enough where ranks must decide alike (the wall-clock cap, its warmdown). Each rank's
+    stop request (Ctrl-C) rides in the same all-max, so every rank stops at the same step."""
+    if r.group.size() == 1:
+        return v
+    both = mx.distributed.all_max(mx.array([v, float(r.stop_requested)], mx.float32), group=r.group).tolist()
+    r.stop_requested = both[1] > 0
+    return both[0]
 
 
-def check_ranks_agree(r: Run, what: str):
+def check_ranks_agree(r: Run, what: str) -> bool:
     """Data parallelism is only correct while every rank holds the same weights: compare CRC32s."""
     if r.group.size() == 1:  # one process: nothing to compare
-        return
+        return True
     crc = zlib.crc32(b"".join(np.array(p).tobytes() for _, p in tree_flatten(r.model.parameters())))
     crcs = mx.distributed.all_gather(mx.array([crc], mx.uint32), group=r.group).tolist()
     r.log(f"ranks_checksum {what}: crc32:{crc:08x} world_size:{len(crcs)} agree:{len(set(crcs)) == 1}")
     if len(set(crcs)) > 1:
-        raise TrainingDiverged(f"ranks hold different weights {what} (crc32 {[f'{c:08x}' for c in crcs]})")
+        r.log(f"error: ranks hold different weights {what} (crc32 {[f'{c:08x}' for c in crcs]})")
+    return len(set(crcs)) == 1
+
+
+AGREE_MSG_BYTES = 1024  # the longest error message one rank tells the others
+
+
+def ranks_agree_on(r: Run, error: Exception | None):
+    """A check that fails on one rank must stop all of them, or the others wait forever in their next collective.
+    Every rank says how its check went (one all_gather); if any failed, all raise, naming the first that did."""
+    if r.group.size() == 1:
+        return
+    mine = np.zeros(AGREE_MSG_BYTES, np.uint8)
+    text = f"{type(error).__name__}: {error}".encode()[:AGREE_MSG_BYTES] if error else b""
+    mine[:len(text)] = np.frombuffer(text, np.uint8)
+    every = np.array(mx.distributed.all_gather(mx.array(mine)[None], group=r.group))
+    failed = [(k, bytes(row).rstrip(b"\0").decode(errors="replace")) for k, row in enumerate(every) if row.any()]
+    if failed and error is None:
+        rank, msg = failed[0]
+        raise SetupError(f"rank {rank} failed, so every rank stops: {msg}")
+
+
+@contextmanager
+def on_every_rank(r: Run):
+    """A block of checks whose outcome all ranks agree on at its end (see ranks_agree_on). The block must hold no
+    collective: a rank that failed early would be waiting in the agreement's."""
+    try:
+        yield
+    except (ConfigError, SetupError, ArtifactError, ValueError, OSError) as e:
+        ranks_agree_on(r, e)
+        raise
+    ranks_agree_on(r, None)
 
 
 def main(env=None) -> int:
     try:
         hp = Hyperparameters.from_env(env)
         group, backend = init_world(hp.dist_backend)
-        check_out_dir(hp.out_dir)
+        if group.size() == 1:  # several ranks check it together, in run()
+            check_out_dir(hp.out_dir)
     except (ConfigError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1736,7 +1791,8 @@ def main(env=None) -> int:
     log(f"world_size:{group.size()} backend:{backend}")
     for note in hp.env_notes:
         log(f"WARNING: {note}  (STRICT_ENV=1 makes this an error)")
-    r = Run(hp, log, run_id, os.path.getsize(os.path.abspath(__file__)), group=group, backend=backend)
+    r = Run(hp, log, run_id, os.path.getsize(os.path.abspath(__file__)), group=group, backend=backend,
+            local_ranks=ranks_on_this_host(group))
     try:
         return run(r)
     except KeyboardInterrupt:
@@ -1746,22 +1802,32 @@ def main(env=None) -> int:
     except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:  # ConfigError included: exit 2
         log(f"error: {e}")
         return 2 if isinstance(e, ConfigError) else 1
+    except RuntimeError as e:  # with several ranks: a peer stopped (its own message says why) and its socket closed
+        if group.size() == 1:
+            raise
+        log(f"error: {e} during {r.phase}: another rank stopped; its message says why")
+        return 1
 
 
 def run(r: Run) -> int:
     """The method, one line per step."""
     hp = r.hp
-    sp = load_tokenizer(hp.tokenizer_path)
-    preflight_paths(hp)
+    with on_every_rank(r):
+        check_out_dir(hp.out_dir)
+        sp = load_tokenizer(hp.tokenizer_path)
+        preflight_paths(hp)
+        checkpoint = read_checkpoint(hp.resume_from, hp) if hp.resume_from and not hp.eval_only else None
+        if not hp.eval_only:
+            setup(r, sp)
     if hp.eval_only:
         return eval_only(r, sp)
-    checkpoint = read_checkpoint(hp.resume_from, hp) if hp.resume_from else None
-    setup(r, sp)
     warmup(r)
     if checkpoint:
         resume(r, *checkpoint)
-    train(r)
-    check_ranks_agree(r, "after training")
+    with stop_at_a_step_boundary(r):
+        train(r)
+    if not check_ranks_agree(r, "after training"):
+        raise TrainingDiverged(f"ranks hold different weights after training; {rescue_weights(r)} (rank 0's)")
     write_and_prove_artifact(r)
     return 0
 
@@ -1810,16 +1876,19 @@ def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int) -> di
     return need
 
 
-def check_memory(need: dict, log):
-    total = sum(need["always"].values()) + max(sum(need["train"].values()), sum(need["eval"].values()))
+def check_memory(need: dict, log, local_ranks: int = 1):
+    """The ranks on one host each hold all of it."""
+    total = local_ranks * (sum(need["always"].values()) + max(sum(need["train"].values()),
+                                                             sum(need["eval"].values())))
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
-    log(f"memory_estimate:{total / 2**30:.2f}GiB of {have / 2**30:.1f}GiB")
+    ranks = f" for {local_ranks} ranks on this host" if local_ranks > 1 else ""
+    log(f"memory_estimate:{total / 2**30:.2f}GiB{ranks} of {have / 2**30:.1f}GiB")
     if total > 0.85 * have:
         knob, big = max((kv for part in need.values() for kv in part.items()), key=lambda kv: kv[1])
-        raise SetupError(f"this run needs about {total / 2**30:.1f} GiB but the machine has {have / 2**30:.1f} GiB; "
+        raise SetupError(f"this run needs about {total / 2**30:.1f} GiB{ranks} but the machine has {have / 2**30:.1f} GiB; "
                          f"the largest part is {big / 2**30:.1f} GiB from {knob}: lower it")
 
 
@@ -1837,7 +1906,7 @@ def setup(r: Run, sp):
     if hp.train_batch_tokens // seq % W:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN x {W} ranks")
     r.micro_seqs = max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // seq)
-    check_memory(memory_needs(hp, cfg, r.micro_seqs * seq), log)
+    check_memory(memory_needs(hp, cfg, r.micro_seqs * seq), log, r.local_ranks)
     mx.random.seed(hp.seed)
     np.random.seed(hp.seed)
     r.tables = build_byte_tables(sp, cfg.vocab_size)
@@ -1910,6 +1979,36 @@ def save_checkpoint(r: Run, path: str | None = None) -> str:
     return path
 
 
+def checkpoint(r: Run) -> str:
+    """A checkpoint is also where the ranks prove they still hold the same weights: a divergence is caught here,
+    not after the whole run, and rank 0's state is kept in the checkpoint before the run stops."""
+    same = check_ranks_agree(r, f"at step {r.step}")
+    path = save_checkpoint(r)
+    if not same:
+        raise TrainingDiverged(f"ranks hold different weights at step {r.step}; rank 0's state is saved in {path}")
+    return path
+
+
+@contextmanager
+def stop_at_a_step_boundary(r: Run):
+    """With several ranks, Ctrl-C must not interrupt one rank in the middle of a collective: it sets
+    r.stop_requested, which ranks_max agrees on, so all ranks stop after the same step. A second Ctrl-C aborts."""
+    if r.group.size() == 1:
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        if r.stop_requested:
+            raise KeyboardInterrupt
+        r.stop_requested = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---------------------------------------------------------------------------- train
 def train(r: Run):
     """Step until ITERATIONS, the wall-clock cap or Ctrl-C; evaluate periodically and at the end."""
@@ -1917,6 +2016,11 @@ def train(r: Run):
     max_ms, stop_at, interrupted, t_last = hp.max_wallclock_seconds * 1000.0, None, False, time.perf_counter()
     r.phase = "training"
     while True:
+        if r.stop_requested and not interrupted:  # agreed by every rank in the last ranks_max
+            r.log(f"interrupted at step {r.step} (Ctrl-C on a rank): checkpoint, then evaluating and writing the "
+                  "artifact (Ctrl-C again to abort)")
+            interrupted = True
+            checkpoint(r)
         last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or interrupted
         progress = max(r.step / max(hp.iterations, 1), r.train_ms / max_ms if max_ms > 0 else 0.0)
         switch_modes(r, progress, last)
@@ -1930,6 +2034,8 @@ def train(r: Run):
         try:
             loss = one_step(r)
         except KeyboardInterrupt:
+            if r.group.size() > 1:  # the second Ctrl-C on a rank: abort
+                raise
             r.log(f"interrupted at step {r.step}: evaluating and writing the artifact (Ctrl-C again to abort)")
             interrupted = True
             if hp.checkpoint_every:
@@ -1942,7 +2048,7 @@ def train(r: Run):
             stop_at = r.step
         log_step(r, loss, stop_at == r.step)
         if hp.checkpoint_every and r.step % hp.checkpoint_every == 0 and r.step < hp.iterations:
-            save_checkpoint(r)
+            checkpoint(r)
             t_last = time.perf_counter()  # writing the checkpoint is not training time
     if stop_at is not None and stop_at < hp.iterations:
         r.log(f"stopping_early: wallclock_cap train_time:{r.train_ms:.0f}ms step:{r.step}/{hp.iterations}")
@@ -2002,6 +2108,8 @@ def periodic_eval(r: Run, final: bool) -> bool:
         loss, bpb, _ = run_eval(r.hp, r.model, r.opt, r.graph, r.val_tokens, r.tables, r.log,
                                 "val", final=final, seq=r.hp.train_seq_len, group=r.group)
     except KeyboardInterrupt:
+        if r.group.size() > 1:  # ranks cannot skip a collective alone: a second Ctrl-C aborts
+            raise
         r.log("evaluation interrupted: skipped; training stops and the artifact is still written")
         return True
     r.pre_quant = (loss, bpb)
@@ -2065,16 +2173,17 @@ def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, gr
 def eval_only(r: Run, sp) -> int:
     """Score an artifact. The model shape and default window come from its header, and every
     evaluation variable is re-validated against that shape, not the environment's."""
-    cfg, flat, header = read_artifact(r.hp.load_artifact)
-    trained_seq = int(header["meta"].get("train_seq_len", r.hp.train_seq_len))
-    hp, log = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq), r.log
-    hp.check_relations()
-    log_run_header(r, hp)
-    check_memory(memory_needs(hp, cfg, 0), log)
-    model = GPT(cfg, hp.dtype())
-    load_flat_into(model, flat)
-    tables = build_byte_tables(sp, cfg.vocab_size)
-    val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+    with on_every_rank(r):  # a host whose copy or memory fails stops every rank
+        cfg, flat, header = read_artifact(r.hp.load_artifact)
+        trained_seq = int(header["meta"].get("train_seq_len", r.hp.train_seq_len))
+        hp, log = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq), r.log
+        hp.check_relations()
+        log_run_header(r, hp)
+        check_memory(memory_needs(hp, cfg, 0), log, r.local_ranks)
+        model = GPT(cfg, hp.dtype())
+        load_flat_into(model, flat)
+        tables = build_byte_tables(sp, cfg.vocab_size)
+        val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
     log(f"val_tokens:{val_tokens.size} params:{count_params(model)} artifact:{hp.load_artifact}")
     log_eval_config(hp, trained_seq, log)
     r.phase = "evaluation"
@@ -2096,12 +2205,13 @@ def write_and_prove_artifact(r: Run):
         tempfile.gettempdir(), f"{r.run_id}_rank{r.group.rank()}.ptz")  # copy to round-trip
     log(f"writing artifact {path} (bits {quant_plan(hp)} gptq_lite:{int(hp.gptq_lite)} {hp.compressor})...")
     r.phase = "writing the artifact"
-    try:
-        model_bytes = write_artifact(path, flat_numpy(r.model), r.model.cfg, quant_plan(hp),
-                                     dict(run_id=r.run_id, step=r.step, train_seq_len=hp.train_seq_len),
-                                     hp.gptq_lite, hp.compressor)
-    except OSError as e:
-        raise OSError(f"cannot write the artifact {path} ({e.strerror or e}); {rescue_weights(r)}") from None
+    with on_every_rank(r):  # a rank that cannot write stops them all, before the round-trip's collectives
+        try:
+            model_bytes = write_artifact(path, flat_numpy(r.model), r.model.cfg, quant_plan(hp),
+                                         dict(run_id=r.run_id, step=r.step, train_seq_len=hp.train_seq_len),
+                                         hp.gptq_lite, hp.compressor)
+        except OSError as e:
+            raise OSError(f"cannot write the artifact {path} ({e.strerror or e}); {rescue_weights(r)}") from None
     _, flat, header = read_artifact(path)
     total = r.code_bytes + model_bytes
     log(f"artifact: code_bytes:{r.code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
@@ -2165,7 +2275,9 @@ def write_submission(r: Run, loss: float, bpb: float, eval_ms: float, model_byte
 
 
 def rescue_weights(r: Run) -> str:
-    """Save the trained state somewhere (OUT_DIR, else the temp folder) and say where."""
+    """Save the trained state somewhere (OUT_DIR, else the temp folder) and say where. Only rank 0 writes."""
+    if r.group.rank():
+        return f"rank {r.group.rank()} saves nothing: rank 0 saves its weights"
     for folder in (r.hp.out_dir, tempfile.gettempdir()):
         try:
             path = save_checkpoint(r, os.path.join(folder, f"{r.run_id}_ckpt.pgck"))
