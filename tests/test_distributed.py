@@ -314,3 +314,19 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(data, tmp_pa
     assert re.search(rf"^ranks_checksum at step {step}: .* agree:True$", log, re.M), log
     assert f"checkpoint: step:{step} " in log and "final_int6_zstd_roundtrip_exact" in log
     assert (tmp_path / "tiny_model.int6.ptz").exists() and "Traceback" not in log
+
+
+def test_a_rank_killed_mid_run_ends_the_others_with_a_message(data, tmp_path):
+    """Rank 1 is killed (SIGKILL, as the kernel's out-of-memory killer does): rank 0's next collective loses its
+    peer, and it stops with that message instead of a traceback, unless mlx.launch's SIGTERM ends it first."""
+    p = _start(tmp_path, tiny_env(data, tmp_path, ITERATIONS=100000, VAL_MAX_TOKENS=1000), "")
+    log_path = tmp_path / "tiny.txt"
+    deadline = time.time() + 120
+    while not (log_path.exists() and "step:3/" in log_path.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGKILL)
+    t0 = time.time()
+    console = _ended_within(tmp_path, p, 30)
+    assert time.time() - t0 < 30 and "Traceback" not in console
+    said = re.search(r"^error: .* during training: another rank stopped", log_path.read_text(), re.M)
+    assert said or "Node with rank 0 exited with code -15" in console, console[-2000:]
