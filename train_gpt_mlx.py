@@ -1828,6 +1828,7 @@ def run(r: Run) -> int:
         train(r)
     if not check_ranks_agree(r, "after training"):
         raise TrainingDiverged(f"ranks hold different weights after training; {rescue_weights(r)} (rank 0's)")
+    mx.clear_cache()  # the training activations' buffers go back before numpy's copies for the artifact
     write_and_prove_artifact(r)
     return 0
 
@@ -1854,32 +1855,80 @@ def preflight_paths(hp: Hyperparameters):
                              "be writable, and the path must not be a folder")
 
 
-def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int) -> dict:
-    """Rough peak bytes of each big allocation, keyed by the knob that sets it, by phase: "always" lives through
-    the run; "train" (a microbatch) is freed before "eval" (a batch, the mixer, TTT) starts."""
-    V, d, L, mlp = cfg.vocab_size, cfg.model_dim, cfg.num_layers, cfg.mlp_mult
-    params = V * d * (1 if cfg.tie_embeddings else 2) + L * d * d * (2 + 2 * mlp) + 4 * cfg.engram_hash_size * (
-        cfg.engram_dim if cfg.engram_lite_enabled else 0) + (V + d) * (cfg.engram_dim + cfg.skipgram_dim)
+def micro_tokens(hp: Hyperparameters, ranks: int) -> int:
+    """Tokens in one rank's microbatch: train_step gives each rank 1/ranks of the batch's rows."""
+    seq = hp.train_seq_len
+    micro_seqs = max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // seq)
+    return min(micro_seqs, max(1, hp.train_batch_tokens // seq // ranks)) * seq
+
+
+def activation_floats(cfg: ModelConfig, seq: int, backward: bool) -> int:
+    """Floats live per token at the peak of one forward (+ backward) pass, as measured on CPU
+    (tests/bench_memory.py). Training keeps every virtual layer (recurrence runs layers twice): (16 + 4 MLP_MULT) d
+    and the attention's 2 H x T (scores and their gradient: MLX's CPU attention is not fused), 4 d more on each
+    second parallel lane, 8 V for the logits and their gradient. Evaluation keeps one layer (H x T scores) and 2 V."""
+    d, V = cfg.model_dim, cfg.vocab_size
+    span = recur_span(cfg.recur_layers, cfg.num_layers)
+    virtual = cfg.num_layers + (span[1] - span[0] + 1 if span else 0)
+    second_lanes = cfg.num_layers - (cfg.parallel_start_layer or cfg.num_layers)  # GPT.n_parallel
+    layer = (16 + 4 * cfg.mlp_mult) * d + 2 * cfg.num_heads * seq
+    hashed = 2 * cfg.engram_heads * cfg.engram_dim * cfg.engram_lite_enabled
+    hashed += cfg.bigram_dim * bool(cfg.bigram_hash_size)
+    if cfg.skipgram_hash_size:
+        hashed += cfg.skipgram_dim * len(parse_patterns(cfg.skipgram_patterns))
+    logit_biases = 2 * V * ((cfg.engram_lite_enabled and cfg.engram_mode == "logit") + bool(cfg.skipgram_hash_size))
+    features = 4 * hashed + logit_biases  # the hashed lookups and their logit biases
+    if not backward:  # one layer at a time: its scores without their gradient
+        return (16 + 4 * cfg.mlp_mult) * d + cfg.num_heads * seq + 2 * V + features
+    return virtual * layer + second_lanes * 4 * d + 8 * V + 32 * d + features  # 32 d: embeddings, final norm
+
+
+def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int, n_val: int | None = None,
+                 world: int = 1) -> dict:
+    """Peak bytes of each big allocation on one rank, keyed by the knob that sets it, by phase: "always" lives
+    through the run; "train" (a microbatch) is freed before "eval" (a batch, the mixer, TTT) starts. n_val: the
+    validation tokens, when known (a short split makes a short batch); world: the ranks."""
+    n_params = count_params(GPT(cfg))  # built lazily: MLX allocates an array only when it is evaluated
+    copies = 6 + (hp.ema_decay > 0)  # weights, gradient, its accumulator, update, optimizer state (<= 2), EMA
     eval_seq = hp.eval_seq_len or hp.train_seq_len
-    eval_tokens = (hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq)) * eval_seq
-    need = {"always": {"NUM_LAYERS/MODEL_DIM (weights, gradients, optimizer state, EMA)": params * 4 * 6},
+    windows = -(-(n_val - 1) // (hp.eval_stride_resolved or eval_seq)) if n_val else 1 << 40
+    eval_tokens = min(hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq), windows) * eval_seq
+    need = {"always": {"NUM_LAYERS/MODEL_DIM/hash tables (weights, gradients, optimizer state, EMA)":
+                       n_params * 4 * copies,  # and numpy's float32 + float64 copies that quantize the artifact,
+                       # counted on top: Linux's allocator keeps the training peak resident after it is freed
+                       "NUM_LAYERS/MODEL_DIM/hash tables (quantizing the artifact)": n_params * (4 + 8 + 8 + 8),
+                       "(the process: compiled graphs, tokenizer, data and communication buffers)": 32 * 2**20},
             "train": {"MLX_MAX_MICROBATCH_TOKENS (one microbatch's activations)":
-                      micro_tokens * 4 * (L * d * (16 + 4 * mlp) + 4 * V) * (0 if hp.eval_only else 1)},
-            "eval": {"VAL_BATCH_SIZE/EVAL_BATCH_SEQS (one evaluation batch)": eval_tokens * 4 * (L * d * 8 + 4 * V)}}
+                      micro_tokens * 4 * activation_floats(cfg, hp.train_seq_len, True) * (not hp.eval_only)},
+            "eval": {"VAL_BATCH_SIZE/EVAL_BATCH_SEQS (one evaluation batch)":
+                     eval_tokens * 4 * activation_floats(cfg, eval_seq, False)}}
+    if world > 1:  # measured: a rank's resident memory outside MLX's arrays, above one process's
+        need["always"]["(the communication backend's buffers, per rank)"] = 64 * 2**20
+    if cfg.engram_lite_enabled and not hp.eval_only:  # each head's lookup has its own table-sized gradient
+        need["train"]["ENGRAM_HEADS/ENGRAM_HASH_SIZE (a gradient per hashed lookup)"] = (
+            cfg.engram_heads * 2 * cfg.engram_hash_size * cfg.engram_dim * 4)
     if hp.complement_alpha > 0 and not hp.eval_only:
-        need["always"]["COMPLEMENT_ALPHA/VOCAB_SIZE (bigram table, V x V)"] = V * V * (4 + 8)
+        need["always"]["COMPLEMENT_ALPHA/VOCAB_SIZE (bigram table, V x V)"] = cfg.vocab_size ** 2 * (4 + 8)
     if hp.ttt_enabled:
-        need["eval"]["TTT_BATCH_SEQS (a test-time training step)"] = hp.ttt_batch_seqs * eval_seq * 4 * L * d * (
-            16 + 4 * mlp)
+        stride = hp.eval_stride_resolved or eval_seq
+        rows = min(hp.ttt_batch_seqs, -(-(eval_seq + (max(1, hp.ttt_chunk // stride) - 1) * stride) // eval_seq))
+        full = 3 * n_params * 4 if hp.ttt_mode == "full" else 0  # adapted weights, momentum, gradient
+        need["eval"]["TTT_BATCH_SEQS/TTT_MODE (a test-time training step)"] = full + rows * eval_seq * (
+            4 * activation_floats(cfg, eval_seq, True))  # rows: as TestTimeTrainer sizes them
     if hp.ngram_mixer_enabled:
-        need["eval"]["NGRAM_MAX_MEMORY_MB (the n-gram mixer's cap)"] = hp.ngram_max_memory_mb * 2**20
+        worst = BackoffNgramMixer.worst_case_nbytes(n_val or 1 << 40, hp.ngram_max_order, cfg.vocab_size)
+        need["eval"]["NGRAM_MAX_MEMORY_MB (the n-gram mixer)"] = min(hp.ngram_max_memory_mb * 2**20, worst)
     return need
 
 
-def check_memory(need: dict, log, local_ranks: int = 1):
-    """The ranks on one host each hold all of it."""
-    total = local_ranks * (sum(need["always"].values()) + max(sum(need["train"].values()),
+def memory_total(need: dict, local_ranks: int = 1) -> int:
+    """Training and evaluation transients never coexist; the ranks on one host each hold all of it."""
+    return local_ranks * (sum(need["always"].values()) + max(sum(need["train"].values()),
                                                              sum(need["eval"].values())))
+
+
+def check_memory(need: dict, log, local_ranks: int = 1):
+    total = memory_total(need, local_ranks)
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -1889,7 +1938,8 @@ def check_memory(need: dict, log, local_ranks: int = 1):
     if total > 0.85 * have:
         knob, big = max((kv for part in need.values() for kv in part.items()), key=lambda kv: kv[1])
         raise SetupError(f"this run needs about {total / 2**30:.1f} GiB{ranks} but the machine has {have / 2**30:.1f} GiB; "
-                         f"the largest part is {big / 2**30:.1f} GiB from {knob}: lower it")
+                         f"the largest part is {big / 2**30:.1f} GiB from {knob}: lower it"
+                         + (", or start fewer ranks on this host" if local_ranks > 1 else ""))
 
 
 def log_run_header(r: Run, hp: Hyperparameters):
@@ -1906,11 +1956,11 @@ def setup(r: Run, sp):
     if hp.train_batch_tokens // seq % W:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN x {W} ranks")
     r.micro_seqs = max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // seq)
-    check_memory(memory_needs(hp, cfg, r.micro_seqs * seq), log, r.local_ranks)
+    r.val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+    check_memory(memory_needs(hp, cfg, micro_tokens(hp, W), r.val_tokens.size, W), log, r.local_ranks)
     mx.random.seed(hp.seed)
     np.random.seed(hp.seed)
     r.tables = build_byte_tables(sp, cfg.vocab_size)
-    r.val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
     files = shard_files(hp.data_path, "train")
     r.model = GPT(cfg, hp.dtype())
     r.opt = Optimizers(r.model, hp)
@@ -2179,11 +2229,11 @@ def eval_only(r: Run, sp) -> int:
         hp, log = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq), r.log
         hp.check_relations()
         log_run_header(r, hp)
-        check_memory(memory_needs(hp, cfg, 0), log, r.local_ranks)
+        val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+        check_memory(memory_needs(hp, cfg, 0, val_tokens.size, r.group.size()), log, r.local_ranks)
         model = GPT(cfg, hp.dtype())
         load_flat_into(model, flat)
         tables = build_byte_tables(sp, cfg.vocab_size)
-        val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
     log(f"val_tokens:{val_tokens.size} params:{count_params(model)} artifact:{hp.load_artifact}")
     log_eval_config(hp, trained_seq, log)
     r.phase = "evaluation"
