@@ -3,6 +3,7 @@
 bits-per-byte, and write a <=16,000,000-byte submission artifact. Driven by environment variables."""
 from __future__ import annotations
 
+import ctypes
 import difflib
 import glob
 import json
@@ -1720,6 +1721,21 @@ def ranks_on_this_host(group) -> int:
     return hosts.count(mine)
 
 
+def share_blas_threads(local_ranks: int, log):
+    """Ranks on one host that each run OpenBLAS on all its cores fight over them (2 ranks on 2 cores: each step
+    ~1.65x slower, measured): each rank takes its share of the cores. Only where OpenBLAS is loaded."""
+    if local_ranks == 1:
+        return
+    try:
+        blas = ctypes.CDLL(None)
+        now, set_threads = blas.openblas_get_num_threads(), blas.openblas_set_num_threads
+    except (OSError, AttributeError):  # MLX's own BLAS (Accelerate on a Mac, the wheel's reference BLAS)
+        return
+    share = min(now, max(1, (os.cpu_count() or 1) // local_ranks))
+    set_threads(share)
+    log(f"blas_threads:{share} per rank ({local_ranks} ranks on this host, OpenBLAS had {now})")
+
+
 def ranks_max(r: Run, v: float) -> float:
     """Rank 0's view is not enough where ranks must decide alike (the wall-clock cap, its warmdown). Each rank's
     stop request (Ctrl-C) rides in the same all-max, so every rank stops at the same step."""
@@ -1789,10 +1805,12 @@ def main(env=None) -> int:
         log(f"note: RUN_ID={run_id} was used before in {hp.out_dir}: this run's lines follow the earlier "
             "run's in this log, and its artifact/checkpoint files are replaced")
     log(f"world_size:{group.size()} backend:{backend}")
+    local_ranks = ranks_on_this_host(group)
+    share_blas_threads(local_ranks, log)
     for note in hp.env_notes:
         log(f"WARNING: {note}  (STRICT_ENV=1 makes this an error)")
     r = Run(hp, log, run_id, os.path.getsize(os.path.abspath(__file__)), group=group, backend=backend,
-            local_ranks=ranks_on_this_host(group))
+            local_ranks=local_ranks)
     try:
         return run(r)
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 """Data-parallel training and evaluation over mx.distributed (2 ranks started by mlx.launch with
 the ring backend, on this machine), and the challenge's submission folder."""
+import ctypes
 import json
 import os
 import re
@@ -212,12 +213,15 @@ sys.exit(T.main(env))
 """
 
 
-def _start(tmp_path, env: dict, fault: str) -> subprocess.Popen:
+def _start(tmp_path, env: dict, fault: str, blas_threads: str | None = "1") -> subprocess.Popen:
     """Two ranks under mlx.launch, in their own process group, as a shell would start them."""
     driver = tmp_path / "fault_driver.py"
     driver.write_text(FAULT_DRIVER)
     cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--", sys.executable, str(driver)]
-    full = dict(os.environ, OPENBLAS_NUM_THREADS="1", FAULT=fault, **env)
+    full = dict(os.environ, FAULT=fault, **env)
+    full.pop("OPENBLAS_NUM_THREADS", None)
+    if blas_threads:
+        full["OPENBLAS_NUM_THREADS"] = blas_threads
     return subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -318,8 +322,9 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(data, tmp_pa
 
 def test_a_rank_killed_mid_run_ends_the_others_with_a_message(data, tmp_path):
     """Rank 1 is killed (SIGKILL, as the kernel's out-of-memory killer does): rank 0's next collective loses its
-    peer, and it stops with that message instead of a traceback, unless mlx.launch's SIGTERM ends it first."""
-    p = _start(tmp_path, tiny_env(data, tmp_path, ITERATIONS=100000, VAL_MAX_TOKENS=1000), "")
+    peer, and it stops with that message instead of a traceback, unless mlx.launch's SIGTERM ends it first.
+    Started as documented, without OPENBLAS_NUM_THREADS: each rank takes its share of the cores."""
+    p = _start(tmp_path, tiny_env(data, tmp_path, ITERATIONS=100000, VAL_MAX_TOKENS=1000), "", blas_threads=None)
     log_path = tmp_path / "tiny.txt"
     deadline = time.time() + 120
     while not (log_path.exists() and "step:3/" in log_path.read_text()) and time.time() < deadline:
@@ -330,3 +335,6 @@ def test_a_rank_killed_mid_run_ends_the_others_with_a_message(data, tmp_path):
     assert time.time() - t0 < 30 and "Traceback" not in console
     said = re.search(r"^error: .* during training: another rank stopped", log_path.read_text(), re.M)
     assert said or "Node with rank 0 exited with code -15" in console, console[-2000:]
+    if hasattr(ctypes.CDLL(None), "openblas_set_num_threads"):  # OpenBLAS preloaded, as the README's tests run
+        share = max(1, (os.cpu_count() or 1) // 2)
+        assert f"blas_threads:{share} per rank (2 ranks on this host" in log_path.read_text()
