@@ -1713,7 +1713,8 @@ def init_world(backend: str):
 
 
 def ranks_on_this_host(group) -> int:
-    """Ranks that mlx.launch started on one host share its memory: the memory check multiplies by their number."""
+    """Ranks that mlx.launch started on one host share its memory and cores: the memory check multiplies by their
+    number, and the BLAS threads divide by it."""
     if group.size() == 1:
         return 1
     mine = zlib.crc32(socket.gethostname().encode())
@@ -1752,10 +1753,10 @@ def check_ranks_agree(r: Run, what: str) -> bool:
         return True
     crc = zlib.crc32(b"".join(np.array(p).tobytes() for _, p in tree_flatten(r.model.parameters())))
     crcs = mx.distributed.all_gather(mx.array([crc], mx.uint32), group=r.group).tolist()
-    r.log(f"ranks_checksum {what}: crc32:{crc:08x} world_size:{len(crcs)} agree:{len(set(crcs)) == 1}")
-    if len(set(crcs)) > 1:
-        r.log(f"error: ranks hold different weights {what} (crc32 {[f'{c:08x}' for c in crcs]})")
-    return len(set(crcs)) == 1
+    agree = len(set(crcs)) == 1
+    r.log(f"ranks_checksum {what}: crc32:{crc:08x} world_size:{len(crcs)} agree:{agree}" +
+          ("" if agree else f" (ranks: {' '.join(f'{c:08x}' for c in crcs)})"))
+    return agree
 
 
 AGREE_MSG_BYTES = 1024  # the longest error message one rank tells the others
@@ -1805,12 +1806,9 @@ def main(env=None) -> int:
         log(f"note: RUN_ID={run_id} was used before in {hp.out_dir}: this run's lines follow the earlier "
             "run's in this log, and its artifact/checkpoint files are replaced")
     log(f"world_size:{group.size()} backend:{backend}")
-    local_ranks = ranks_on_this_host(group)
-    share_blas_threads(local_ranks, log)
     for note in hp.env_notes:
         log(f"WARNING: {note}  (STRICT_ENV=1 makes this an error)")
-    r = Run(hp, log, run_id, os.path.getsize(os.path.abspath(__file__)), group=group, backend=backend,
-            local_ranks=local_ranks)
+    r = Run(hp, log, run_id, os.path.getsize(os.path.abspath(__file__)), group=group, backend=backend)
     try:
         return run(r)
     except KeyboardInterrupt:
@@ -1830,6 +1828,8 @@ def main(env=None) -> int:
 def run(r: Run) -> int:
     """The method, one line per step."""
     hp = r.hp
+    r.local_ranks = ranks_on_this_host(r.group)
+    share_blas_threads(r.local_ranks, r.log)
     with on_every_rank(r):
         check_out_dir(hp.out_dir)
         sp = load_tokenizer(hp.tokenizer_path)
