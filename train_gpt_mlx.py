@@ -1955,7 +1955,8 @@ def check_memory(need: dict, log, local_ranks: int = 1):
     log(f"memory_estimate:{total / 2**30:.2f}GiB{ranks} of {have / 2**30:.1f}GiB")
     if total > 0.85 * have:
         knob, big = max((kv for part in need.values() for kv in part.items()), key=lambda kv: kv[1])
-        raise SetupError(f"this run needs about {total / 2**30:.1f} GiB{ranks} but the machine has {have / 2**30:.1f} GiB; "
+        raise SetupError(f"this run needs about {total / 2**30:.1f} GiB{ranks} but the machine has "
+                         f"{have / 2**30:.1f} GiB; "
                          f"the largest part is {big / 2**30:.1f} GiB from {knob}: lower it"
                          + (", or start fewer ranks on this host" if local_ranks > 1 else ""))
 

@@ -12,8 +12,8 @@ def _check(data, tmp_path, over: dict, ranks: int = 1):
     measured = B.measure(env, ranks)
     peak = max(measured["mlx_peak"], measured["rss_run"])
     estimate = B.estimate(env, ranks)
-    assert peak <= estimate <= 3 * peak, (f"estimate {estimate / 2**20:.0f} MiB, MLX peak "
-                                          f"{measured['mlx_peak'] / 2**20:.0f} MiB, RSS {measured['rss_run'] / 2**20:.0f} MiB")
+    mib = {k: f"{v / 2**20:.0f} MiB" for k, v in dict(measured, estimate=estimate).items()}
+    assert peak <= estimate <= 3 * peak, mib
 
 
 @pytest.mark.parametrize("piece", list(B.PIECES))
