@@ -1912,10 +1912,11 @@ def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int, n_val
     windows = -(-(n_val - 1) // (hp.eval_stride_resolved or eval_seq)) if n_val else 1 << 40
     eval_tokens = min(hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq), windows) * eval_seq
     need = {"always": {"NUM_LAYERS/MODEL_DIM/hash tables (weights, gradients, optimizer state, EMA)":
-                       n_params * 4 * copies,  # and numpy's float32 + float64 copies that quantize the artifact,
-                       # counted on top: Linux's allocator keeps the training peak resident after it is freed
+                       n_params * 4 * copies,
+                       # numpy's float32 + float64 copies that quantize the artifact, counted on top of training:
+                       # Linux's allocator keeps the training peak resident after MLX frees it
                        "NUM_LAYERS/MODEL_DIM/hash tables (quantizing the artifact)": n_params * (4 + 8 + 8 + 8),
-                       "(the process: compiled graphs, tokenizer, data and communication buffers)": 32 * 2**20},
+                       "(the process: compiled graphs, tokenizer, data)": 32 * 2**20},
             "train": {"MLX_MAX_MICROBATCH_TOKENS (one microbatch's activations)":
                       micro_tokens * 4 * activation_floats(cfg, hp.train_seq_len, True) * (not hp.eval_only)},
             "eval": {"VAL_BATCH_SIZE/EVAL_BATCH_SEQS (one evaluation batch)":
