@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 import base64
-import contextlib
+import ctypes
 import difflib
 import fcntl
 import glob
@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import threading
 import time
 import uuid
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache, partial
 from pathlib import Path
@@ -1901,7 +1903,11 @@ class Logger:
     """Console + log file. A log that cannot be written (disk full) warns once and goes on."""
 
     def __init__(self, path: str | None, rank: int = 0):
-        self.path, self.f, self.rank = path, open(path, "a", encoding="utf-8") if path else None, rank
+        self.path, self.f, self.rank = path, None, rank
+        try:
+            self.f = open(path, "a", encoding="utf-8") if path else None
+        except OSError:  # OUT_DIR unwritable: check_out_dir names it, on every rank at once
+            pass
 
     def __call__(self, msg: str):
         if not self.rank or msg.startswith("error"):  # rank 0 logs; the others only say why they stop
@@ -1934,6 +1940,7 @@ class Run:
     recur_on: bool = True  # False until RECUR_START_FRAC
     phase: str = "setup"
     group: mx.distributed.Group = None  # the ranks mlx.launch started (size 1: one process)
+    local_ranks: int = 1  # ranks on this host: they share its memory
     backend: str = "none"
     pre_quant: tuple = (math.nan, math.nan)  # the last full-precision (val_loss, val_bpb)
     stop_asked: bool = False  # a first Ctrl-C arrived (set by the SIGINT handler; read at safe points)
@@ -1970,27 +1977,84 @@ def init_world(backend: str):
     return mx.distributed.init(), "none"
 
 
+def ranks_on_this_host(group) -> int:
+    """Ranks that mlx.launch started on one host share its memory and cores: the memory check multiplies by their
+    number, and the BLAS threads divide by it."""
+    if group.size() == 1:
+        return 1
+    mine = zlib.crc32(socket.gethostname().encode())
+    hosts = mx.distributed.all_gather(mx.array([mine], mx.uint32), group=group).tolist()
+    return hosts.count(mine)
+
+
+def share_blas_threads(local_ranks: int, log):
+    """Ranks on one host that each run OpenBLAS on all its cores fight over them (2 ranks on 2 cores: each step
+    ~1.65x slower, measured): each rank takes its share of the cores. Only where OpenBLAS is loaded."""
+    if local_ranks == 1:
+        return
+    try:
+        blas = ctypes.CDLL(None)
+        now, set_threads = blas.openblas_get_num_threads(), blas.openblas_set_num_threads
+    except (OSError, AttributeError):  # MLX's own BLAS (Accelerate on a Mac, the wheel's reference BLAS)
+        return
+    share = min(now, max(1, (os.cpu_count() or 1) // local_ranks))
+    set_threads(share)
+    log(f"blas_threads:{share} per rank ({local_ranks} ranks on this host, OpenBLAS had {now})")
+
+
 def ranks_max(r: Run, v: float) -> float:
-    """Rank 0's view is not enough where ranks must decide alike (the wall-clock cap, its warmdown)."""
+    """Rank 0's view is not enough where ranks must decide alike (the wall-clock cap, its warmdown, a Ctrl-C)."""
     return v if r.group.size() == 1 else mx.distributed.all_max(mx.array(v, mx.float32), group=r.group).item()
 
 
-def check_ranks_agree(r: Run, what: str):
+def check_ranks_agree(r: Run, what: str) -> bool:
     """Data parallelism is only correct while every rank holds the same weights: compare CRC32s."""
     if r.group.size() == 1:  # one process: nothing to compare
-        return
+        return True
     crc = zlib.crc32(b"".join(np.array(p).tobytes() for _, p in tree_flatten(r.model.parameters())))
     crcs = mx.distributed.all_gather(mx.array([crc], mx.uint32), group=r.group).tolist()
-    r.log(f"ranks_checksum {what}: crc32:{crc:08x} world_size:{len(crcs)} agree:{len(set(crcs)) == 1}")
-    if len(set(crcs)) > 1:
-        raise TrainingDiverged(f"ranks hold different weights {what} (crc32 {[f'{c:08x}' for c in crcs]})")
+    agree = len(set(crcs)) == 1
+    r.log(f"ranks_checksum {what}: crc32:{crc:08x} world_size:{len(crcs)} agree:{agree}" +
+          ("" if agree else f" (ranks: {' '.join(f'{c:08x}' for c in crcs)})"))
+    return agree
+
+
+AGREE_MSG_BYTES = 1024  # the longest error message one rank tells the others
+
+
+def ranks_agree_on(r: Run, error: Exception | None):
+    """A check that fails on one rank must stop all of them, or the others wait forever in their next collective.
+    Every rank says how its check went (one all_gather); if any failed, all raise, naming the first that did."""
+    if r.group.size() == 1:
+        return
+    mine = np.zeros(AGREE_MSG_BYTES, np.uint8)
+    text = f"{type(error).__name__}: {error}".encode()[:AGREE_MSG_BYTES] if error else b""
+    mine[:len(text)] = np.frombuffer(text, np.uint8)
+    every = np.array(mx.distributed.all_gather(mx.array(mine)[None], group=r.group))
+    failed = [(k, bytes(row).rstrip(b"\0").decode(errors="replace")) for k, row in enumerate(every) if row.any()]
+    if failed and error is None:
+        rank, msg = failed[0]
+        raise SetupError(f"rank {rank} failed, so every rank stops: {msg}")
+
+
+@contextmanager
+def on_every_rank(r: Run):
+    """A block of checks whose outcome all ranks agree on at its end (see ranks_agree_on). The block must hold no
+    collective: a rank that failed early would be waiting in the agreement's."""
+    try:
+        yield
+    except (ConfigError, SetupError, ArtifactError, ValueError, OSError) as e:
+        ranks_agree_on(r, e)
+        raise
+    ranks_agree_on(r, None)
 
 
 def main(env=None) -> int:
     try:
         hp = Hyperparameters.from_env(env)
         group, backend = init_world(hp.dist_backend)
-        check_out_dir(hp.out_dir)
+        if group.size() == 1:  # several ranks check it together, in run()
+            check_out_dir(hp.out_dir)
     except (ConfigError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -2021,6 +2085,11 @@ def main(env=None) -> int:
     except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:  # ConfigError included: exit 2
         log(f"error: {e}")
         return 2 if isinstance(e, ConfigError) else 1
+    except RuntimeError as e:  # with several ranks: a peer stopped (its own message says why) and its socket closed
+        if group.size() == 1:
+            raise
+        log(f"error: {e} during {r.phase}: another rank stopped; its message says why")
+        return 1
     finally:
         if lock:
             lock.close()
@@ -2029,19 +2098,26 @@ def main(env=None) -> int:
 def run(r: Run) -> int:
     """The method, one line per step."""
     hp = r.hp
-    sp = load_tokenizer(hp.tokenizer_path)
-    preflight_paths(hp)
-    if hp.submission_dir:
-        preflight_submission(r)
+    r.local_ranks = ranks_on_this_host(r.group)
+    share_blas_threads(r.local_ranks, r.log)
+    with on_every_rank(r):
+        check_out_dir(hp.out_dir)
+        sp = load_tokenizer(hp.tokenizer_path)
+        preflight_paths(hp)
+        if hp.submission_dir:
+            preflight_submission(r)
+        checkpoint = read_checkpoint(hp.resume_from, hp) if hp.resume_from and not hp.eval_only else None
+        if not hp.eval_only:
+            setup(r, sp)
     if hp.eval_only:
         return eval_only(r, sp)
-    checkpoint = read_checkpoint(hp.resume_from, hp) if hp.resume_from else None
-    setup(r, sp)
     warmup(r)
     if checkpoint:
         resume(r, *checkpoint)
     train(r)
-    check_ranks_agree(r, "after training")
+    if not check_ranks_agree(r, "after training"):
+        raise TrainingDiverged(f"ranks hold different weights after training; {rescue_weights(r)} (rank 0's)")
+    mx.clear_cache()  # the training activations' buffers go back before numpy's copies for the artifact
     write_and_prove_artifact(r)
     if r.stop_asked:  # Ctrl-C: not a success, though the artifact is complete
         r.log(f"exit 130: interrupted (Ctrl-C) at step {r.step}/{r.hp.iterations}; the artifact above is complete; "
@@ -2085,41 +2161,94 @@ def preflight_paths(hp: Hyperparameters):
                              "be writable, and the path must not be a folder")
 
 
-def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int) -> dict:
-    """Rough peak bytes of each big allocation, keyed by the knob that sets it, by phase: "always" lives through
-    the run; "train" (a microbatch) is freed before "eval" (a batch, the mixer, TTT) starts."""
-    V, d, L, mlp = cfg.vocab_size, cfg.model_dim, cfg.num_layers, cfg.mlp_mult
-    params = V * d * (1 if cfg.tie_embeddings else 2) + L * d * d * (2 + 2 * mlp) + 4 * cfg.engram_hash_size * (
-        cfg.engram_dim if cfg.engram_lite_enabled else 0) + (V + d) * (cfg.engram_dim + cfg.skipgram_dim)
+def micro_tokens(hp: Hyperparameters, ranks: int) -> int:
+    """Tokens in one rank's microbatch: train_step gives each rank 1/ranks of the batch's rows."""
+    seq = hp.train_seq_len
+    micro_seqs = max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // seq)
+    return min(micro_seqs, max(1, hp.train_batch_tokens // seq // ranks)) * seq
+
+
+def activation_floats(cfg: ModelConfig, seq: int, backward: bool) -> int:
+    """Floats live per token at the peak of one forward (+ backward) pass, as measured on CPU
+    (tests/bench_memory.py). Training keeps every virtual layer (recurrence runs layers twice): (16 + 4 MLP_MULT) d
+    and the attention's 2 H x T (scores and their gradient: MLX's CPU attention is not fused), 4 d more on each
+    second parallel lane, 8 V for the logits and their gradient. Evaluation keeps one layer (H x T scores) and 2 V."""
+    d, V = cfg.model_dim, cfg.vocab_size
+    span = recur_span(cfg.recur_layers, cfg.num_layers)
+    virtual = cfg.num_layers + (span[1] - span[0] + 1 if span else 0)
+    second_lanes = cfg.num_layers - (cfg.parallel_start_layer or cfg.num_layers)  # GPT.n_parallel
+    layer = (16 + 4 * cfg.mlp_mult) * d + 2 * cfg.num_heads * seq
+    hashed = 2 * cfg.engram_heads * cfg.engram_dim * cfg.engram_lite_enabled
+    hashed += cfg.bigram_dim * bool(cfg.bigram_hash_size)
+    if cfg.skipgram_hash_size:
+        hashed += cfg.skipgram_dim * len(parse_patterns(cfg.skipgram_patterns))
+    logit_biases = 2 * V * ((cfg.engram_lite_enabled and cfg.engram_mode == "logit") + bool(cfg.skipgram_hash_size))
+    features = 4 * hashed + logit_biases  # the hashed lookups and their logit biases
+    if not backward:  # one layer at a time: its scores without their gradient
+        return (16 + 4 * cfg.mlp_mult) * d + cfg.num_heads * seq + 2 * V + features
+    return virtual * layer + second_lanes * 4 * d + 8 * V + 32 * d + features  # 32 d: embeddings, final norm
+
+
+def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int, n_val: int | None = None,
+                 world: int = 1) -> dict:
+    """Peak bytes of each big allocation on one rank, keyed by the knob that sets it, by phase: "always" lives
+    through the run; "train" (a microbatch) is freed before "eval" (a batch, the mixer, TTT) starts. n_val: the
+    validation tokens, when known (a short split makes a short batch); world: the ranks."""
+    n_params = count_params(GPT(cfg))  # built lazily: MLX allocates an array only when it is evaluated
+    copies = 6 + (hp.ema_decay > 0)  # weights, gradient, its accumulator, update, optimizer state (<= 2), EMA
     eval_seq = hp.eval_seq_len or hp.train_seq_len
-    eval_tokens = (hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq)) * eval_seq
-    need = {"always": {"NUM_LAYERS/MODEL_DIM (weights, gradients, optimizer state, EMA)": params * 4 * 6},
+    windows = -(-(n_val - 1) // (hp.eval_stride_resolved or eval_seq)) if n_val else 1 << 40
+    eval_tokens = min(hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq), windows) * eval_seq
+    need = {"always": {"NUM_LAYERS/MODEL_DIM/hash tables (weights, gradients, optimizer state, EMA)":
+                       n_params * 4 * copies,
+                       # numpy's float32 + float64 copies that quantize the artifact, counted on top of training:
+                       # Linux's allocator keeps the training peak resident after MLX frees it
+                       "NUM_LAYERS/MODEL_DIM/hash tables (quantizing the artifact)": n_params * (4 + 8 + 8 + 8),
+                       "(the process: compiled graphs, tokenizer, data)": 32 * 2**20},
             "train": {"MLX_MAX_MICROBATCH_TOKENS (one microbatch's activations)":
-                      micro_tokens * 4 * (L * d * (16 + 4 * mlp) + 4 * V) * (0 if hp.eval_only else 1)},
-            "eval": {"VAL_BATCH_SIZE/EVAL_BATCH_SEQS (one evaluation batch)": eval_tokens * 4 * (L * d * 8 + 4 * V)}}
+                      micro_tokens * 4 * activation_floats(cfg, hp.train_seq_len, True) * (not hp.eval_only)},
+            "eval": {"VAL_BATCH_SIZE/EVAL_BATCH_SEQS (one evaluation batch)":
+                     eval_tokens * 4 * activation_floats(cfg, eval_seq, False)}}
+    if world > 1:  # measured: a rank's resident memory outside MLX's arrays, above one process's
+        need["always"]["(the communication backend's buffers, per rank)"] = 64 * 2**20
+    if cfg.engram_lite_enabled and not hp.eval_only:  # each head's lookup has its own table-sized gradient
+        need["train"]["ENGRAM_HEADS/ENGRAM_HASH_SIZE (a gradient per hashed lookup)"] = (
+            cfg.engram_heads * 2 * cfg.engram_hash_size * cfg.engram_dim * 4)
     if hp.complement_alpha > 0 and not hp.eval_only:
-        need["always"]["COMPLEMENT_ALPHA/VOCAB_SIZE (bigram table, V x V)"] = V * V * (4 + 8)
+        need["always"]["COMPLEMENT_ALPHA/VOCAB_SIZE (bigram table, V x V)"] = cfg.vocab_size ** 2 * (4 + 8)
     if hp.ttt_enabled:
-        need["eval"]["TTT_BATCH_SEQS (a test-time training step)"] = hp.ttt_batch_seqs * eval_seq * 4 * L * d * (
-            16 + 4 * mlp)
-    if hp.ngram_mixer_enabled:  # its statistics' peak for VAL_MAX_TOKENS, never above the cap (it refuses)
-        mixer_peak = BackoffNgramMixer.peak_nbytes(hp.val_max_tokens) if hp.val_max_tokens else math.inf
+        stride = hp.eval_stride_resolved or eval_seq
+        rows = min(hp.ttt_batch_seqs, -(-(eval_seq + (max(1, hp.ttt_chunk // stride) - 1) * stride) // eval_seq))
+        full = 3 * n_params * 4 if hp.ttt_mode == "full" else 0  # adapted weights, momentum, gradient
+        need["eval"]["TTT_BATCH_SEQS/TTT_MODE (a test-time training step)"] = full + rows * eval_seq * (
+            4 * activation_floats(cfg, eval_seq, True))  # rows: as TestTimeTrainer sizes them
+    if hp.ngram_mixer_enabled:  # its statistics' peak for the split, never above the cap (it refuses)
+        mixer_peak = BackoffNgramMixer.peak_nbytes(n_val) if n_val else math.inf
         need["eval"]["NGRAM_MAX_MEMORY_MB (the n-gram mixer's statistics)"] = min(mixer_peak,
                                                                                  hp.ngram_max_memory_mb * 2**20)
     return need
 
 
-def check_memory(need: dict, log):
-    total = sum(need["always"].values()) + max(sum(need["train"].values()), sum(need["eval"].values()))
+def memory_total(need: dict, local_ranks: int = 1) -> int:
+    """Training and evaluation transients never coexist; the ranks on one host each hold all of it."""
+    return local_ranks * (sum(need["always"].values()) + max(sum(need["train"].values()),
+                                                             sum(need["eval"].values())))
+
+
+def check_memory(need: dict, log, local_ranks: int = 1):
+    total = memory_total(need, local_ranks)
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
-    log(f"memory_estimate:{total / 2**30:.2f}GiB of {have / 2**30:.1f}GiB")
+    ranks = f" for {local_ranks} ranks on this host" if local_ranks > 1 else ""
+    log(f"memory_estimate:{total / 2**30:.2f}GiB{ranks} of {have / 2**30:.1f}GiB")
     if total > 0.85 * have:
         knob, big = max((kv for part in need.values() for kv in part.items()), key=lambda kv: kv[1])
-        raise SetupError(f"this run needs about {total / 2**30:.1f} GiB but the machine has {have / 2**30:.1f} GiB; "
-                         f"the largest part is {big / 2**30:.1f} GiB from {knob}: lower it")
+        raise SetupError(f"this run needs about {total / 2**30:.1f} GiB{ranks} but the machine has "
+                         f"{have / 2**30:.1f} GiB; "
+                         f"the largest part is {big / 2**30:.1f} GiB from {knob}: lower it"
+                         + (", or start fewer ranks on this host" if local_ranks > 1 else ""))
 
 
 def check_artifact_estimate(r: Run):
@@ -2159,11 +2288,11 @@ def setup(r: Run, sp):
     if hp.train_batch_tokens // seq % W:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN x {W} ranks")
     r.micro_seqs = max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // seq)
-    check_memory(memory_needs(hp, cfg, r.micro_seqs * seq), log)
+    r.val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+    check_memory(memory_needs(hp, cfg, micro_tokens(hp, W), r.val_tokens.size, W), log, r.local_ranks)
     mx.random.seed(hp.seed)
     np.random.seed(hp.seed)
     r.tables = build_byte_tables(sp, cfg.vocab_size)
-    r.val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
     log(check_tokenizer(sp, hp.data_path, hp.tokenizer_path))
     files = shard_files(hp.data_path, "train")
     log(f"train_tokens:{check_train_shards(files)} (every train shard's header checked)")
@@ -2239,6 +2368,16 @@ def save_checkpoint(r: Run, path: str | None = None) -> str:
     return path
 
 
+def checkpoint(r: Run) -> str:
+    """A checkpoint is also where the ranks prove they still hold the same weights: a divergence is caught here,
+    not after the whole run, and rank 0's state is kept in the checkpoint before the run stops."""
+    same = check_ranks_agree(r, f"at step {r.step}")
+    path = save_checkpoint(r)
+    if not same:
+        raise TrainingDiverged(f"ranks hold different weights at step {r.step}; rank 0's state is saved in {path}")
+    return path
+
+
 # ---------------------------------------------------------------------------- train
 def train(r: Run):
     """Step until ITERATIONS, the wall-clock cap or Ctrl-C; evaluate periodically and at the end. A first
@@ -2272,7 +2411,7 @@ def stop_now(r: Run) -> bool:
     r.interrupted = True
     r.log(f"interrupted (Ctrl-C) at step {r.step}: saving a checkpoint, then evaluating and writing the "
           "artifact (Ctrl-C again to abort)")
-    save_checkpoint(r)
+    checkpoint(r)
     return True
 
 
@@ -2300,7 +2439,7 @@ def train_loop(r: Run):
             stop_at = r.step
         log_step(r, loss, stop_at == r.step)
         if hp.checkpoint_every and r.step % hp.checkpoint_every == 0 and r.step < hp.iterations:
-            save_checkpoint(r)
+            checkpoint(r)
             t_last = time.perf_counter()  # writing the checkpoint is not training time
     if stop_at is not None and stop_at < hp.iterations:
         r.log(f"stopping_early: wallclock_cap train_time:{r.train_ms:.0f}ms step:{r.step}/{hp.iterations}")
@@ -2429,17 +2568,18 @@ def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, gr
 def eval_only(r: Run, sp) -> int:
     """Score an artifact. The model shape and default window come from its header, and every
     evaluation variable is re-validated against that shape, not the environment's."""
-    cfg, flat, header = read_artifact(r.hp.load_artifact)
-    trained_seq = int(header["meta"].get("train_seq_len", r.hp.train_seq_len))
-    hp, log = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq), r.log
-    hp.check_relations()
-    log_run_header(r, hp)
-    check_memory(memory_needs(hp, cfg, 0), log)
-    model = GPT(cfg, hp.dtype())
-    load_flat_into(model, flat)
-    tables = build_byte_tables(sp, cfg.vocab_size)
-    val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
-    log(check_tokenizer(sp, hp.data_path, hp.tokenizer_path))
+    with on_every_rank(r):  # a host whose copy or memory fails stops every rank
+        cfg, flat, header = read_artifact(r.hp.load_artifact)
+        trained_seq = int(header["meta"].get("train_seq_len", r.hp.train_seq_len))
+        hp, log = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq), r.log
+        hp.check_relations()
+        log_run_header(r, hp)
+        val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+        check_memory(memory_needs(hp, cfg, 0, val_tokens.size, r.group.size()), log, r.local_ranks)
+        model = GPT(cfg, hp.dtype())
+        load_flat_into(model, flat)
+        tables = build_byte_tables(sp, cfg.vocab_size)
+        log(check_tokenizer(sp, hp.data_path, hp.tokenizer_path))
     log(f"val_tokens:{val_tokens.size} params:{count_params(model)} artifact:{hp.load_artifact}")
     log_eval_config(hp, trained_seq, log)
     r.phase = "evaluation"
@@ -2467,13 +2607,14 @@ def write_and_prove_artifact(r: Run):
         tempfile.gettempdir(), f"{r.run_id}_rank{r.group.rank()}.ptz")  # copy to round-trip
     log(f"writing artifact {path} (bits {quant_plan(hp)} gptq_lite:{int(hp.gptq_lite)} {hp.compressor})...")
     r.phase = "writing the artifact"
-    try:
-        model_bytes = write_artifact(path, flat, cfg, quant_plan(hp),
-                                     dict(run_id=r.run_id, step=r.step, train_seq_len=hp.train_seq_len),
-                                     hp.gptq_lite, hp.compressor)
-    except OSError as e:
-        r.model.update(tree_unflatten(list(raw.items())))
-        raise OSError(f"cannot write the artifact {path} ({e.strerror or e}); {rescue_weights(r)}") from None
+    with on_every_rank(r):  # a rank that cannot write stops them all, before the round-trip's collectives
+        try:
+            model_bytes = write_artifact(path, flat, cfg, quant_plan(hp),
+                                         dict(run_id=r.run_id, step=r.step, train_seq_len=hp.train_seq_len),
+                                         hp.gptq_lite, hp.compressor)
+        except OSError as e:
+            r.model.update(tree_unflatten(list(raw.items())))
+            raise OSError(f"cannot write the artifact {path} ({e.strerror or e}); {rescue_weights(r)}") from None
     _, flat, header = read_artifact(path)
     total = r.code_bytes + model_bytes
     log(f"artifact: code_bytes:{r.code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
@@ -2513,7 +2654,9 @@ def plain_order(flat: dict, cfg: ModelConfig):
 
 
 def rescue_weights(r: Run) -> str:
-    """Save the trained state somewhere (OUT_DIR, else the temp folder) and say where."""
+    """Save the trained state somewhere (OUT_DIR, else the temp folder) and say where. Only rank 0 writes."""
+    if r.group.rank():
+        return f"rank {r.group.rank()} saves nothing: rank 0 saves its weights"
     for folder in (r.hp.out_dir, tempfile.gettempdir()):
         try:
             path = save_checkpoint(r, os.path.join(folder, f"{r.run_id}_ckpt.pgck"))
@@ -2889,7 +3032,7 @@ def render_readme(sub: dict, r: Run) -> str:
 
 
 # ---------------------------------------------------------------------------- writing the folder
-@contextlib.contextmanager
+@contextmanager
 def folder_lock(d: Path):
     """Seeds writing into one folder take turns. flock: the OS releases it when a process dies, so no stale lock."""
     import fcntl

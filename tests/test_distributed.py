@@ -1,10 +1,13 @@
 """Data-parallel training and evaluation over mx.distributed (2 ranks started by mlx.launch with
 the ring backend, on this machine), and the challenge's submission folder."""
+import ctypes
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +191,154 @@ def test_submission_refusals(data, tmp_path, monkeypatch):
     assert T.main(_sub_env(data, tmp_path, folder, SEED=3)) == 1
     assert "bytes are over the cap" in (tmp_path / "tiny.txt").read_text()
     assert json.loads((folder / "submission.json").read_text())["seeds"] == [1]
+
+
+# ---------------------------------------------------------------------------- faults on one rank
+# Each rank writes its pid (so a test can signal one rank); FAULT picks what goes wrong, and where.
+FAULT_DRIVER = f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train_gpt_mlx as T
+rank, fault, env = int(os.environ["MLX_RANK"]), os.environ.get("FAULT", ""), dict(os.environ)
+open(os.path.join(env["OUT_DIR"], f"pid{{rank}}"), "w").write(str(os.getpid()))
+if fault == "out_dir" and rank == 1:  # this host's OUT_DIR is a file's subfolder
+    env["OUT_DIR"] = os.path.join(env["OUT_DIR"], "pid0", "sub")
+if fault == "memory" and rank == 1:  # this host has 64 MiB
+    T.os.sysconf = lambda k: 4096 if k == "SC_PAGE_SIZE" else 64 * 2**20 // 4096
+if fault == "diverge" and rank == 1:  # a bit flips in rank 1's weights after step 3
+    one_step = T.one_step
+    def flipped(r):
+        loss = one_step(r)
+        if r.step == 3:
+            w = r.model.blocks[0].mlp.fc.weight
+            r.model.blocks[0].mlp.fc.weight = w + 1e-3
+        return loss
+    T.one_step = flipped
+sys.exit(T.main(env))
+"""
+
+
+def _start(tmp_path, env: dict, fault: str, blas_threads: str | None = "1") -> subprocess.Popen:
+    """Two ranks under mlx.launch, in their own process group, as a shell would start them."""
+    driver = tmp_path / "fault_driver.py"
+    driver.write_text(FAULT_DRIVER)
+    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--", sys.executable, str(driver)]
+    full = dict(os.environ, FAULT=fault, **env)
+    full.pop("OPENBLAS_NUM_THREADS", None)
+    if blas_threads:
+        full["OPENBLAS_NUM_THREADS"] = blas_threads
+    return subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _ended_within(tmp_path, p: subprocess.Popen, seconds: float) -> str:
+    """The launcher's console once every rank has ended; fails if any rank is still running after `seconds`."""
+    try:
+        out, _ = p.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        pytest.fail(f"the ranks were still running {seconds}s later: {p.communicate()[0][-3000:]}")
+    pids = [int((tmp_path / f"pid{k}").read_text()) for k in (0, 1) if (tmp_path / f"pid{k}").exists()]
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids), out[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("fault, needle", [("out_dir", "OUT_DIR="), ("memory", "this run needs about")])
+def test_a_setup_failure_on_one_rank_stops_every_rank_with_its_message(data, tmp_path, fault, needle):
+    """Rank 1's check fails before warm-up: all ranks agree on it, rank 0's log names rank 1's reason, and
+    nothing trains."""
+    p = _start(tmp_path, tiny_env(data, tmp_path, ITERATIONS=5), fault)
+    console = _ended_within(tmp_path, p, 60)
+    log = (tmp_path / "tiny.txt").read_text()
+    assert re.search(rf"^error: rank 1 failed, so every rank stops: \w+: .*{needle}", log, re.M), log
+    assert "warmup_step" not in log and "Traceback" not in console
+
+
+def test_rank_0_failing_to_write_the_artifact_stops_every_rank(data, tmp_path):
+    """The artifact's path is a folder (a real OSError on rank 0 only: other ranks write a private copy): rank 0
+    saves a checkpoint and says so; rank 1 does not wait in the round-trip evaluation."""
+    (tmp_path / "tiny_model.int6.ptz").mkdir()
+    (tmp_path / "tiny_model.int6.ptz" / "x").write_text("x")
+    p = _start(tmp_path, tiny_env(data, tmp_path, ITERATIONS=3, VAL_MAX_TOKENS=1000), "")
+    console = _ended_within(tmp_path, p, 120)
+    log = (tmp_path / "tiny.txt").read_text()
+    assert re.search(r"^error: cannot write the artifact .*saved in the checkpoint .*tiny_ckpt.pgck", log, re.M), log
+    assert (tmp_path / "tiny_ckpt.pgck").exists()
+    assert "[rank 1] error: rank 0 failed, so every rank stops: OSError: cannot write" in console
+    assert "roundtrip" not in log
+
+
+class _Rank1:
+    def rank(self):
+        return 1
+
+    def size(self):
+        return 2
+
+
+def test_rescue_on_a_rank_above_0_claims_no_file(tmp_path):
+    """Only rank 0 writes checkpoints: rank 1 must not say that weights were saved (it used to)."""
+    hp = T.Hyperparameters.from_env({"OUT_DIR": str(tmp_path)})
+    r = T.Run(hp, print, "x", 0, group=_Rank1())
+    said = T.rescue_weights(r)
+    assert "saved" not in said and "rank 0" in said and list(tmp_path.iterdir()) == []
+
+
+def test_ranks_that_diverge_stop_at_the_next_checkpoint_with_rank_0_saved(data, tmp_path):
+    """Rank 1's weights change at step 3: the checkpoint at step 4 compares them, keeps rank 0's state, stops."""
+    p = _start(tmp_path, tiny_env(data, tmp_path, ITERATIONS=40, CHECKPOINT_EVERY=4, VAL_MAX_TOKENS=1000), "diverge")
+    _ended_within(tmp_path, p, 120)
+    log = (tmp_path / "tiny.txt").read_text()
+    assert re.search(r"^ranks_checksum at step 4: .* agree:False \(ranks: \w{8} \w{8}\)$", log, re.M), log
+    assert re.search(r"^error: ranks hold different weights at step 4; rank 0's state is saved in .*tiny_ckpt", log,
+                     re.M)
+    header, _ = T.read_container(str(tmp_path / "tiny_ckpt.pgck"), T.CHECKPOINT_MAGIC, "checkpoint")
+    assert header["meta"]["step"] == 4 and "step:5/" not in log
+
+
+@pytest.mark.parametrize("who", ["terminal", "rank 1"])
+def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(data, tmp_path, who):
+    """Ctrl-C at the terminal (SIGINT to the launcher's process group: every rank) or to one rank only: the ranks
+    agree on it in the next step's all-max, stop after the same step, checkpoint, then evaluate and write."""
+    p = _start(tmp_path, tiny_env(data, tmp_path, ITERATIONS=100000, VAL_MAX_TOKENS=1000, WARMDOWN_ITERS=0), "")
+    log_path = tmp_path / "tiny.txt"
+    deadline = time.time() + 120
+    while not (log_path.exists() and "step:3/" in log_path.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    if who == "terminal":
+        os.killpg(p.pid, signal.SIGINT)
+    else:
+        os.kill(int((tmp_path / "pid1").read_text()), signal.SIGINT)
+    _ended_within(tmp_path, p, 90)
+    log = log_path.read_text()
+    step = int(re.search(r"^interrupted \(Ctrl-C\) at step (\d+): saving a checkpoint", log, re.M).group(1))
+    assert re.search(rf"^ranks_checksum at step {step}: .* agree:True$", log, re.M), log
+    assert f"checkpoint: step:{step} " in log and "final_int6_zstd_roundtrip_exact" in log
+    assert (tmp_path / "tiny_model.int6.ptz").exists() and "Traceback" not in log
+
+
+def test_a_rank_killed_mid_run_ends_the_others_with_a_message(data, tmp_path):
+    """Rank 1 is killed (SIGKILL, as the kernel's out-of-memory killer does): rank 0's next collective loses its
+    peer, and it stops with that message instead of a traceback, unless mlx.launch's SIGTERM ends it first.
+    Started as documented, without OPENBLAS_NUM_THREADS: each rank takes its share of the cores."""
+    p = _start(tmp_path, tiny_env(data, tmp_path, ITERATIONS=100000, VAL_MAX_TOKENS=1000), "", blas_threads=None)
+    log_path = tmp_path / "tiny.txt"
+    deadline = time.time() + 120
+    while not (log_path.exists() and "step:3/" in log_path.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGKILL)
+    t0 = time.time()
+    console = _ended_within(tmp_path, p, 30)
+    assert time.time() - t0 < 30 and "Traceback" not in console
+    said = re.search(r"^error: .* during training: another rank stopped", log_path.read_text(), re.M)
+    assert said or "Node with rank 0 exited with code -15" in console, console[-2000:]
+    if hasattr(ctypes.CDLL(None), "openblas_set_num_threads"):  # OpenBLAS preloaded, as the README's tests run
+        share = max(1, (os.cpu_count() or 1) // 2)
+        assert f"blas_threads:{share} per rank (2 ranks on this host" in log_path.read_text()
