@@ -9,6 +9,7 @@ import ctypes
 import difflib
 import fcntl
 import glob
+import io
 import json
 import lzma
 import math
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import tokenize
 import uuid
 import zlib
 from contextlib import contextmanager
@@ -2702,21 +2704,68 @@ def stripped_tree(source: str) -> ast.Module:
 
 
 def packed_code(source: str) -> str:
-    """stripped_tree as source (ast.unparse also drops comments), indented one space a level; kept at four where
-    that would change the program (a string spanning lines): the two must parse to the same tree."""
+    """stripped_tree as source (ast.unparse also drops comments), indented one space a level and without the
+    spaces a parser ignores (tight_tokens); kept as unparsed where that would change the program: the packed code
+    must parse to the same tree."""
     code = ast.unparse(stripped_tree(source))
     narrow = re.sub(r"(?m)^(?:    )+", lambda m: " " * (len(m[0]) // 4), code)
-    return narrow if ast.dump(ast.parse(narrow)) == ast.dump(ast.parse(code)) else code
+    for tighter in (narrow, tight_tokens(narrow)):
+        if ast.dump(ast.parse(tighter)) == ast.dump(ast.parse(code)):
+            code = tighter
+    return code
+
+
+def tight_tokens(code: str) -> str:
+    """The code's tokens with a space only where two would merge (names, keywords, numbers); each line keeps its
+    indentation, and an f-string (several tokens from Python 3.12 on) is copied as written."""
+    lines = code.splitlines(keepends=True)
+    out, prev, fstring_from, depth = [], None, None, 0
+    for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+        name = tokenize.tok_name[tok.type]
+        if name in ("INDENT", "DEDENT", "ENDMARKER"):
+            continue
+        if name == "FSTRING_START":
+            depth += 1
+            fstring_from = fstring_from or tok
+        if depth:
+            depth -= name == "FSTRING_END"
+            if depth:
+                continue
+            tok = tok._replace(string=source_span(lines, fstring_from.start, tok.end), start=fstring_from.start)
+            fstring_from = None
+        if name in ("NEWLINE", "NL"):
+            out.append("\n")
+        elif prev is None or prev.string == "\n" or tokenize.tok_name[prev.type] in ("NEWLINE", "NL"):
+            out.append(lines[tok.start[0] - 1][:tok.start[1]] + tok.string)
+        else:
+            word = prev.string[-1:].isalnum() or prev.string[-1:] == "_"
+            merge = word and (tok.string[:1].isalnum() or tok.string[:1] == "_") or (
+                prev.type == tokenize.NUMBER and tok.string[:1] == ".")
+            out.append((" " if merge else "") + tok.string)
+        prev = tok
+    return "".join(out)
+
+
+def source_span(lines: list, start: tuple, end: tuple) -> str:
+    if start[0] == end[0]:
+        return lines[start[0] - 1][start[1]:end[1]]
+    return lines[start[0] - 1][start[1]:] + "".join(lines[start[0]:end[0] - 1]) + lines[end[0] - 1][:end[1]]
+
+
+PACKED_FILTERS = [dict(id=lzma.FILTER_LZMA2, preset=9 | lzma.PRESET_EXTREME, lc=3, lp=0, pb=0, nice_len=273)]
 
 
 def packed_script(source: str) -> str:
-    """The record folder's train_gpt.py: the challenge counts its bytes, so it holds packed_code lzma-compressed and
-    base85-encoded (ASCII: the file stays UTF-8 text, as the challenge reads it). It runs in the wrapper's own
-    globals, so `__name__ == "__main__"` holds and `__file__` is train_gpt.py."""
-    blob = base64.b85encode(lzma.compress(packed_code(source).encode("utf-8"), preset=9)).decode("ascii")
+    """The record folder's train_gpt.py: the challenge counts its bytes, so it holds packed_code as a raw LZMA2
+    stream (no container: its headers and checksum would be counted too), base85-encoded (ASCII: the file stays
+    UTF-8 text, as the challenge reads it). It runs in the wrapper's own globals, so `__name__ == "__main__"`
+    holds and `__file__` is train_gpt.py."""
+    raw = lzma.compress(packed_code(source).encode("utf-8"), lzma.FORMAT_RAW, filters=PACKED_FILTERS)
+    blob = base64.b85encode(raw).decode("ascii")
     return (f"{PACKED_MARK}; the readable script is train_gpt_mlx.py beside this file\n"
             "import base64, lzma\n"
-            f'exec(compile(lzma.decompress(base64.b85decode("{blob}")), "train_gpt_mlx.py", "exec"))\n')
+            f'exec(compile(lzma.decompress(base64.b85decode("{blob}"), lzma.FORMAT_RAW, filters=[{{"id": '
+            'lzma.FILTER_LZMA2}]), "train_gpt_mlx.py", "exec"))\n')
 
 
 def running_packed() -> bool:
@@ -2734,7 +2783,7 @@ def readable_source() -> str:
     if beside.is_file():
         return beside.read_text(encoding="utf-8")
     blob = re.search(r'b85decode\("([^"]+)"\)', Path(__file__).read_text(encoding="utf-8"))[1]
-    return lzma.decompress(base64.b85decode(blob)).decode("utf-8")
+    return lzma.decompress(base64.b85decode(blob), lzma.FORMAT_RAW, filters=PACKED_FILTERS).decode("utf-8")
 
 
 @lru_cache(maxsize=None)

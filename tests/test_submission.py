@@ -139,11 +139,11 @@ def test_packed_script_is_the_source_without_docstrings():
     aside, and none of those remain."""
     packed = T.counted_script().decode()
     blob = re.search(r'b85decode\("([^"]+)"\)', packed)[1]
-    code = lzma.decompress(base64.b85decode(blob)).decode()
+    code = lzma.decompress(base64.b85decode(blob), lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}]).decode()
     source = (ROOT / "train_gpt_mlx.py").read_text()
     assert ast.dump(ast.parse(code)) == ast.dump(T.stripped_tree(source))
     assert "Parameter Golf in MLX" in source and "Parameter Golf in MLX" not in code  # the module docstring
-    assert "# ======== Hyperparameters" not in code and "def lr_multiplier(step, elapsed_ms, hp):" in code
+    assert "# ======== Hyperparameters" not in code and "def lr_multiplier(step,elapsed_ms,hp):" in code
 
 
 # ---------------------------------------------------------------------------- refused before any work
