@@ -141,7 +141,7 @@ def test_recipe_resolves_and_explicit_values_win():
     assert (hp.num_layers, hp.mlp_mult, hp.muon_weight_decay, hp.ema_decay, hp.recur_layers) == (9, 2, 0.04, 0.997,
                                                                                                 "3,4")
     assert T.Hyperparameters.from_env({}) == T.Hyperparameters.from_env(dict(RECIPE="baseline"))
-    known = {f.metadata["env"] for f in T.env_fields()}
+    known = {T.env_name(f) for f in T.env_fields()}
     assert all(set(r) <= known for r in T.RECIPES.values())
     with pytest.raises(T.ConfigError, match="RECIPE"):
         T.Hyperparameters.from_env(dict(RECIPE="sp1024"))
