@@ -46,9 +46,10 @@ class ConfigError(ValueError):
     """A bad environment value; the message names the variable and what is allowed."""
 
 
-def _env(default, kind=int, lo=None, hi=None, choices=None):
-    """A variable of the environment: its name is the field's in upper case (iterations: ITERATIONS)."""
-    return field(default=default, metadata=dict(env=True, kind=kind, lo=lo, hi=hi, choices=choices))
+def _env(default, lo=None, hi=None, choices=None):
+    """A variable of the environment: its name is the field's in upper case (iterations: ITERATIONS), its type
+    the field's (_parse)."""
+    return field(default=default, metadata=dict(env=True, lo=lo, hi=hi, choices=choices))
 
 
 def env_name(f) -> str:
@@ -59,135 +60,135 @@ def env_name(f) -> str:
 class Hyperparameters:
     """Every knob, read once from the environment and validated once (from_env)."""
     # data / run
-    data_path: str = _env("./data/datasets/fineweb10B_sp1024", str)
-    tokenizer_path: str = _env("./data/tokenizers/fineweb_1024_bpe.model", str)
-    run_id: str = _env("", str)
-    out_dir: str = _env("logs", str)
-    seed: int = _env(1337, int, 0, 2**31 - 1)
-    strict_env: bool = _env(False, bool)
-    checkpoint_every: int = _env(0, int, 0)
-    resume_from: str = _env("", str)
-    resume_override: bool = _env(False, bool)
+    data_path: str = _env("./data/datasets/fineweb10B_sp1024")
+    tokenizer_path: str = _env("./data/tokenizers/fineweb_1024_bpe.model")
+    run_id: str = _env("")
+    out_dir: str = _env("logs")
+    seed: int = _env(1337, 0, 2**31 - 1)
+    strict_env: bool = _env(False)
+    checkpoint_every: int = _env(0, 0)
+    resume_from: str = _env("")
+    resume_override: bool = _env(False)
     # training length / batch
-    iterations: int = _env(20000, int, 0, 10**7)
-    train_batch_tokens: int = _env(524_288, int, 1, 2**26)
-    train_seq_len: int = _env(1024, int, 2)
-    grad_accum_steps: int = _env(8, int, 1)
-    mlx_max_microbatch_tokens: int = _env(8192, int, 1)
-    warmup_steps: int = _env(20, int, 0)
-    warmdown_iters: int = _env(1200, int, 0)
-    warmdown_frac: float = _env(0.0, float, 0.0, 1.0)
-    max_wallclock_seconds: float = _env(600.0, float, 0.0)
+    iterations: int = _env(20000, 0, 10**7)
+    train_batch_tokens: int = _env(524_288, 1, 2**26)
+    train_seq_len: int = _env(1024, 2)
+    grad_accum_steps: int = _env(8, 1)
+    mlx_max_microbatch_tokens: int = _env(8192, 1)
+    warmup_steps: int = _env(20, 0)
+    warmdown_iters: int = _env(1200, 0)
+    warmdown_frac: float = _env(0.0, 0.0, 1.0)
+    max_wallclock_seconds: float = _env(600.0, 0.0)
     # evaluation / logging
-    val_batch_size: int = _env(524_288, int, 1)
-    val_loss_every: int = _env(0, int, 0)
-    val_max_tokens: int = _env(0, int, 0)
-    train_log_every: int = _env(200, int, 1)
-    eval_only: bool = _env(False, bool)
-    load_artifact: str = _env("", str)
+    val_batch_size: int = _env(524_288, 1)
+    val_loss_every: int = _env(0, 0)
+    val_max_tokens: int = _env(0, 0)
+    train_log_every: int = _env(200, 1)
+    eval_only: bool = _env(False)
+    load_artifact: str = _env("")
     # model
-    vocab_size: int = _env(1024, int, 2, 65536)
-    num_layers: int = _env(9, int, 1, 128)
-    model_dim: int = _env(512, int, 8, 16384)
-    num_heads: int = _env(8, int, 1, 256)
-    num_kv_heads: int = _env(4, int, 1, 256)
-    mlp_mult: int = _env(2, int, 1, 16)
-    tie_embeddings: bool = _env(True, bool)
-    tied_embed_init_std: float = _env(0.005, float, 0.0, 1.0)
-    logit_softcap: float = _env(30.0, float, 0.0)
-    rope_base: float = _env(10000.0, float, 1.0)
-    qk_gain_init: float = _env(1.5, float, 0.0)
-    compute_dtype: str = _env("auto", str, choices=("auto", "float32", "bfloat16", "float16"))
+    vocab_size: int = _env(1024, 2, 65536)
+    num_layers: int = _env(9, 1, 128)
+    model_dim: int = _env(512, 8, 16384)
+    num_heads: int = _env(8, 1, 256)
+    num_kv_heads: int = _env(4, 1, 256)
+    mlp_mult: int = _env(2, 1, 16)
+    tie_embeddings: bool = _env(True)
+    tied_embed_init_std: float = _env(0.005, 0.0, 1.0)
+    logit_softcap: float = _env(30.0, 0.0)
+    rope_base: float = _env(10000.0, 1.0)
+    qk_gain_init: float = _env(1.5, 0.0)
+    compute_dtype: str = _env("auto", choices=("auto", "float32", "bfloat16", "float16"))
     # optimizers
-    beta1: float = _env(0.9, float, 0.0, 0.999999)
-    beta2: float = _env(0.95, float, 0.0, 0.999999)
-    adam_eps: float = _env(1e-8, float, 0.0, 1.0)
-    tied_embed_lr: float = _env(0.05, float, 0.0)
-    embed_lr: float = _env(0.6, float, 0.0)
-    head_lr: float = _env(0.008, float, 0.0)
-    matrix_lr: float = _env(0.04, float, 0.0)
-    scalar_lr: float = _env(0.04, float, 0.0)
-    muon_momentum: float = _env(0.95, float, 0.0, 0.999999)
-    muon_momentum_warmup_start: float = _env(0.85, float, 0.0, 0.999999)
-    muon_momentum_warmup_steps: int = _env(500, int, 0)
-    muon_backend_steps: int = _env(5, int, 1, 20)
-    muon_weight_decay: float = _env(0.0, float, 0.0, 1.0)
-    grad_clip_norm: float = _env(0.0, float, 0.0)
+    beta1: float = _env(0.9, 0.0, 0.999999)
+    beta2: float = _env(0.95, 0.0, 0.999999)
+    adam_eps: float = _env(1e-8, 0.0, 1.0)
+    tied_embed_lr: float = _env(0.05, 0.0)
+    embed_lr: float = _env(0.6, 0.0)
+    head_lr: float = _env(0.008, 0.0)
+    matrix_lr: float = _env(0.04, 0.0)
+    scalar_lr: float = _env(0.04, 0.0)
+    muon_momentum: float = _env(0.95, 0.0, 0.999999)
+    muon_momentum_warmup_start: float = _env(0.85, 0.0, 0.999999)
+    muon_momentum_warmup_steps: int = _env(500, 0)
+    muon_backend_steps: int = _env(5, 1, 20)
+    muon_weight_decay: float = _env(0.0, 0.0, 1.0)
+    grad_clip_norm: float = _env(0.0, 0.0)
     # artifact
-    quant_bits: int = _env(6, int, choices=(6, 8))
+    quant_bits: int = _env(6, choices=(6, 8))
     # moonshot stack, training side (every piece off by default)
-    engram_lite_enabled: bool = _env(False, bool)
-    engram_mode: str = _env("logit", str, choices=("logit", "input"))
-    engram_hash_size: int = _env(4096, int, 1, 2**20)
-    engram_dim: int = _env(128, int, 1, 4096)
-    engram_heads: int = _env(2, int, 1, 16)
-    skipgram_hash_size: int = _env(0, int, 0, 2**20)
-    skipgram_dim: int = _env(32, int, 1, 4096)
-    skipgram_patterns: str = _env("-1,-3;-1,-5;-2,-4", str)
-    engram_proj_optimizer: str = _env("muon", str, choices=("muon", "adam"))
-    skipgram_proj_optimizer: str = _env("adam", str, choices=("muon", "adam"))
-    complement_alpha: float = _env(0.0, float, 0.0, 1.0)
-    complement_floor: float = _env(0.1, float, 0.0, 1.0)
-    complement_max_tokens: int = _env(100_000_000, int, 1)
-    ema_decay: float = _env(0.0, float, 0.0, 0.999999)
-    ema_warmup: float = _env(3.0, float, 0.0)
-    qat_start_frac: float = _env(1.0, float, 0.0, 1.0)
+    engram_lite_enabled: bool = _env(False)
+    engram_mode: str = _env("logit", choices=("logit", "input"))
+    engram_hash_size: int = _env(4096, 1, 2**20)
+    engram_dim: int = _env(128, 1, 4096)
+    engram_heads: int = _env(2, 1, 16)
+    skipgram_hash_size: int = _env(0, 0, 2**20)
+    skipgram_dim: int = _env(32, 1, 4096)
+    skipgram_patterns: str = _env("-1,-3;-1,-5;-2,-4")
+    engram_proj_optimizer: str = _env("muon", choices=("muon", "adam"))
+    skipgram_proj_optimizer: str = _env("adam", choices=("muon", "adam"))
+    complement_alpha: float = _env(0.0, 0.0, 1.0)
+    complement_floor: float = _env(0.1, 0.0, 1.0)
+    complement_max_tokens: int = _env(100_000_000, 1)
+    ema_decay: float = _env(0.0, 0.0, 0.999999)
+    ema_warmup: float = _env(3.0, 0.0)
+    qat_start_frac: float = _env(1.0, 0.0, 1.0)
     # moonshot stack, evaluation side
-    eval_mode: str = _env("auto", str, choices=("auto", "standard", "sliding"))
-    eval_seq_len: int = _env(0, int, 0)
-    eval_stride: int = _env(0, int, 0)
-    eval_batch_seqs: int = _env(0, int, 0)
-    eval_token_nll_path: str = _env("", str)
-    ngram_mixer_enabled: bool = _env(False, bool)
-    ngram_max_order: int = _env(5, int, 1, 16)  # defaults: tests/bench_ngram.py --part bpb
-    ngram_alpha: float = _env(0.7, float, 0.0, 0.99)
-    ngram_alpha_mode: str = _env("fixed", str, choices=("fixed", "entropy"))
-    ngram_max_memory_mb: int = _env(4096, int, 1)
+    eval_mode: str = _env("auto", choices=("auto", "standard", "sliding"))
+    eval_seq_len: int = _env(0, 0)
+    eval_stride: int = _env(0, 0)
+    eval_batch_seqs: int = _env(0, 0)
+    eval_token_nll_path: str = _env("")
+    ngram_mixer_enabled: bool = _env(False)
+    ngram_max_order: int = _env(5, 1, 16)  # defaults: tests/bench_ngram.py --part bpb
+    ngram_alpha: float = _env(0.7, 0.0, 0.99)
+    ngram_alpha_mode: str = _env("fixed", choices=("fixed", "entropy"))
+    ngram_max_memory_mb: int = _env(4096, 1)
     # data-parallel runs (mlx.launch) and the challenge's submission folder
-    dist_backend: str = _env("any", str, choices=("any", "ring", "nccl", "jaccl", "mpi"))
-    submission_dir: str = _env("", str)
-    submission_author: str = _env("", str)
-    submission_github_id: str = _env("", str)
-    submission_name: str = _env("", str)
-    submission_blurb: str = _env("", str)
-    submission_unofficial_data: bool = _env(False, bool)
+    dist_backend: str = _env("any", choices=("any", "ring", "nccl", "jaccl", "mpi"))
+    submission_dir: str = _env("")
+    submission_author: str = _env("")
+    submission_github_id: str = _env("")
+    submission_name: str = _env("")
+    submission_blurb: str = _env("")
+    submission_unofficial_data: bool = _env(False)
     # record base (issue 8): the sp1024 records' model pieces, each off by default; RECIPE bundles them
-    recipe: str = _env("baseline", str, choices=("baseline", "sp1024_record"))
-    smear_gate: bool = _env(False, bool)
-    bigram_hash_size: int = _env(0, int, 0, 2**20)
-    bigram_dim: int = _env(128, int, 1, 4096)
-    xsa_last_n: int = _env(0, int, 0, 256)
-    rope_dims: int = _env(0, int, 0, 4096)
-    ln_scale: bool = _env(False, bool)
-    leaky_relu_slope: float = _env(0.0, float, 0.0, 1.0)
-    parallel_start_layer: int = _env(0, int, 0, 127)
-    recur_layers: str = _env("", str)
-    recur_untied_mlp: bool = _env(False, bool)
-    recur_start_frac: float = _env(0.0, float, 0.0, 1.0)
+    recipe: str = _env("baseline", choices=("baseline", "sp1024_record"))
+    smear_gate: bool = _env(False)
+    bigram_hash_size: int = _env(0, 0, 2**20)
+    bigram_dim: int = _env(128, 1, 4096)
+    xsa_last_n: int = _env(0, 0, 256)
+    rope_dims: int = _env(0, 0, 4096)
+    ln_scale: bool = _env(False)
+    leaky_relu_slope: float = _env(0.0, 0.0, 1.0)
+    parallel_start_layer: int = _env(0, 0, 127)
+    recur_layers: str = _env("")
+    recur_untied_mlp: bool = _env(False)
+    recur_start_frac: float = _env(0.0, 0.0, 1.0)
     # mixed-precision artifact: bits per tensor group (0 = QUANT_BITS; 16 = fp16), clip search, codec
-    quant_bits_attn: int = _env(0, int, choices=(0, 5, 6, 8, 16))
-    quant_bits_mlp: int = _env(0, int, choices=(0, 5, 6, 8, 16))
-    quant_bits_embed: int = _env(0, int, choices=(0, 5, 6, 8, 16))
-    gptq_lite: bool = _env(False, bool)
-    compressor: str = _env("zstd", str, choices=("auto", "zstd", "lzma"))
+    quant_bits_attn: int = _env(0, choices=(0, 5, 6, 8, 16))
+    quant_bits_mlp: int = _env(0, choices=(0, 5, 6, 8, 16))
+    quant_bits_embed: int = _env(0, choices=(0, 5, 6, 8, 16))
+    gptq_lite: bool = _env(False)
+    compressor: str = _env("zstd", choices=("auto", "zstd", "lzma"))
     # test-time training at evaluation (score a chunk, then train on it; README "Test-time training")
-    ttt_enabled: bool = _env(False, bool)
-    ttt_mode: str = _env("lora", str, choices=("lora", "full"))
-    ttt_rank: int = _env(8, int, 1, 1024)
-    ttt_targets: str = _env("all", str)
-    ttt_lr: float = _env(0.01, float, 0.0)
-    ttt_epochs: int = _env(1, int, 1, 64)
-    ttt_chunk: int = _env(2048, int, 1)
-    ttt_batch_seqs: int = _env(8, int, 1)
-    ttt_grad_clip: float = _env(1.0, float, 0.0)
-    ttt_reset: str = _env("never", str, choices=("never", "doc"))
+    ttt_enabled: bool = _env(False)
+    ttt_mode: str = _env("lora", choices=("lora", "full"))
+    ttt_rank: int = _env(8, 1, 1024)
+    ttt_targets: str = _env("all")
+    ttt_lr: float = _env(0.01, 0.0)
+    ttt_epochs: int = _env(1, 1, 64)
+    ttt_chunk: int = _env(2048, 1)
+    ttt_batch_seqs: int = _env(8, 1)
+    ttt_grad_clip: float = _env(1.0, 0.0)
+    ttt_reset: str = _env("never", choices=("never", "doc"))
     # not variables: what unknown_env_notes found in the environment, and the variables RECIPE set (for the log
     # and error messages), those derived from NUM_LAYERS among them
-    env_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
-    from_recipe: tuple = field(default=(), compare=False, metadata=dict(env=None))
-    derived: tuple = field(default=(), compare=False, metadata=dict(env=None))
+    env_notes: tuple = field(default=(), compare=False)
+    from_recipe: tuple = field(default=(), compare=False)
+    derived: tuple = field(default=(), compare=False)
     # not a variable: how RESUME_FROM's checkpoint settings differ from the environment, for the log
-    resume_notes: tuple = field(default=(), compare=False, metadata=dict(env=None))
+    resume_notes: tuple = field(default=(), compare=False)
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -451,7 +452,8 @@ def recur_span(text: str, num_layers: int):
 
 
 def _parse(raw: str, f):
-    kind, lo, hi, choices = (f.metadata[k] for k in ("kind", "lo", "hi", "choices"))
+    kind = {"str": str, "int": int, "float": float, "bool": bool}[f.type]  # annotations are strings (__future__)
+    lo, hi, choices = (f.metadata[k] for k in ("lo", "hi", "choices"))
     if not raw:
         raise ValueError(f"empty value; unset {env_name(f)} to use the default ({f.default!r})")
     if kind is bool:
@@ -1348,15 +1350,9 @@ def checkpoint_header(path: str) -> dict:
 
 
 def read_checkpoint(path: str, hp: Hyperparameters):
-    """(meta, params, optimizer state), refusing a checkpoint of another shape than this run's."""
+    """(meta, params, optimizer state), refusing a checkpoint whose EMA state this run cannot continue."""
     header, arrays = read_container(path, CHECKPOINT_MAGIC, "checkpoint")
-    saved = header["meta"]["hparams"]
-    fixed = set(asdict(ModelConfig.from_hparams(hp))) | set(RESUME_MUST_MATCH)
-    for f in env_fields():
-        if f.name in fixed and saved.get(f.name) != getattr(hp, f.name):
-            raise ConfigError(f"RESUME_FROM={path}: {env_name(f)}={getattr(hp, f.name)} but the "
-                              f"checkpoint was trained with {saved.get(f.name)}; shape-changing variables "
-                              "must match the checkpoint")
+    saved = header["meta"]["hparams"]  # its shape and RESUME_MUST_MATCH already match (Hyperparameters.resumed)
     if (saved["ema_decay"] > 0) != (hp.ema_decay > 0):
         raise ConfigError(f"RESUME_FROM={path}: EMA_DECAY must be {'> 0' if saved['ema_decay'] > 0 else '0'} "
                           "as in the checkpoint (the EMA is part of the saved state)")
@@ -2163,11 +2159,15 @@ def preflight_paths(hp: Hyperparameters):
                              "be writable, and the path must not be a folder")
 
 
+def micro_seqs(hp: Hyperparameters) -> int:
+    """Rows in one microbatch: a GRAD_ACCUM_STEPS share of the batch, at most MLX_MAX_MICROBATCH_TOKENS."""
+    return max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // hp.train_seq_len)
+
+
 def micro_tokens(hp: Hyperparameters, ranks: int) -> int:
     """Tokens in one rank's microbatch: train_step gives each rank 1/ranks of the batch's rows."""
     seq = hp.train_seq_len
-    micro_seqs = max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // seq)
-    return min(micro_seqs, max(1, hp.train_batch_tokens // seq // ranks)) * seq
+    return min(micro_seqs(hp), max(1, hp.train_batch_tokens // seq // ranks)) * seq
 
 
 def activation_floats(cfg: ModelConfig, seq: int, backward: bool) -> int:
@@ -2289,7 +2289,7 @@ def setup(r: Run, sp):
     seq, W = hp.train_seq_len, r.group.size()
     if hp.train_batch_tokens // seq % W:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN x {W} ranks")
-    r.micro_seqs = max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // seq)
+    r.micro_seqs = micro_seqs(hp)
     r.val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
     check_memory(memory_needs(hp, cfg, micro_tokens(hp, W), r.val_tokens.size, W), log, r.local_ranks)
     mx.random.seed(hp.seed)
@@ -2676,10 +2676,9 @@ TRACK_LIMIT_S = 600.0  # track_10min_16mb: training, and evaluation, each within
 # for tokenizers without a known count, the number of documents (BOS tokens) is.
 OFFICIAL_VAL_DOCS = 50_000
 OFFICIAL_VAL_TOKENS = {1024: 62_021_846}
-# Variables that do not change the result: a seed run with other values is the same configuration.
-NOT_RESULT_VARS = {"SEED", "RUN_ID", "OUT_DIR", "DATA_PATH", "TOKENIZER_PATH", "EVAL_TOKEN_NLL_PATH", "RESUME_FROM",
-                   "CHECKPOINT_EVERY", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "STRICT_ENV", "DIST_BACKEND",
-                   "EVAL_ONLY", "LOAD_ARTIFACT"}
+# Fields that do not change the result: a seed run with other values is the same configuration. Those a resumed
+# run may change (RESUME_FREE), the seed, and evaluation-only runs' (a seed is a training run).
+NOT_RESULT_FIELDS = set(RESUME_FREE) | {"seed", "eval_only", "load_artifact"}
 PACKED_MARK = "# train_gpt_mlx.py packed"
 SUBMISSION_LOCK_WAIT_S = 300.0  # a seed waits this long for another seed writing into the same folder
 
@@ -2798,10 +2797,9 @@ def result_config(hp: Hyperparameters) -> dict:
     """The variables set away from their defaults that change the result: what makes seeds one configuration."""
     out = {}
     for f in env_fields():
-        name = env_name(f)
-        if name in NOT_RESULT_VARS or name.startswith("SUBMISSION_") or getattr(hp, f.name) == f.default:
+        if f.name in NOT_RESULT_FIELDS or f.name.startswith("submission_") or getattr(hp, f.name) == f.default:
             continue
-        out[name] = getattr(hp, f.name)
+        out[env_name(f)] = getattr(hp, f.name)
     return out
 
 
@@ -2809,9 +2807,7 @@ def config_differences(folder_config: dict, mine: dict) -> list[str]:
     """'NAME (folder: a, this run: b)' for each result-changing variable on which the two disagree."""
     defaults = {env_name(f): f.default for f in env_fields()}
     diffs = []
-    for name in sorted(set(folder_config) | set(mine)):
-        if name in NOT_RESULT_VARS or name.startswith("SUBMISSION_"):
-            continue
+    for name in sorted(set(folder_config) | set(mine)):  # both result_config's: result variables only
         theirs = folder_config.get(name, defaults.get(name))
         ours = mine.get(name, defaults.get(name))
         if theirs != ours:
@@ -2831,7 +2827,7 @@ def read_submission_json(d: Path) -> dict | None:
 
 def val_split_facts(hp: Hyperparameters) -> dict:
     """Token and document counts of the validation split, and whether they are the challenge's."""
-    toks = np.concatenate([load_data_shard(f) for f in shard_files(hp.data_path, "val")])
+    toks = load_validation_tokens(hp.data_path, 0, hp.vocab_size)
     docs = int(np.count_nonzero(toks == BOS_ID))
     if hp.vocab_size in OFFICIAL_VAL_TOKENS:
         official = toks.size == OFFICIAL_VAL_TOKENS[hp.vocab_size]
@@ -3028,10 +3024,9 @@ def folder_files(sub: dict, r: Run) -> dict:
 def run_command(r: Run, seed: int) -> str:
     """The command that reproduces a seed from inside the folder: every variable it needs, paths included."""
     hp, d = r.hp, os.path.abspath(r.hp.submission_dir)
-    env = {name: value for name, value in result_config(hp).items()}
-    env["DATA_PATH"] = os.path.relpath(os.path.abspath(hp.data_path), d)
-    env["TOKENIZER_PATH"] = os.path.relpath(os.path.abspath(hp.tokenizer_path), d)
-    env["OUT_DIR"] = os.path.relpath(os.path.abspath(hp.out_dir), d)  # logs and artifacts stay out of the folder
+    env = result_config(hp)
+    for name in ("data_path", "tokenizer_path", "out_dir"):  # logs and artifacts stay out of the folder
+        env[ENV_NAMES[name]] = os.path.relpath(os.path.abspath(getattr(hp, name)), d)
     env["SEED"] = seed
     assigns = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
     W = r.group.size()
@@ -3084,7 +3079,6 @@ def render_readme(sub: dict, r: Run) -> str:
 @contextmanager
 def folder_lock(d: Path):
     """Seeds writing into one folder take turns. flock: the OS releases it when a process dies, so no stale lock."""
-    import fcntl
     d.parent.mkdir(parents=True, exist_ok=True)
     lock = d.parent / f".{d.name}.lock"
     with open(lock, "a") as f:
