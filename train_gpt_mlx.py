@@ -199,7 +199,8 @@ class Hyperparameters:
         explicit = {f.name for f in env_fields() if env_name(f) in env}
         recipe = recipe_values(env)
         env = {**recipe, **env}  # explicit values win
-        values, errors = {}, [f"{k}={env[k]!r}: {why}" for k, why in ENV_RETIRED.items() if k in env]
+        values = {}
+        errors = [f"{k}={env[k]!r}: {why}" for k, why in ENV_RETIRED.items() if k in env]
         for f in env_fields():
             raw = env.get(env_name(f))
             try:
@@ -228,11 +229,15 @@ class Hyperparameters:
         meta = checkpoint_header(self.resume_from)["meta"]
         saved = meta["hparams"]
         fixed = set(MODEL_FIELDS) | set(RESUME_MUST_MATCH)
-        values, notes, refused = {}, [], []
+        values = {}
+        notes = []
+        refused = []
         for f in env_fields():
             if f.name not in saved or f.name in RESUME_FREE or f.name.startswith("submission_"):
                 continue
-            mine, theirs, var = getattr(self, f.name), saved[f.name], env_name(f)
+            mine = getattr(self, f.name)
+            theirs = saved[f.name]
+            var = env_name(f)
             if mine == theirs:
                 continue
             if f.name not in explicit:
@@ -258,7 +263,8 @@ class Hyperparameters:
         return 64 if self.eval_mode == "sliding" and not self.eval_stride else self.eval_stride
 
     def check_relations(self):
-        hd, eval_len = self.model_dim // self.num_heads, self.eval_seq_len or self.train_seq_len
+        hd = self.model_dim // self.num_heads
+        eval_len = self.eval_seq_len or self.train_seq_len
         try:
             pat_err = parse_patterns(self.skipgram_patterns) and None  # only whether it raises matters here
         except ValueError as e:
@@ -298,11 +304,14 @@ class Hyperparameters:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(blame_recipe(errs, self.from_recipe)))
 
     def record_base_errors(self) -> list:
-        L, hd = self.num_layers, self.model_dim // self.num_heads
+        L = self.num_layers
+        hd = self.model_dim // self.num_heads
         try:
-            span, recur_err = recur_span(self.recur_layers, L), None
+            span = recur_span(self.recur_layers, L)
+            recur_err = None
         except ValueError as e:
-            span, recur_err = None, f"RECUR_LAYERS={self.recur_layers!r}: {e}"
+            span = None
+            recur_err = f"RECUR_LAYERS={self.recur_layers!r}: {e}"
         n = L + (span[1] - span[0] + 1 if span else 0)
         return [msg for bad, msg in (
             (self.recipe != "baseline" and L < 2,
@@ -474,7 +483,9 @@ def _parse(raw: str, f):
 
 
 # ======== Data: challenge shards, the training token stream, the bits-per-byte table =================================
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_BYTES = 1024
 DATA_HELP = ("Download the challenge data:  python data/cached_challenge_fineweb.py --variant sp1024 "
              "--train-shards 1\nor build shards offline:  python data/build_shards.py --docs docs.jsonl "
              "--tokenizer TOKENIZER.model --out DIR --val-docs N")
@@ -536,11 +547,18 @@ class TokenStream:
     memory. (file_idx, pos, epoch) is its whole state, so a checkpoint resumes it exactly."""
 
     def __init__(self, files: list[str], vocab_size: int, log=None):
-        self.files, self.vocab_size, self.log = files, vocab_size, log
-        self.file_idx, self.pos, self.epoch, self.tokens = -1, 0, 0, np.zeros(0, np.uint16)
+        self.files = files
+        self.vocab_size = vocab_size
+        self.log = log
+        self.file_idx = -1
+        self.pos = 0
+        self.epoch = 0
+        self.tokens = np.zeros(0, np.uint16)
 
     def _load(self, file_idx: int, pos: int = 0):
-        self.file_idx, self.pos, self.tokens = file_idx, pos, load_data_shard(self.files[file_idx])
+        self.file_idx = file_idx
+        self.pos = pos
+        self.tokens = load_data_shard(self.files[file_idx])
         if self.tokens.size and int(self.tokens.max()) >= self.vocab_size:
             raise ValueError(f"{self.files[file_idx]}: token id >= VOCAB_SIZE={self.vocab_size}")
 
@@ -564,7 +582,8 @@ class TokenStream:
         self.epoch = st["epoch"]
 
     def take(self, n: int) -> np.ndarray:
-        parts, empty_files = [], 0
+        parts = []
+        empty_files = 0
         while n > 0:
             if self.pos >= self.tokens.size:
                 self._next_file()
@@ -574,7 +593,8 @@ class TokenStream:
                 continue
             k = min(n, self.tokens.size - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
-            self.pos, n = self.pos + k, n - k
+            self.pos += k
+            n -= k
         return np.concatenate(parts)
 
     def next_batch(self, batch_tokens: int, seq_len: int):
@@ -588,13 +608,16 @@ def build_byte_tables(sp, vocab_size: int):
     n = sp.vocab_size()
     if n > vocab_size:
         raise ValueError(f"tokenizer has {n} pieces but VOCAB_SIZE={vocab_size}")
-    base, space = np.zeros(vocab_size, np.int64), np.zeros(vocab_size, bool)
+    base = np.zeros(vocab_size, np.int64)
+    space = np.zeros(vocab_size, bool)
     boundary = np.ones(vocab_size, bool)  # ids beyond the tokenizer: 0 bytes, boundary
     for i in range(n):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
-        piece, is_byte = sp.id_to_piece(i), sp.is_byte(i)  # a byte piece (<0x..>) counts 1 byte, never a space
-        boundary[i], space[i] = False, not is_byte and piece.startswith("\u2581")
+        piece = sp.id_to_piece(i)  # a byte piece (<0x..>) counts 1 byte, never a space
+        is_byte = sp.is_byte(i)
+        boundary[i] = False
+        space[i] = not is_byte and piece.startswith("\u2581")
         base[i] = 1 if is_byte else len(piece.removeprefix("\u2581").encode("utf-8"))
     return base, space, boundary
 
@@ -660,10 +683,14 @@ class Attention(nn.Module):
 
     def __init__(self, dim, heads, kv_heads, rope_base, qk_gain, rope_dims=0):
         super().__init__()
-        self.heads, self.kv_heads, self.hd, self.rope_base = heads, kv_heads, dim // heads, rope_base
+        self.heads = heads
+        self.kv_heads = kv_heads
+        self.hd = dim // heads
+        self.rope_base = rope_base
         self.rope_dims = rope_dims or self.hd
         self.c_q = Linear(dim, dim)
-        self.c_k, self.c_v = Linear(dim, kv_heads * self.hd), Linear(dim, kv_heads * self.hd)
+        self.c_k = Linear(dim, kv_heads * self.hd)
+        self.c_v = Linear(dim, kv_heads * self.hd)
         self.proj = Linear(dim, dim, zero_init=True)
         self.q_gain = mx.full((heads,), qk_gain)
 
@@ -694,7 +721,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim, mult, slope=0.0):
         super().__init__()
-        self.fc, self.proj, self.slope = Linear(dim, dim * mult), Linear(dim * mult, dim, zero_init=True), slope
+        self.fc = Linear(dim, dim * mult)
+        self.proj = Linear(dim * mult, dim, zero_init=True)
+        self.slope = slope
 
     def __call__(self, x):
         h = nn.leaky_relu(self.fc(x), self.slope) if self.slope else nn.relu(self.fc(x))
@@ -729,13 +758,16 @@ class EngramLite(nn.Module):
 
     def __init__(self, hash_size, dim, heads, out_dim, orders=(2, 3)):
         super().__init__()
-        self.size, self.heads, self.orders = hash_size, heads, orders
+        self.size = hash_size
+        self.heads = heads
+        self.orders = orders
         self.tables = [mx.random.normal((hash_size, dim)) * 0.02 for _ in orders]
         self.gates = mx.full((len(orders),), -2.0)
         self.proj = Linear(dim, out_dim, zero_init=True)
 
     def __call__(self, ids, dtype):
-        T, out = ids.shape[1], 0.0
+        T = ids.shape[1]
+        out = 0.0
         for k, order in enumerate(self.orders):
             cols = [shift_right(ids, order - 1 - j) for j in range(order)]
             e = sum(self.tables[k][hash_ids(cols, 16 * k + h, self.size)] for h in range(self.heads))
@@ -749,12 +781,14 @@ class SkipGramHash(nn.Module):
 
     def __init__(self, hash_size, dim, patterns, vocab):
         super().__init__()
-        self.size, self.patterns = hash_size, patterns
+        self.size = hash_size
+        self.patterns = patterns
         self.tables = [mx.random.normal((hash_size, dim)) * 0.02 for _ in patterns]
         self.proj = Linear(dim, vocab, zero_init=True)
 
     def __call__(self, ids, dtype):
-        T, out = ids.shape[1], 0.0
+        T = ids.shape[1]
+        out = 0.0
         for k, pat in enumerate(self.patterns):
             back = [-o - 1 for o in pat]
             e = self.tables[k][hash_ids([shift_right(ids, d) for d in back], 101 + k, self.size)]
@@ -780,19 +814,23 @@ class Block(nn.Module):
         super().__init__()
         self.attn = Attention(dim, heads, kv_heads, rope_base, qk_gain, rope_dims)
         self.mlp = MLP(dim, mlp_mult, slope)
-        self.attn_scale, self.mlp_scale = mx.ones((dim,)), mx.ones((dim,))
+        self.attn_scale = mx.ones((dim,))
+        self.mlp_scale = mx.ones((dim,))
         self.resid_mix = mx.stack([mx.ones((dim,)), mx.zeros((dim,))])
         if parallel:
-            self.lane_r, self.lane_p = mx.full((2,), math.sqrt(1.1)), mx.ones((2, 2))
+            self.lane_r = mx.full((2,), math.sqrt(1.1))
+            self.lane_p = mx.ones((2, 2))
 
     def __call__(self, lanes, x0, s=1.0, mlp=None, xsa=False):
         """lanes: [x], or the parallel region's [lane0, lane1]; s: the LN-scale factor."""
-        mix, mlp = self.resid_mix.astype(x0.dtype), self.mlp if mlp is None else mlp
+        mix = self.resid_mix.astype(x0.dtype)
+        mlp = self.mlp if mlp is None else mlp
         if len(lanes) == 1:
             x = mix[0] * lanes[0] + mix[1] * x0
             x = x + self.attn_scale.astype(x.dtype) * self.attn(rms_norm(x) * s, xsa)
             return [x + self.mlp_scale.astype(x.dtype) * mlp(rms_norm(x) * s)]
-        r, p = self.lane_r.astype(x0.dtype), self.lane_p.astype(x0.dtype)
+        r = self.lane_r.astype(x0.dtype)
+        p = self.lane_p.astype(x0.dtype)
         a = self.attn_scale.astype(x0.dtype) * self.attn(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * s, xsa)
         lanes = [r[0] * h + p[0, k] * a for k, h in enumerate(lanes)]
         m = self.mlp_scale.astype(x0.dtype) * mlp(rms_norm(mix[0] * lanes[1] + mix[1] * x0) * s)
@@ -824,7 +862,9 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype=mx.float32):
         super().__init__()
-        self.cfg, self.dtype, d = cfg, dtype, cfg.model_dim
+        self.cfg = cfg
+        self.dtype = dtype
+        d = cfg.model_dim
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.tok_emb.weight = mx.random.normal((cfg.vocab_size, d)) * cfg.tied_embed_init_std
         par = cfg.parallel_start_layer or cfg.num_layers
@@ -835,7 +875,8 @@ class GPT(nn.Module):
             n = self.span[1] - self.span[0] + 1
             self.recur_mlps = [MLP(d, cfg.mlp_mult, cfg.leaky_relu_slope) for _ in range(n)]
         self.recur_on = True  # False: the plain order (RECUR_START_FRAC; each Compiled sets it for its graphs)
-        n_virtual, self.n_parallel = len(self.virtual_layers()), cfg.num_layers - par
+        n_virtual = len(self.virtual_layers())
+        self.n_parallel = cfg.num_layers - par
         if n_virtual // 2:  # one row per U-Net skip, sized for the longer (recurrent) order
             self.skip_weights = mx.ones((n_virtual // 2, d))
         if not cfg.tie_embeddings:
@@ -854,9 +895,11 @@ class GPT(nn.Module):
     def virtual_layers(self) -> list:
         """(block, keyword arguments) per virtual layer, in order: layers a..b of RECUR_LAYERS run twice
         (#1204), the second pass with its own MLP copies when untied. LN scale and XSA go by virtual index."""
-        cfg, L = self.cfg, self.cfg.num_layers
+        cfg = self.cfg
+        L = self.cfg.num_layers
         a, b = self.span if self.span and self.recur_on else (L, L - 1)
-        order, untied = list(range(b + 1)) + list(range(a, L)), "recur_mlps" in self and self.recur_on
+        order = list(range(b + 1)) + list(range(a, L))
+        untied = "recur_mlps" in self and self.recur_on
         return [(self.blocks[j], dict(s=(i + 1) ** -0.5 if cfg.ln_scale else 1.0, xsa=i >= len(order) - cfg.xsa_last_n,
                                       mlp=self.recur_mlps[i - b - 1] if untied and b < i <= 2 * b - a + 1
                                       else None)) for i, j in enumerate(order)]
@@ -876,8 +919,12 @@ class GPT(nn.Module):
         if cfg.bigram_hash_size:
             e = e + self.bigram(ids, self.dtype)
         x = smear(rms_norm(e), ids, self.smear_gate) if cfg.smear_gate else rms_norm(e)
-        x0, skips, lanes, layers = x, [], [x], self.virtual_layers()
-        n_enc, par_from = len(layers) // 2, len(layers) - self.n_parallel
+        x0 = x
+        skips = []
+        lanes = [x]
+        layers = self.virtual_layers()
+        n_enc = len(layers) // 2
+        par_from = len(layers) - self.n_parallel
         for i, (block, kw) in enumerate(layers):
             if i >= n_enc and skips:  # decoder half: add encoder outputs in reverse order
                 skip = self.skip_weights[i - n_enc].astype(x0.dtype) * skips.pop()
@@ -893,7 +940,8 @@ class GPT(nn.Module):
             logits = logits + self.engram(ids, self.dtype)
         if cfg.skipgram_hash_size:
             logits = logits + self.skipgram(ids, self.dtype)
-        logits, c = logits.astype(mx.float32), cfg.logit_softcap
+        logits = logits.astype(mx.float32)
+        c = cfg.logit_softcap
         return c * mx.tanh(logits / c) if c > 0 else logits
 
     def token_nll(self, ids, targets):
@@ -944,13 +992,15 @@ class Muon(optim.Optimizer):
         super().__init__()
         self._maybe_schedule("learning_rate", learning_rate)
         self._maybe_schedule("momentum", momentum)
-        self.backend_steps, self.weight_decay = backend_steps, weight_decay
+        self.backend_steps = backend_steps
+        self.weight_decay = weight_decay
 
     def init_single(self, parameter: mx.array, state: dict):
         state["buf"] = mx.zeros_like(parameter)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        lr, mom = self.learning_rate, self.state["momentum"]
+        lr = self.learning_rate
+        mom = self.state["momentum"]
         state["buf"] = buf = mom * state["buf"] + gradient
         ortho = newton_schulz((gradient + mom * buf).astype(mx.bfloat16 if _on_gpu() else mx.float32),
                               self.backend_steps).astype(mx.float32)
@@ -996,7 +1046,9 @@ class Optimizers:
         """New parameters from flat {name: array} params and grads (inside the compiled step)."""
         if self.hp.grad_clip_norm > 0:
             grads, _ = optim.clip_grad_norm(grads, self.hp.grad_clip_norm)
-        out, gp, gg = {}, self.split(params), self.split(grads)
+        out = {}
+        gp = self.split(params)
+        gg = self.split(grads)
         for g, o in self.opts.items():
             o.state["learning_rate"] = self.base_lr[g] * lr_mul
             if g == "muon":
@@ -1085,7 +1137,8 @@ def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
 # ======== Complementary training: a bigram model of the training data sets per-token loss weights ====================
 def bigram_table(files: list[str], vocab: int, max_tokens: int) -> np.ndarray:
     """P(next | prev) with Laplace smoothing, [V, V] float32, from train shards only."""
-    counts, seen = np.zeros(vocab * vocab, np.int64), 0
+    counts = np.zeros(vocab * vocab, np.int64)
+    seen = 0
     for f in files:
         toks = load_data_shard(f)[: max_tokens - seen]
         for lo in range(0, max(toks.size - 1, 0), 1 << 24):  # bounded temporaries
@@ -1225,7 +1278,9 @@ def atomic_write(path: str, data: bytes):
 def write_container(path: str, magic: bytes, header: dict, arrays: list, level: int, codec: str = "zstd") -> int:
     """magic + zstd|xz(u32 header length, JSON header, raw LE arrays) -> bytes; xz: magic ends in L; auto: smaller."""
     import zstandard
-    table, chunks, off = [], [], 0
+    table = []
+    chunks = []
+    off = 0
     for name, role, arr in arrays:
         arr = np.ascontiguousarray(arr)
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
@@ -1274,8 +1329,10 @@ def read_container(path: str, magic: bytes, what: str):
             raise ArtifactError(f"{path}: blob has {len(blob)} bytes, header says {header['blob_bytes']}")
         arrays = {}
         for t in header["tensors"]:
-            dt, shape = np.dtype(_NP_DTYPES[t["dtype"]]).newbyteorder("<"), tuple(int(s) for s in t["shape"])
-            off, nb = int(t["offset"]), int(t["nbytes"])
+            dt = np.dtype(_NP_DTYPES[t["dtype"]]).newbyteorder("<")
+            shape = tuple(int(s) for s in t["shape"])
+            off = int(t["offset"])
+            nb = int(t["nbytes"])
             if nb != int(np.prod(shape)) * dt.itemsize or off < 0 or off + nb > len(blob):
                 raise ArtifactError(f"{path}: tensor {t['name']} has inconsistent size/offset")
             a = np.frombuffer(blob[off:off + nb], dtype=dt).reshape(shape)
@@ -1394,7 +1451,8 @@ def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stri
     optionally mixed with the n-gram cache; with `ttt`, each scored chunk is then trained on (C3). A `group`
     splits each chunk's batches (no TTT: one chunk) and gathers them in order, so the mixer and TTT see one
     process's stream. Returns (val_loss, val_bpb, per-target NLL in nats, float32)."""
-    n_tgt, L = tokens.size - 1, seq_len
+    n_tgt = tokens.size - 1
+    L = seq_len
     starts, offsets = eval_windows(n_tgt, L, stride or L)
     per_chunk = ttt.per_chunk if ttt else starts.size
     batch_seqs = min(batch_seqs, starts.size, per_chunk)
@@ -1403,9 +1461,12 @@ def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stri
     W = 1 if group is None else group.size()
     mine = [[ch[i] for i in np.array_split(np.arange(len(ch)), W)[group.rank() if W > 1 else 0]] for ch in chunks]
     scores = model_scores(fn, tokens, starts, offsets, L, batch_seqs, [b for m in mine for b in m], log, label)
-    nll_out, done = np.empty(n_tgt, np.float32), 0
+    nll_out = np.empty(n_tgt, np.float32)
+    done = 0
     for c, (ch, m) in enumerate(zip(chunks, mine)):
-        batches, a, b = (next(scores) for _ in m), ch[0][0], ch[-1][1]  # lazy: scored after the last train()
+        batches = (next(scores) for _ in m)  # lazy: scored after the last train()
+        a = ch[0][0]
+        b = ch[-1][1]
         if W > 1:
             batches = gathered_scores(batches, starts[a:b], offsets[a:b], n_tgt, L, batch_seqs, group,
                                       mixer is not None)
@@ -1424,20 +1485,24 @@ def evaluate(fn, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables, stri
 
 def model_scores(fn, tokens, starts, offsets, L: int, batch_seqs: int, bounds, log, label):
     """Lazily yield the model's (NLL, entropy or None) at the scored positions of each batch, in order."""
-    n_tgt, pos = tokens.size - 1, np.arange(L)
+    n_tgt = tokens.size - 1
+    pos = np.arange(L)
     t0 = last_print = time.perf_counter()
     for i, (lo, hi) in enumerate(bounds):
-        st, off = starts[lo:hi], offsets[lo:hi]
+        st = starts[lo:hi]
+        off = offsets[lo:hi]
         idx = np.minimum(st[:, None] + pos, n_tgt - 1)  # only a split shorter than L is clipped
         keep = (pos >= off[:, None]) & (st[:, None] + pos < n_tgt)
         x, y = np.zeros((2, batch_seqs, L), np.int32)
-        x[:st.size], y[:st.size] = tokens[idx], tokens[idx + 1]
+        x[:st.size] = tokens[idx]
+        y[:st.size] = tokens[idx + 1]
         out = fn(mx.array(x), mx.array(y))
         nll, ent = out if isinstance(out, tuple) else (out, None)
         flat = mx.array(np.flatnonzero(keep).astype(np.int32))  # scored positions, in target order
         yield mx.take(nll.reshape(-1), flat), None if ent is None else mx.take(ent.reshape(-1), flat)
         if log and time.perf_counter() - last_print > 30 and i + 1 < len(bounds):
-            last_print, n = time.perf_counter(), len(bounds)
+            last_print = time.perf_counter()
+            n = len(bounds)
             log(f"{label}_progress: {i + 1}/{n} batches eta:{(last_print - t0) / (i + 1) * (n - i - 1):.0f}s")
 
 
@@ -1446,7 +1511,8 @@ def gathered_scores(mine, starts, offsets, n_tgt: int, L: int, batch_seqs: int, 
     one TTT chunk's); one all_gather rebuilds all, in order."""
     share = np.array_split(np.add.reduceat(np.minimum(L, n_tgt - starts) - offsets,  # scored targets per batch
                                            np.arange(0, starts.size, batch_seqs)), group.size())
-    rows, width = [], max(int(c.sum()) for c in share)
+    rows = []
+    width = max(int(c.sum()) for c in share)
     for nll, ent in mine:
         rows.append(mx.stack([nll, mx.zeros_like(nll) if ent is None else ent])[:1 + need_ent])
         mx.eval(rows[-1])
@@ -1459,7 +1525,8 @@ def gathered_scores(mine, starts, offsets, n_tgt: int, L: int, batch_seqs: int, 
 
 def summarize_nll(nll: np.ndarray, tokens: np.ndarray, tables):
     """(mean NLL in nats, bits per byte, nll) over exactly the targets tokens[1:len(nll)+1]."""
-    n, total_nll = nll.size, float(nll.astype(np.float64).sum())
+    n = nll.size
+    total_nll = float(nll.astype(np.float64).sum())
     total_bytes = int(target_bytes(tokens[:n], tokens[1:n + 1], tables).sum())
     return total_nll / n, total_nll / math.log(2) / max(total_bytes, 1), nll
 
@@ -1474,7 +1541,10 @@ class TestTimeTrainer:
     SGD momentum 0.9 (#461); 'lora': rank-r W + B A, Adam, B = 0. close() restores the weights."""
 
     def __init__(self, model: GPT, hp: Hyperparameters, seq_len: int, stride: int, group=None):
-        self.model, self.hp, self.L, self.group = model, hp, seq_len, group
+        self.model = model
+        self.hp = hp
+        self.L = seq_len
+        self.group = group
         self.per_chunk = max(1, hp.ttt_chunk // stride)  # windows scored between two training rounds
         self.rows = min(hp.ttt_batch_seqs, -(-(seq_len + (self.per_chunk - 1) * stride) // seq_len))
         self.base = dict(tree_flatten(model.trainable_parameters()))
@@ -1506,7 +1576,8 @@ class TestTimeTrainer:
     def dp_step(self, grad, update, x, y, mask, lr):
         """step() over W ranks: each takes 1/W of the rows (padded with masked ones), the gradients of the
         step's loss, all-reduced, then the same clip and update everywhere."""
-        W, r = self.group.size(), self.group.rank()
+        W = self.group.size()
+        r = self.group.rank()
         k = -(-x.shape[0] // W)
         x, y, m = (mx.pad(a, [(0, k * W - a.shape[0]), (0, 0)])[r * k:(r + 1) * k] for a in (x, y, mask))
         loss, grads = grad(x, y, m, mx.maximum(mask.sum(), 1.0) / W)  # averaged below: W x the 1/W share
@@ -1547,7 +1618,8 @@ class TestTimeTrainer:
         if len(bos):
             self.reset()
             lo += int(bos[-1]) + 1
-        n, shape = hi - lo, (-1, self.rows, self.L)
+        n = hi - lo
+        shape = (-1, self.rows, self.L)
         buf = np.zeros(-(-n // (self.rows * self.L)) * self.rows * self.L + 1, np.int32)
         buf[:n + 1] = tokens[lo:hi + 1]
         mask = (np.arange(buf.size - 1) < n).astype(np.float32).reshape(shape)
@@ -1705,7 +1777,9 @@ def mixer_stats(tokens: np.ndarray, V: int, K: int, group=None) -> tuple:
     for L in range(2, K + 2):
         level = ngram_level(tokens, L, prev, prev[0], V)
         R = all_sum_ints(level[3], group)
-        ctx_order, ctx_first, R_ctx = prev[0], prev[1], prev[3]
+        ctx_order = prev[0]
+        ctx_first = prev[1]
+        R_ctx = prev[3]
         prev = None  # the (L-1)-gram ids are no longer needed
         T = all_sum_ints(continuation_counts(ctx_order, ctx_first, R, N), group)
         del ctx_order, ctx_first
@@ -1735,7 +1809,10 @@ class BackoffNgramMixer:
                  max_memory_mb: float = 4096, group=None):
         if alpha_mode not in ("fixed", "entropy") or not 0.0 <= alpha < 1.0 or max_order < 1:
             raise ValueError(f"bad mixer settings: alpha_mode={alpha_mode} alpha={alpha} max_order={max_order}")
-        self.V, self.K, self.alpha, self.mode = vocab_size, max_order, alpha, alpha_mode
+        self.V = vocab_size
+        self.K = max_order
+        self.alpha = alpha
+        self.mode = alpha_mode
         self.cap = int(max_memory_mb * 2**20)
         self.group = group
         self.p = self.conf = None  # the statistics, per target: p_ngram and the confidence C/(C+T)
@@ -1805,7 +1882,8 @@ class Compiled:
     def __init__(self, model: GPT, opt: Optimizers, compile_fns: bool = True, qat_bits=0,
                  complement: mx.array | None = None, ttt: "TestTimeTrainer | None" = None, recur: bool = True):
         c = mx.compile if compile_fns else (lambda f, **kw: f)
-        hp, state = opt.hp, [model.state, opt.state]
+        hp = opt.hp
+        state = [model.state, opt.state]
 
         def moded(f):  # traced with this set's recurrence mode; the model is left in the full (artifact) mode
             def in_mode(*args):
@@ -1866,13 +1944,16 @@ def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_
                group=None, bucket_bytes: int = 32 << 20):
     """One optimizer step in microbatches of <= micro_seqs rows; with W ranks, on this rank's 1/W of the rows,
     gradients and loss averaged in bucket_bytes buckets. Returns the mean loss (unevaluated)."""
-    lr, mom, W = mx.array(lr_mul), mx.array(momentum), 1 if group is None else group.size()
+    lr = mx.array(lr_mul)
+    mom = mx.array(momentum)
+    W = 1 if group is None else group.size()
     if W > 1:  # this rank's rows
         x, y = (a[group.rank() * (len(a) // W):(group.rank() + 1) * (len(a) // W)] for a in (x, y))
     n = x.shape[0]
     if n <= micro_seqs and W == 1:
         return fns.step(mx.array(x), mx.array(y), lr, mom)
-    acc, loss = None, mx.array(0.0)
+    acc = None
+    loss = mx.array(0.0)
     for lo in range(0, n, micro_seqs):
         share = min(micro_seqs, n - lo) / n
         micro_loss, grads = fns.grads(mx.array(x[lo:lo + micro_seqs]), mx.array(y[lo:lo + micro_seqs]))
@@ -1882,7 +1963,8 @@ def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_
         mx.eval(acc, loss)
     if W > 1:  # the loss rides in the gradients' all-reduce; evaluated here, so every rank issues it at once
         avg = nn.average_gradients(dict(g=acc, loss=loss), group, bucket_bytes)
-        acc, loss = avg["g"], avg["loss"]
+        acc = avg["g"]
+        loss = avg["loss"]
         mx.eval(acc, loss)
     fns.update(acc, lr, mom)
     return loss
@@ -1901,7 +1983,9 @@ class Logger:
     """Console + log file. A log that cannot be written (disk full) warns once and goes on."""
 
     def __init__(self, path: str | None, rank: int = 0):
-        self.path, self.f, self.rank = path, None, rank
+        self.path = path
+        self.f = None
+        self.rank = rank
         try:
             self.f = open(path, "a", encoding="utf-8") if path else None
         except OSError:  # OUT_DIR unwritable: check_out_dir names it, on every rank at once
@@ -1992,7 +2076,8 @@ def share_blas_threads(local_ranks: int, log):
         return
     try:
         blas = ctypes.CDLL(None)
-        now, set_threads = blas.openblas_get_num_threads(), blas.openblas_set_num_threads
+        now = blas.openblas_get_num_threads()
+        set_threads = blas.openblas_set_num_threads
     except (OSError, AttributeError):  # MLX's own BLAS (Accelerate on a Mac, the wheel's reference BLAS)
         return
     share = min(now, max(1, (os.cpu_count() or 1) // local_ranks))
@@ -2175,7 +2260,8 @@ def activation_floats(cfg: ModelConfig, seq: int, backward: bool) -> int:
     (tests/bench_memory.py). Training keeps every virtual layer (recurrence runs layers twice): (16 + 4 MLP_MULT) d
     and the attention's 2 H x T (scores and their gradient: MLX's CPU attention is not fused), 4 d more on each
     second parallel lane, 8 V for the logits and their gradient. Evaluation keeps one layer (H x T scores) and 2 V."""
-    d, V = cfg.model_dim, cfg.vocab_size
+    d = cfg.model_dim
+    V = cfg.vocab_size
     span = recur_span(cfg.recur_layers, cfg.num_layers)
     virtual = cfg.num_layers + (span[1] - span[0] + 1 if span else 0)
     second_lanes = cfg.num_layers - (cfg.parallel_start_layer or cfg.num_layers)  # GPT.n_parallel
@@ -2283,10 +2369,12 @@ def hparam_text(hp: Hyperparameters, name: str, value) -> str:
 
 # ---------------------------------------------------------------------------- set up and warm up
 def setup(r: Run, sp):
-    hp, log = r.hp, r.log
+    hp = r.hp
+    log = r.log
     log_run_header(r, hp)
     cfg = ModelConfig.from_hparams(hp)
-    seq, W = hp.train_seq_len, r.group.size()
+    seq = hp.train_seq_len
+    W = r.group.size()
     if hp.train_batch_tokens // seq % W:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN x {W} ranks")
     r.micro_seqs = micro_seqs(hp)
@@ -2323,7 +2411,8 @@ def setup(r: Run, sp):
 
 def warmup(r: Run):
     """Prime every compiled graph on training tokens, then restore weights, optimizer state and data order."""
-    hp, log = r.hp, r.log
+    hp = r.hp
+    log = r.log
     if not hp.warmup_steps or not hp.iterations:
         return
     r.phase = "warmup"
@@ -2339,7 +2428,8 @@ def warmup(r: Run):
             f"{' (recurrence graphs)' if rec != r.recur_on else ''} {time.perf_counter() - t0:.1f}s")
     r.model.update(tree_unflatten(list(init_params.items())))
     r.opt.reset(dict(tree_flatten(r.model.trainable_parameters())))
-    seq, n_windows = hp.train_seq_len, -(-(r.val_tokens.size - 1) // hp.train_seq_len)
+    seq = hp.train_seq_len
+    n_windows = -(-(r.val_tokens.size - 1) // hp.train_seq_len)
     mx.eval(r.graphs[first].token_nll(*[mx.zeros((min(eval_batch_seqs(hp, seq), n_windows), seq), mx.int32)] * 2))
     r.stream = TokenStream(r.stream.files, r.stream.vocab_size, log)
     log(f"warmup:{len(modes)} steps {time.perf_counter() - t0:.1f}s (compile; state restored)")
@@ -2349,7 +2439,10 @@ def resume(r: Run, meta: dict, params: dict, state: dict):
     """Continue from a checkpoint: weights, optimizer state, EMA, step, time, data position, QAT, recurrence."""
     load_flat_into(r.model, params)
     r.opt.load_arrays(state)
-    r.step, r.train_ms, r.qat_on, r.recur_on = meta["step"], meta["train_ms"], meta["qat_on"], meta["recur_on"]
+    r.step = meta["step"]
+    r.train_ms = meta["train_ms"]
+    r.qat_on = meta["qat_on"]
+    r.recur_on = meta["recur_on"]
     r.resumed_from = meta.get("run_id", "")
     r.stream.restore(meta["stream"])
     for note in r.hp.resume_notes:
@@ -2419,7 +2512,9 @@ def stop_now(r: Run) -> bool:
 
 def train_loop(r: Run):
     hp = r.hp
-    max_ms, stop_at, t_last = hp.max_wallclock_seconds * 1000.0, None, time.perf_counter()
+    max_ms = hp.max_wallclock_seconds * 1000.0
+    stop_at = None
+    t_last = time.perf_counter()
     r.phase = "training"
     while True:
         last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or r.interrupted
@@ -2483,7 +2578,8 @@ def one_step(r: Run) -> float:
 def warn_if_above_chance(r: Run, loss: float):
     """A loss well above ln(VOCAB_SIZE), a uniform guess, after the first steps means the run is diverging while
     still finite (too high a learning rate for this batch): say so once, naming the variables."""
-    hp, chance = r.hp, math.log(r.hp.vocab_size)
+    hp = r.hp
+    chance = math.log(r.hp.vocab_size)
     if r.step > 2 and loss > chance + 1.0 and not r.warned_loss:
         r.warned_loss = True
         r.log(f"WARNING: train loss {loss:.2f} at step {r.step} is above ln(VOCAB_SIZE)={chance:.2f} + 1, worse than "
@@ -2492,9 +2588,11 @@ def warn_if_above_chance(r: Run, loss: float):
 
 
 def log_step(r: Run, loss: float, capped: bool):
-    hp, step = r.hp, r.step
+    hp = r.hp
+    step = r.step
     if step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations or capped:
-        avg, left = r.train_ms / step, hp.iterations - step
+        avg = r.train_ms / step
+        left = hp.iterations - step
         if hp.max_wallclock_seconds > 0:
             left = min(left, max(hp.max_wallclock_seconds * 1000 - r.train_ms, 0) / avg)
         r.log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} train_time:{r.train_ms:.0f}ms "
@@ -2537,11 +2635,14 @@ def make_mixer(hp: Hyperparameters, vocab: int, tokens: np.ndarray, log, group=N
 def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, group=None):
     """Evaluate the weights that would be saved (the EMA when it is on). Final evaluations use the
     configured sliding window and n-gram mixer; periodic ones the cheap standard eval."""
-    t0, raw = time.perf_counter(), None
+    t0 = time.perf_counter()
+    raw = None
     if opt is not None and opt.ema and label == "val":
         raw = model.trainable_parameters()
         model.update(tree_unflatten(list(opt.ema.items())))
-    mixer, ttt, kw = None, None, dict(seq_len=seq, batch_seqs=eval_batch_seqs(hp, seq))
+    mixer = None
+    ttt = None
+    kw = dict(seq_len=seq, batch_seqs=eval_batch_seqs(hp, seq))
     if final:
         eval_seq = hp.eval_seq_len or seq
         kw = dict(seq_len=eval_seq, stride=hp.eval_stride_resolved,
@@ -2573,7 +2674,8 @@ def eval_only(r: Run, sp) -> int:
     with on_every_rank(r):  # a host whose copy or memory fails stops every rank
         cfg, flat, header = read_artifact(r.hp.load_artifact)
         trained_seq = int(header["meta"].get("train_seq_len", r.hp.train_seq_len))
-        hp, log = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq), r.log
+        hp = replace(r.hp, **asdict(cfg), train_seq_len=trained_seq)
+        log = r.log
         hp.check_relations()
         log_run_header(r, hp)
         val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
@@ -2595,12 +2697,14 @@ def eval_only(r: Run, sp) -> int:
 # ---------------------------------------------------------------------------- write and prove
 def write_and_prove_artifact(r: Run):
     """Quantize + compress the saved weights (the EMA when on), then reload the file and score it."""
-    hp, log = r.hp, r.log
+    hp = r.hp
+    log = r.log
     raw = dict(tree_flatten(r.model.parameters()))  # a rescue checkpoint holds these, the EMA beside them
     if r.opt.ema:
         r.model.update(tree_unflatten(list(r.opt.ema.items())))
         log(f"ema: saving the EMA weights (decay {hp.ema_decay})")
-    flat, cfg = flat_numpy(r.model), r.model.cfg
+    flat = flat_numpy(r.model)
+    cfg = r.model.cfg
     if r.model.span and not r.recur_on:
         flat, cfg = plain_order(flat, cfg)
         log(f"recurrence: never trained (the run stopped before RECUR_START_FRAC={hp.recur_start_frac}): the "
@@ -2628,9 +2732,12 @@ def write_and_prove_artifact(r: Run):
     r.phase = "the round-trip evaluation"
     if r.group.rank():
         os.unlink(path)
-    model, opt, fns = r.model, r.opt, r.graphs[False, True]
+    model = r.model
+    opt = r.opt
+    fns = r.graphs[False, True]
     if cfg != r.model.cfg:  # the plain order: score the model the artifact describes
-        model, opt = GPT(cfg, hp.dtype()), None
+        model = GPT(cfg, hp.dtype())
+        opt = None
         fns = Compiled(model, Optimizers(model, hp))
     load_flat_into(model, flat)
     loss, bpb, ms = run_eval(hp, model, opt, fns, r.val_tokens, r.tables, log, "roundtrip",
@@ -2718,7 +2825,10 @@ def tight_tokens(code: str) -> str:
     """The code's tokens with a space only where two would merge (names, keywords, numbers); each line keeps its
     indentation, and an f-string (several tokens from Python 3.12 on) is copied as written."""
     lines = code.splitlines(keepends=True)
-    out, prev, fstring_from, depth = [], None, None, 0
+    out = []
+    prev = None
+    fstring_from = None
+    depth = 0
     for tok in tokenize.generate_tokens(io.StringIO(code).readline):
         name = tokenize.tok_name[tok.type]
         if name in ("INDENT", "DEDENT", "ENDMARKER"):
@@ -2840,7 +2950,8 @@ def val_split_facts(hp: Hyperparameters) -> dict:
 def preflight_submission(r: Run):
     """Refuse before any work a seed that the folder would not take: the wrong track for the time cap, a
     validation split that is not the challenge's, another configuration or script version in the folder."""
-    hp, d = r.hp, Path(r.hp.submission_dir)
+    hp = r.hp
+    d = Path(r.hp.submission_dir)
     errs = []
     if d.parent.name == "track_10min_16mb" and not 0 < hp.max_wallclock_seconds <= TRACK_LIMIT_S:
         errs.append(f"track_10min_16mb needs MAX_WALLCLOCK_SECONDS in (0, {TRACK_LIMIT_S:.0f}] (now "
@@ -2898,7 +3009,8 @@ def unfinished_reason(r: Run, eval_ms: float) -> str:
 def write_submission(r: Run, loss: float, bpb: float, eval_ms: float, model_bytes: int):
     """Add this SEED to the record folder: submission.json (mean and sample std over the seeds), README, this
     seed's log, the counted train_gpt.py and its readable source, requirements.txt. One seed writes at a time."""
-    hp, d = r.hp, Path(r.hp.submission_dir)
+    hp = r.hp
+    d = Path(r.hp.submission_dir)
     why = unfinished_reason(r, eval_ms)
     total = r.code_bytes + model_bytes
     if not why and total > ARTIFACT_CAP_BYTES:
@@ -3023,7 +3135,8 @@ def folder_files(sub: dict, r: Run) -> dict:
 
 def run_command(r: Run, seed: int) -> str:
     """The command that reproduces a seed from inside the folder: every variable it needs, paths included."""
-    hp, d = r.hp, os.path.abspath(r.hp.submission_dir)
+    hp = r.hp
+    d = os.path.abspath(r.hp.submission_dir)
     env = result_config(hp)
     for name in ("data_path", "tokenizer_path", "out_dir"):  # logs and artifacts stay out of the folder
         env[ENV_NAMES[name]] = os.path.relpath(os.path.abspath(getattr(hp, name)), d)
