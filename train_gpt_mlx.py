@@ -245,12 +245,12 @@ class Hyperparameters:
                 notes.append(f"{var}={theirs} from the checkpoint (the environment's would be {mine})")
             elif f.name in fixed:
                 refused.append(f"{var}={mine} but the checkpoint was trained with {theirs}; shape-changing "
-                               "variables must match the checkpoint (unset it: the checkpoint's value is used)")
+                               "variables must match it: unset it")
             elif self.resume_override:
                 notes.append(f"{var}={mine} overrides the checkpoint's {theirs} (RESUME_OVERRIDE=1)")
             else:
-                refused.append(f"{var}={mine} but the checkpoint was trained with {theirs}: unset it to continue "
-                               "the checkpoint's run, or set RESUME_OVERRIDE=1 to train on with it")
+                refused.append(f"{var}={mine} but the checkpoint was trained with {theirs}: unset it, or set "
+                               "RESUME_OVERRIDE=1 to train on with it")
         if meta.get("step", 0) > values.get("iterations", self.iterations):
             refused.append(f"the checkpoint is at step {meta['step']}, past ITERATIONS={self.iterations}")
         if refused:
@@ -312,7 +312,7 @@ class Hyperparameters:
         except ValueError as e:
             span = None
             recur_err = f"RECUR_LAYERS={self.recur_layers!r}: {e}"
-        n = L + (span[1] - span[0] + 1 if span else 0)
+        n = virtual_depth(L, span)
         return [msg for bad, msg in (
             (self.recipe != "baseline" and L < 2,
              f"RECIPE={self.recipe} needs NUM_LAYERS >= 2 (its recurrence repeats the two hinge layers)"),
@@ -372,7 +372,7 @@ def recipe_values(env: dict) -> dict:
             span = recur_span(env.get("RECUR_LAYERS", values.get("RECUR_LAYERS", "")).strip(), layers)
         except ValueError:  # a bad RECUR_LAYERS is reported by its own check
             span = None
-        values["XSA_LAST_N"] = str(layers + (span[1] - span[0] + 1 if span else 0))
+        values["XSA_LAST_N"] = str(virtual_depth(layers, span))
     return values
 
 
@@ -458,6 +458,11 @@ def recur_span(text: str, num_layers: int):
     if not 0 <= a <= b < num_layers:
         raise ValueError(f"expected 0 <= a <= b < NUM_LAYERS={num_layers}")
     return a, b
+
+
+def virtual_depth(num_layers: int, span) -> int:
+    """Layers a forward pass runs: recur_span's layers a..b run twice."""
+    return num_layers + (span[1] - span[0] + 1 if span else 0)
 
 
 def _parse(raw: str, f):
@@ -1230,8 +1235,8 @@ def pack_state(flat: dict, bits, gptq_lite: bool = False) -> list:
     for name in sorted(flat):
         w = np.asarray(flat[name], dtype=np.float32)
         if not np.isfinite(w).all():
-            raise ArtifactError(f"weight {name} has non-finite values (NaN/inf): training diverged; "
-                                "nothing valid to write (lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR)")
+            raise ArtifactError(f"weight {name} is non-finite (NaN/inf): training diverged (lower MATRIX_LR, "
+                                "SCALAR_LR, TIED_EMBED_LR)")
         b = tensor_bits(name, bits) if is_quantized(name, w.shape) else 0
         if b == 16 and np.abs(w).max() > 65504:
             raise ArtifactError(f"weight {name} exceeds the float16 range: it cannot be kept as fp16")
@@ -1352,7 +1357,8 @@ def write_artifact(path: str, flat: dict, cfg: ModelConfig, bits, meta: dict | N
     fields at their off values stay out of the header, so baseline artifacts stay byte-identical with older ones."""
     config = {k: v for k, v in asdict(cfg).items() if k not in RECORD_BASE_OFF or RECORD_BASE_OFF[k] != v}
     header = dict(format="parameter-golf-mlx", version=1, quant_bits=bits, config=config, meta=meta or {})
-    header.update(dict(gptq_lite=list(GPTQ_LITE_PCTS)) if gptq_lite else {})
+    if gptq_lite:
+        header["gptq_lite"] = list(GPTQ_LITE_PCTS)
     return write_container(path, ARTIFACT_MAGIC, header, pack_state(flat, bits, gptq_lite), 22, codec)
 
 
@@ -1807,8 +1813,6 @@ class BackoffNgramMixer:
 
     def __init__(self, vocab_size: int, max_order: int, alpha: float, alpha_mode: str = "fixed",
                  max_memory_mb: float = 4096, group=None):
-        if alpha_mode not in ("fixed", "entropy") or not 0.0 <= alpha < 1.0 or max_order < 1:
-            raise ValueError(f"bad mixer settings: alpha_mode={alpha_mode} alpha={alpha} max_order={max_order}")
         self.V = vocab_size
         self.K = max_order
         self.alpha = alpha
@@ -2151,8 +2155,8 @@ def main(env=None) -> int:
         return 2
     log = Logger(None if group.rank() else log_path, group.rank())
     if reused:
-        log(f"note: RUN_ID={run_id} was used before in {hp.out_dir}: this run's lines follow the earlier "
-            "run's in this log, and its artifact/checkpoint files are replaced")
+        log(f"note: RUN_ID={run_id} was used before in {hp.out_dir}: this run's lines follow in this log, "
+            "and its artifact and checkpoint are replaced")
     log(f"world_size:{group.size()} backend:{backend}")
     for note in hp.env_notes:
         log(f"WARNING: {note}  (STRICT_ENV=1 makes this an error)")
@@ -2223,13 +2227,25 @@ def lock_run_id(log_path: str, run_id: str):
     """Two runs with one RUN_ID would interleave one log and overwrite each other's artifact and checkpoint:
     the first holds an exclusive lock on its log file (OUT_DIR/RUN_ID.txt) until it ends; a second is refused."""
     f = open(log_path, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if not take_flock(f, 0.0):
         f.close()
         raise SetupError(f"RUN_ID={run_id} is in use by a run still going (it holds {log_path}): pick another "
-                         "RUN_ID, or wait for that run to end") from None
+                         "RUN_ID, or wait for that run to end")
     return f
+
+
+def take_flock(f, wait_s: float) -> bool:
+    """An exclusive flock on the open file f, waiting up to wait_s for another process to release it (False: it
+    did not). The OS releases a flock when its holder dies, so no lock goes stale."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
 
 
 def preflight_paths(hp: Hyperparameters):
@@ -2263,7 +2279,7 @@ def activation_floats(cfg: ModelConfig, seq: int, backward: bool) -> int:
     d = cfg.model_dim
     V = cfg.vocab_size
     span = recur_span(cfg.recur_layers, cfg.num_layers)
-    virtual = cfg.num_layers + (span[1] - span[0] + 1 if span else 0)
+    virtual = virtual_depth(cfg.num_layers, span)
     second_lanes = cfg.num_layers - (cfg.parallel_start_layer or cfg.num_layers)  # GPT.n_parallel
     layer = (16 + 4 * cfg.mlp_mult) * d + 2 * cfg.num_heads * seq
     hashed = 2 * cfg.engram_heads * cfg.engram_dim * cfg.engram_lite_enabled
@@ -2961,7 +2977,7 @@ def preflight_submission(r: Run):
         errs.append(f"the validation split in DATA_PATH={hp.data_path} is not the challenge's "
                     f"({r.val_split['tokens']} tokens, {r.val_split['documents']} documents; the challenge's has "
                     f"{OFFICIAL_VAL_DOCS} documents, {OFFICIAL_VAL_TOKENS[1024]} tokens for sp1024). Download it "
-                    "(data/cached_challenge_fineweb.py), or set SUBMISSION_UNOFFICIAL_DATA=1 to say so in the folder")
+                    "(data/cached_challenge_fineweb.py), or set SUBMISSION_UNOFFICIAL_DATA=1")
     old = read_submission_json(d)
     if old:
         errs += folder_mismatches(old, r)
@@ -3017,7 +3033,7 @@ def write_submission(r: Run, loss: float, bpb: float, eval_ms: float, model_byte
         why = f"{total} bytes are over the cap"
     if why:
         refusal = (f"SUBMISSION_DIR={d} refused: {why}; the seed was not written (the artifact and log are in "
-                   f"OUT_DIR={hp.out_dir}; a run stopped early can finish from its checkpoint: RESUME_FROM)")
+                   f"OUT_DIR={hp.out_dir}; a run stopped early can finish with RESUME_FROM)")
         if r.interrupted:  # the run exits 130 for the Ctrl-C; the refusal is said, not raised
             r.log(f"submission: {refusal}")
             return
@@ -3191,21 +3207,14 @@ def render_readme(sub: dict, r: Run) -> str:
 # ---------------------------------------------------------------------------- writing the folder
 @contextmanager
 def folder_lock(d: Path):
-    """Seeds writing into one folder take turns. flock: the OS releases it when a process dies, so no stale lock."""
+    """Seeds writing into one folder take turns (take_flock)."""
     d.parent.mkdir(parents=True, exist_ok=True)
     lock = d.parent / f".{d.name}.lock"
     with open(lock, "a") as f:
-        deadline = time.monotonic() + SUBMISSION_LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ArtifactError(f"SUBMISSION_DIR={d} refused: another run has been writing its seed there for "
-                                        f"{SUBMISSION_LOCK_WAIT_S:.0f}s (it holds {lock}); this seed was not "
-                                        "written: rerun it once that run has finished") from None
-                time.sleep(0.1)
+        if not take_flock(f, SUBMISSION_LOCK_WAIT_S):
+            raise ArtifactError(f"SUBMISSION_DIR={d} refused: another run has been writing its seed there for "
+                                f"{SUBMISSION_LOCK_WAIT_S:.0f}s (it holds {lock}): rerun this seed once it has "
+                                "finished")
         try:
             yield
         finally:
