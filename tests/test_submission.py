@@ -135,13 +135,16 @@ def test_two_seeds_make_a_folder_whose_train_gpt_rescores_from_inside_it(data, r
 
 
 def test_packed_script_is_the_source_without_docstrings():
-    """What train_gpt.py runs parses to the same program as train_gpt_mlx.py, docstrings and function annotations
-    aside, and none of those remain."""
+    """What train_gpt.py runs parses to the same program as train_gpt_mlx.py, docstrings, function annotations and
+    the packer (which only the readable script can reach) aside, and none of those remain."""
     packed = T.counted_script().decode()
     blob = re.search(r'b85decode\("([^"]+)"\)', packed)[1]
     code = lzma.decompress(base64.b85decode(blob), lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}]).decode()
     source = (ROOT / "train_gpt_mlx.py").read_text()
-    assert ast.dump(ast.parse(code)) == ast.dump(T.stripped_tree(source))
+    whole = T.stripped_tree(source)
+    assert ast.dump(ast.parse(code)) == ast.dump(T.packed_tree(source))
+    left_out = [node.name for node in whole.body if ast.dump(node) not in {ast.dump(n) for n in ast.parse(code).body}]
+    assert sorted(left_out) == sorted(T.PACKER_ONLY)  # the packer, and nothing else
     assert "Parameter Golf in MLX" in source and "Parameter Golf in MLX" not in code  # the module docstring
     assert "# ======== Hyperparameters" not in code and "def lr_multiplier(step,elapsed_ms,hp):" in code
 
