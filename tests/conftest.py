@@ -89,3 +89,16 @@ def ctrl_c_after(monkeypatch, module, calls: int, name: str = "train_step"):
         return real(*a, **kw)
 
     monkeypatch.setattr(module, name, step)
+
+
+def short_split(data, ds: Path, n_val: int = 3000):
+    """A dataset folder at ds: the sample's train shards linked, its validation split cut to the first n_val tokens
+    (a short split keeps the whole-split evaluations of submission runs fast)."""
+    import train_gpt_mlx as T
+    ds.mkdir(parents=True)
+    for src in Path(data["data_path"]).glob("fineweb_train_*.bin"):
+        (ds / src.name).symlink_to(src)
+    val = T.load_data_shard(next(Path(data["data_path"]).glob("fineweb_val_*.bin")))[:n_val]
+    header = np.zeros(256, "<i4")
+    header[:3] = (T.SHARD_MAGIC, T.SHARD_VERSION, val.size)
+    (ds / "fineweb_val_000000.bin").write_bytes(header.tobytes() + val.astype("<u2").tobytes())

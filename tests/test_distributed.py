@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import train_gpt_mlx as T
-from conftest import ROOT, tiny_env
+from conftest import ROOT, short_split, tiny_env
 
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 # Runs the script with its exact per-step train loss added to the log (the log rounds to 4 digits).
@@ -134,13 +134,7 @@ def _sub_env(data, tmp_path, folder, **over):
     """A run scored on a whole (small: 3,000-token) validation split."""
     ds = tmp_path / "ds"
     if not ds.exists():
-        ds.mkdir()
-        for src in Path(data["data_path"]).glob("fineweb_train_*.bin"):
-            (ds / src.name).symlink_to(src)
-        val = T.load_data_shard(next(Path(data["data_path"]).glob("fineweb_val_*.bin")))[:3000]
-        header = np.zeros(256, "<i4")
-        header[:3] = (T.SHARD_MAGIC, T.SHARD_VERSION, val.size)
-        (ds / "fineweb_val_000000.bin").write_bytes(header.tobytes() + val.astype("<u2").tobytes())
+        short_split(data, ds)
     return tiny_env(data, tmp_path, **{**dict(DATA_PATH=ds, ITERATIONS=3, VAL_MAX_TOKENS=0, SUBMISSION_DIR=folder, SUBMISSION_AUTHOR="Ada",
                     SUBMISSION_GITHUB_ID="ada", SUBMISSION_NAME="Tiny MLX", SUBMISSION_BLURB="two layers",
                     SUBMISSION_UNOFFICIAL_DATA=1), **over})

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import train_gpt_mlx as T
-from conftest import ROOT, ctrl_c_after, tiny_env
+from conftest import ROOT, ctrl_c_after, short_split, tiny_env
 
 DATE_NAME = "2026-04-01_tiny"
 
@@ -26,14 +26,7 @@ def repo(data, tmp_path):
     """A repository laid out as the challenge's: data/ at the default paths (a 3,000-token validation split, the
     sample's train shards), records/ for the folders."""
     root = tmp_path / "repo"
-    ds = root / "data" / "datasets" / "fineweb10B_sp1024"
-    ds.mkdir(parents=True)
-    for src in Path(data["data_path"]).glob("fineweb_train_*.bin"):
-        (ds / src.name).symlink_to(src)
-    val = T.load_data_shard(next(Path(data["data_path"]).glob("fineweb_val_*.bin")))[:3000]
-    header = np.zeros(256, "<i4")
-    header[:3] = (T.SHARD_MAGIC, T.SHARD_VERSION, val.size)
-    (ds / "fineweb_val_000000.bin").write_bytes(header.tobytes() + val.astype("<u2").tobytes())
+    short_split(data, root / "data" / "datasets" / "fineweb10B_sp1024")
     (root / "data" / "tokenizers").mkdir()
     (root / "data" / "tokenizers" / "fineweb_1024_bpe.model").symlink_to(data["tokenizer"])
     return root
