@@ -418,8 +418,10 @@ def test_offline_one_message_exit_code_no_empty_folders(tmp_path, monkeypatch, c
     assert msg.startswith("error: cannot reach the Hugging Face Hub at ")
     assert "Name or service not known" in msg
     assert "data/build_shards.py --docs docs.jsonl --tokenizer TOKENIZER.model --out " in msg.replace(os.sep, "/")
-    assert f"--out {local / 'datasets' / FOLDER} --val-docs 50" in msg
-    assert (str(sample / "fineweb_1024_bpe.model") in msg) == shared
+    # paths as the message shows them: relative where they lie near the working directory (a clone under /tmp
+    # sees pytest's /tmp folders as ../pytest-of-...), else absolute
+    assert f"--out {dl.shown(local / 'datasets' / FOLDER)} --val-docs 50" in msg
+    assert (dl.shown(sample / "fineweb_1024_bpe.model") in msg) == shared
     assert calls == ([] if mode == "probe" else ["datasets/manifest.json"])  # one try, no retries
     assert capsys.readouterr().out == ""  # the error is the only output
     assert not (tmp_path / "fresh").exists()  # every folder it created is gone again
