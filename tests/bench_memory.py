@@ -6,6 +6,7 @@ The pytest in test_memory.py runs the same measurement on tiny configurations.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ def measure(env: dict, ranks: int = 1) -> dict:
         cmd = [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "--"] + cmd
     full = dict(os.environ, OPENBLAS_NUM_THREADS="1", **{k: str(v) for k, v in env.items()})
     p = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=1800)
-    rows = [json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("MEMORY_JSON")]
+    # mlx.launch relays the ranks' output as it comes, so two ranks' lines can share one: find each record
+    rows = [json.loads(found) for found in re.findall(r"MEMORY_JSON (\{[^{}]*\})", p.stdout)]
     assert len(rows) == ranks and all(r["rc"] == 0 for r in rows), p.stdout[-3000:] + p.stderr[-3000:]
     return {k: sum(r[k] for r in rows) for k in ("mlx_peak", "rss_run")}
 
