@@ -72,7 +72,7 @@ def test_two_seeds_make_a_folder_whose_train_gpt_rescores_from_inside_it(data, r
                 not p.name.endswith(".lock")]  # no temporary folders left
     sub = strict_json(folder / "submission.json")
     code = (folder / "train_gpt.py").stat().st_size
-    assert sub["bytes_code"] == code <= 40_000
+    assert sub["bytes_code"] == code  # no byte target: the 16,000,000 cap counts code + model
     assert code < (folder / "train_gpt_mlx.py").stat().st_size / 3
     for key in ("author", "github_id", "name", "blurb", "date", "hardware", "mlx_version"):
         assert isinstance(sub[key], str) and sub[key], key
