@@ -172,6 +172,66 @@ def test_train_tokenizer_and_build_generated(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def syllable_docs(n, seed=0):
+    """Text rich enough for an 8192-piece BPE vocabulary (6,000 made-up words, capitals, numbers), with rare
+    characters that the trainer's 0.999 coverage leaves to byte fallback."""
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwzßç" for v in "aeiouyäöé"]
+    lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(6000)]
+    rare = ["🙂", "☃", "漢字", "Ω", "ﬁ", "€"]
+    docs = []
+    for _ in range(n):
+        words = [rng.choice(lexicon) if rng.random() > 0.01 else rng.choice(rare) for _ in range(rng.randint(100, 400))]
+        words = [w.capitalize() if rng.random() < 0.1 else w for w in words]
+        docs.append(" ".join(words) + f"\n{rng.randint(0, 99999)}.")
+    return docs
+
+
+@pytest.mark.parametrize("source", ["sample", "generated"])
+def test_8192_tokenizer_has_the_records_settings_and_exact_bytes(tmp_path, source):
+    """--train-tokenizer 8192 with the sp8192 records' trainer settings; on its shards the script's byte count
+    (build_byte_tables + target_bytes) equals, per validation document, the UTF-8 bytes of the decoded document
+    and of the normalized text, byte-fallback pieces included."""
+    import sentencepiece as spm
+    import train_gpt_mlx as T
+
+    if source == "sample":
+        if not HAVE_SAMPLE:
+            pytest.skip("fineweb sample not available")
+        lines = (SAMPLE / "docs_200.jsonl").read_text(encoding="utf-8").splitlines()
+        texts = [json.loads(line)["text"] for line in lines]
+    else:
+        texts = syllable_docs(200)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    tok = tmp_path / "tok" / "mine_8192_bpe.model"
+    summary = bs.main(["--docs", str(docs), "--tokenizer", str(tok), "--out", str(tmp_path / "out"),
+                       "--val-docs", "50", "--train-tokenizer", "8192"])
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    assert sp.get_piece_size() == 8192 == summary["vocab_size"]
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert sum(sp.is_byte(i) for i in range(8192)) == 256  # byte fallback
+    assert not sp.encode(texts[0].lstrip(), out_type=str)[0].startswith("\u2581")  # no dummy prefix
+    words = [sp.id_to_piece(i) for i in range(8192) if not sp.is_byte(i)]
+    assert all(sum(c.isdigit() for c in w) <= 1 for w in words)  # split digits: no piece holds two
+    assert sp.decode(sp.encode("\ufb01 \uff21")) == "fi A"  # nmt_nfkc: ligature and full-width A
+
+    tables = T.build_byte_tables(sp, 8192)
+    stream = np.concatenate([bs.read_shard(f) for f in summary["files"]["val"]]).astype(np.int64)
+    starts = np.flatnonzero(stream == sp.bos_id())
+    spans = list(zip(starts, list(starts[1:]) + [len(stream)]))
+    assert len(spans) == 50
+    for text, (a, b) in zip(texts, spans):
+        ids = stream[a + 1:b]
+        counted = int(T.target_bytes(stream[a:b - 1], ids, tables).sum())  # the first target's prev is BOS
+        decoded = len(sp.decode(ids.tolist()).encode("utf-8"))
+        normalized = len(sp.normalize(text).replace("\u2581", " ").encode("utf-8"))
+        assert counted == decoded == normalized
+    whole = int(T.target_bytes(stream[:-1], stream[1:], tables).sum())  # BOS targets count 0 bytes
+    assert whole == sum(len(sp.decode(stream[a + 1:b].tolist()).encode("utf-8")) for a, b in spans)
+    assert sum(sp.is_byte(int(t)) for t in stream) > 0  # byte-fallback pieces were among them
+
+
 # ----------------------------------------------------------------------------- download
 FOLDER = "fineweb10B_sp1024"
 N_VAL, N_TRAIN = 2, 3
@@ -202,7 +262,8 @@ def write_repo(root: Path, variants) -> None:
             (root / "datasets" / "tokenizers" / f"fineweb_{vocab}_bpe.{ext}").write_bytes(b"fake " + ext.encode())
         manifest["datasets"].append({"name": folder, "tokenizer_name": f"sp_bpe_{vocab}",
                                      "stats": {"files_train": N_TRAIN, "files_val": N_VAL}})
-        manifest["tokenizers"].append({"name": f"sp_bpe_{vocab}", "model_path": f"tokenizers/fineweb_{vocab}_bpe.model"})
+        manifest["tokenizers"].append({"name": f"sp_bpe_{vocab}",
+                                       "model_path": f"tokenizers/fineweb_{vocab}_bpe.model"})
     (root / "datasets" / "manifest.json").write_text(json.dumps(manifest))
 
 
