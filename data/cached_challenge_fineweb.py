@@ -5,9 +5,9 @@
     python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80
 
 Source: the Hugging Face dataset repo willdepueoai/parameter-golf; the 8192-piece export
-the leaderboard's sp8192 records train on lives in kevclark/parameter-golf, so --variant
-sp8192 fetches from there (the environment variable MATCHED_FINEWEB_REPO_ID overrides the
-repo for any variant). Local layout, identical to the challenge's:
+the leaderboard's sp8192 records train on (and the 4096 one) lives in kevclark/parameter-golf,
+so --variant sp8192 (sp4096) fetches from there (the environment variable
+MATCHED_FINEWEB_REPO_ID overrides the repo for any variant). Local layout, identical to the challenge's:
 
     <data-dir>/manifest.json
     <data-dir>/datasets/fineweb10B_spN/fineweb_{val,train}_NNNNNN.bin
@@ -44,7 +44,8 @@ import urllib.request
 from pathlib import Path
 
 DEFAULT_REPO = "willdepueoai/parameter-golf"
-VARIANT_REPOS = {"sp8192": "kevclark/parameter-golf"}  # exports outside the default repo (the sp8192 records')
+VARIANT_REPOS = {"sp4096": "kevclark/parameter-golf",  # exports outside the default repo: the sp4096 and
+                 "sp8192": "kevclark/parameter-golf"}  # sp8192 records fetched theirs there
 REMOTE_ROOT = "datasets"  # every challenge file lives under this folder of the repo
 STAGING = ".hf_download"  # hf_hub_download's working folder, next to the final files
 MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 1024
