@@ -172,6 +172,17 @@ def test_train_tokenizer_and_build_generated(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_too_little_text_gives_fewer_pieces_and_says_so(tmp_path):
+    """hard_vocab_limit off, as the records train: 8192 pieces asked of a few documents is not an error."""
+    import sentencepiece as spm
+
+    logs = []
+    tok = bs.train_tokenizer(generated_docs(5), tmp_path / "few_8192_bpe.model", 8192, log=logs.append)
+    pieces = spm.SentencePieceProcessor(model_file=str(tok)).get_piece_size()
+    assert 260 < pieces < 8192
+    assert any(f"only {pieces} of the 8192 pieces" in m for m in logs)
+
+
 def syllable_docs(n, seed=0):
     """Text rich enough for an 8192-piece BPE vocabulary (6,000 made-up words, capitals, numbers), with rare
     characters that the trainer's 0.999 coverage leaves to byte fallback."""
