@@ -2845,10 +2845,13 @@ def rescue_weights(r: Run) -> str:
 TRACKS = {"track_10min_16mb": "10min_16mb", "track_non_record_16mb": "non_record_16mb"}  # folder -> json name
 TRACK_LIMIT_S = 600.0  # track_10min_16mb: training, and evaluation, each within 10 minutes
 # The challenge's validation split: the first 50,000 FineWeb documents, each opened by BOS. For sp1024 its
-# fineweb_val_000000.bin holds 62,021,846 tokens (the data manifest's tokens_val; 124,044,716 bytes): the check;
-# for tokenizers without a known count, the number of documents (BOS tokens) is.
+# fineweb_val_000000.bin holds 62,021,846 tokens (the data manifest's tokens_val; 124,044,716 bytes): the check.
+# For sp8192 (kevclark/parameter-golf) the records log only the count cut to whole 2,048-token windows plus one
+# target, `val_tokens: 40540160` (= ((n - 1) // 2048) * 2048, so n is 40,540,161..40,542,208): the check is that
+# cut and the 50,000 documents. For other tokenizers, the number of documents (BOS tokens) is.
 OFFICIAL_VAL_DOCS = 50_000
 OFFICIAL_VAL_TOKENS = {1024: 62_021_846}
+OFFICIAL_VAL_WINDOWED = {8192: (2048, 40_540_160)}  # vocab -> (window, tokens in whole windows)
 # Fields that do not change the result: a seed run with other values is the same configuration. Those a resumed
 # run may change (RESUME_FREE), the seed, and evaluation-only runs' (a seed is a training run).
 NOT_RESULT_FIELDS = set(RESUME_FREE) | {"seed", "eval_only", "load_artifact"}
@@ -3017,11 +3020,20 @@ def val_split_facts(hp: Hyperparameters) -> dict:
     """Token and document counts of the validation split, and whether they are the challenge's."""
     toks = load_validation_tokens(hp.data_path, 0, hp.vocab_size)
     docs = int(np.count_nonzero(toks == BOS_ID))
+    official = docs == OFFICIAL_VAL_DOCS
     if hp.vocab_size in OFFICIAL_VAL_TOKENS:
         official = toks.size == OFFICIAL_VAL_TOKENS[hp.vocab_size]
-    else:
-        official = docs == OFFICIAL_VAL_DOCS
+    elif hp.vocab_size in OFFICIAL_VAL_WINDOWED:
+        window, whole = OFFICIAL_VAL_WINDOWED[hp.vocab_size]
+        official = official and (toks.size - 1) // window * window == whole
     return dict(tokens=int(toks.size), documents=docs, official=official)
+
+
+def official_split_text() -> str:
+    """The challenge's validation splits as an error message names them."""
+    known = [f"{n:,} tokens for sp{v}" for v, n in OFFICIAL_VAL_TOKENS.items()]
+    known += [f"{n:,} in whole {w:,}-token windows for sp{v}" for v, (w, n) in OFFICIAL_VAL_WINDOWED.items()]
+    return f"{OFFICIAL_VAL_DOCS:,} documents; " + ", ".join(known)
 
 
 # ---------------------------------------------------------------------------- refusals: before any work, at the end
@@ -3036,10 +3048,11 @@ def preflight_submission(r: Run):
                     f"{hp.max_wallclock_seconds}); longer runs go to track_non_record_16mb")
     r.val_split = val_split_facts(hp)
     if not r.val_split["official"] and not hp.submission_unofficial_data:
+        variant = f"sp{hp.vocab_size}" if hp.vocab_size in OFFICIAL_VAL_WINDOWED else "sp1024"
         errs.append(f"the validation split in DATA_PATH={hp.data_path} is not the challenge's "
                     f"({r.val_split['tokens']} tokens, {r.val_split['documents']} documents; the challenge's has "
-                    f"{OFFICIAL_VAL_DOCS} documents, {OFFICIAL_VAL_TOKENS[1024]} tokens for sp1024). Download it "
-                    "(data/cached_challenge_fineweb.py), or set SUBMISSION_UNOFFICIAL_DATA=1")
+                    f"{official_split_text()}). Download it (data/cached_challenge_fineweb.py --variant {variant}), "
+                    "or set SUBMISSION_UNOFFICIAL_DATA=1")
     old = read_submission_json(d)
     if old:
         errs += folder_mismatches(old, r)

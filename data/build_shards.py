@@ -157,12 +157,15 @@ def _iter_txt(path: Path) -> Iterator[str]:
 
 # ----------------------------------------------------------------------------- tokenizer
 def train_tokenizer(texts: Iterable[str], model_path, vocab_size: int, log=print) -> Path:
-    """Train a SentencePiece BPE tokenizer with the challenge's settings and write
-    ``model_path`` (plus the matching ``.vocab``).
+    """Train a SentencePiece BPE tokenizer with the settings of the sp8192 records' tokenizer
+    (byte fallback, split digits, nmt_nfkc, no dummy prefix, ids pad/bos/eos/unk = 0/1/2/3,
+    character coverage 0.999) and write ``model_path`` (plus the matching ``.vocab``).
 
     Documents are fed line by line: SentencePiece silently drops "sentences" longer
     than max_sentence_length, which would discard most long web documents, and no
-    BPE piece can span a newline anyway (pieces never cross whitespace)."""
+    BPE piece can span a newline anyway (pieces never cross whitespace). With
+    hard_vocab_limit off, text too small for ``vocab_size`` pieces gives fewer (said
+    in the log) instead of failing; a model of VOCAB_SIZE=vocab_size still takes them."""
     import sentencepiece as spm
 
     if not 260 < vocab_size <= MAX_VOCAB:
@@ -180,7 +183,7 @@ def train_tokenizer(texts: Iterable[str], model_path, vocab_size: int, log=print
             sentence_iterator=lines, model_prefix=str(tmp_prefix), model_type="bpe",
             vocab_size=vocab_size, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
             byte_fallback=True, character_coverage=0.999, split_digits=True,
-            normalization_rule_name="nmt_nfkc", add_dummy_prefix=True,
+            normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, hard_vocab_limit=False,
             max_sentence_length=16384, input_sentence_size=10_000_000,
             shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2)
         os.replace(f"{tmp_prefix}.model", model_path)
@@ -188,7 +191,11 @@ def train_tokenizer(texts: Iterable[str], model_path, vocab_size: int, log=print
     finally:
         for ext in (".model", ".vocab"):
             Path(f"{tmp_prefix}{ext}").unlink(missing_ok=True)
-    log(f"tokenizer trained in {time.time() - t0:.1f}s")
+    pieces = spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
+    log(f"tokenizer trained in {time.time() - t0:.1f}s: {pieces} pieces")
+    if pieces < vocab_size:
+        log(f"warning: the documents gave only {pieces} of the {vocab_size} pieces asked for (too little text); "
+            f"VOCAB_SIZE={vocab_size} still works, its unused embedding rows are wasted")
     return model_path
 
 
@@ -273,7 +280,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-docs", type=int, default=None, help="read at most M documents in total (val included)")
     p.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB",
                    help="first train a BPE tokenizer of this vocab size on the train-split docs "
-                        "(challenge settings, byte fallback) and save it to --tokenizer")
+                        "(the sp8192 records' settings: byte fallback, split digits, nmt_nfkc, no dummy "
+                        "prefix) and save it to --tokenizer")
     p.add_argument("--tokenizer-docs", type=int, default=None,
                    help="with --train-tokenizer: use at most this many train documents")
     p.add_argument("--overwrite", action="store_true", help="delete existing fineweb_*.bin in --out first")

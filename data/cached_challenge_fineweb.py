@@ -2,9 +2,12 @@
 """Download the official Parameter Golf data (pre-tokenized FineWeb shards + tokenizer).
 
     python data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80
+    python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80
 
-Source: the Hugging Face dataset repo willdepueoai/parameter-golf (override with the
-environment variable MATCHED_FINEWEB_REPO_ID). Local layout, identical to the challenge's:
+Source: the Hugging Face dataset repo willdepueoai/parameter-golf; the 8192-piece export
+the leaderboard's sp8192 records train on (and the 4096 one) lives in kevclark/parameter-golf,
+so --variant sp8192 (sp4096) fetches from there (the environment variable
+MATCHED_FINEWEB_REPO_ID overrides the repo for any variant). Local layout, identical to the challenge's:
 
     <data-dir>/manifest.json
     <data-dir>/datasets/fineweb10B_spN/fineweb_{val,train}_NNNNNN.bin
@@ -15,6 +18,8 @@ fills ./data/. All validation shards are always fetched (val_bpb is scored on al
 them); --train-shards picks how many of the ~100M-token train shards (0 = none).
 Files already present and valid (shard header + exact size) are skipped, so an
 interrupted run (Ctrl-C included: partial files are removed) can simply be restarted.
+The local manifest.json is refreshed from the repo on each run and keeps the entries of
+the variants other repos gave, so a manifest written for one variant never hides another.
 
 Without network the script fails within seconds: before its first download it opens one
 TCP connection to the Hub (or to the proxy that would carry the request), and when that
@@ -38,7 +43,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-REPO_ID = os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf")
+DEFAULT_REPO = "willdepueoai/parameter-golf"
+VARIANT_REPOS = {"sp4096": "kevclark/parameter-golf",  # exports outside the default repo: the sp4096 and
+                 "sp8192": "kevclark/parameter-golf"}  # sp8192 records fetched theirs there
 REMOTE_ROOT = "datasets"  # every challenge file lives under this folder of the repo
 STAGING = ".hf_download"  # hf_hub_download's working folder, next to the final files
 MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 1024
@@ -53,6 +60,11 @@ class HubUnreachable(ConnectionError):
     def __init__(self, endpoint: str, reason: str):
         super().__init__(f"cannot reach the Hugging Face Hub at {endpoint} ({reason})")
         self.endpoint, self.reason = endpoint, reason
+
+
+def repo_for(variant: str) -> str:
+    """The dataset repo holding ``variant``: MATCHED_FINEWEB_REPO_ID when set, else the repo known to hold it."""
+    return os.environ.get("MATCHED_FINEWEB_REPO_ID") or VARIANT_REPOS.get(variant, DEFAULT_REPO)
 
 
 def hub_endpoint() -> str:
@@ -125,8 +137,8 @@ def require_hub(force: bool = False) -> None:
         raise HubUnreachable(endpoint, _probed[endpoint])
 
 
-def fetch(remote_path: str, dest: Path) -> None:
-    """Download one repo file to ``dest``: the script's only network access.
+def fetch(remote_path: str, dest: Path, repo_id: str = DEFAULT_REPO) -> None:
+    """Download one file of the dataset repo ``repo_id`` to ``dest``: the script's only network access.
 
     Raises FileNotFoundError when the repo has no such file (used to discover how many
     val shards exist), HubUnreachable when there is no connection to the Hub at all (not
@@ -144,10 +156,10 @@ def fetch(remote_path: str, dest: Path) -> None:
     # local_dir on the same filesystem: no second copy in ~/.cache, and a cheap rename.
     staging = Path(dest).parent / STAGING
     try:
-        got = Path(hf_hub_download(REPO_ID, remote_path, repo_type="dataset", local_dir=staging))
+        got = Path(hf_hub_download(repo_id, remote_path, repo_type="dataset", local_dir=staging))
     except EntryNotFoundError as e:
         if not isinstance(e, LocalEntryNotFoundError):  # that subclass means "offline", not "no such file"
-            raise FileNotFoundError(f"{REPO_ID} has no file {remote_path}") from e
+            raise FileNotFoundError(f"{repo_id} has no file {remote_path}") from e
         require_hub(force=True)  # the connection went away during the run: stop now, no retries
         raise ConnectionError(f"cannot reach the Hugging Face Hub for {remote_path}: {e}") from e
     except Exception:
@@ -203,8 +215,9 @@ def shard_counts(manifest, folder: str) -> tuple[int | None, int | None]:
 class Downloader:
     """Fetches files into the challenge layout: skip valid ones, write atomically, retry."""
 
-    def __init__(self, retries: int = 3, log=print):
+    def __init__(self, retries: int = 3, log=print, repo_id: str = DEFAULT_REPO):
         self.retries, self.log = retries, log
+        self.repo_id = repo_id
         self.downloaded: list[str] = []
         self.skipped: list[str] = []
         self.created: list[Path] = []  # folders this run created, parents first
@@ -240,7 +253,7 @@ class Downloader:
         try:
             for attempt in range(1, self.retries + 1):
                 try:
-                    fetch(remote, tmp)
+                    fetch(remote, tmp, self.repo_id)
                     break
                 except (FileNotFoundError, HubUnreachable):
                     raise
@@ -261,17 +274,45 @@ class Downloader:
         self.log(f"{label} {local.name}: downloaded {size:,} bytes in {dt:.1f}s ({size / 1e6 / max(dt, 1e-6):.1f} MB/s)")
 
 
-def load_manifest(data_dir: Path, log=print, makedirs=None):
-    """Refresh <data_dir>/manifest.json (atomically, so a failed fetch keeps the old copy);
-    fall back to the local copy, or None: the manifest only tells how many shards exist.
-    Without a connection to the Hub and without a local copy nothing can be done: the
-    HubUnreachable error is raised."""
+def read_json(path: Path):
+    """The JSON in ``path``, or None when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def merge_manifests(new, old):
+    """``new`` plus the named entries ("datasets", "tokenizers") of ``old`` that ``new`` lacks.
+
+    One local manifest.json serves every variant, but each repo's manifest lists only its own
+    exports (the default repo's lacks sp8192): replacing the file outright would make the
+    variant fetched earlier from another repo unknown again, and an offline rerun of it fail."""
+    if not isinstance(new, dict) or not isinstance(old, dict):
+        return new
+    for key in ("datasets", "tokenizers"):
+        entries, kept = new.get(key), old.get(key)
+        if not isinstance(entries, list) or not isinstance(kept, list):
+            continue
+        names = {e.get("name") for e in entries if isinstance(e, dict)}
+        entries += [e for e in kept if isinstance(e, dict) and e.get("name") not in names]
+    return new
+
+
+def load_manifest(data_dir: Path, repo_id: str = DEFAULT_REPO, log=print, makedirs=None):
+    """Refresh <data_dir>/manifest.json from ``repo_id`` (atomically, so a failed fetch keeps the
+    old copy; merged with it, see merge_manifests); fall back to the local copy, or None: the
+    manifest only tells how many shards exist. Without a connection to the Hub and without a
+    local copy nothing can be done: the HubUnreachable error is raised."""
     path = data_dir / "manifest.json"
     tmp = path.with_name(f"manifest.json.part{os.getpid()}")
     try:  # the finally also runs on Ctrl-C: no partial manifest is left
         try:
             (makedirs or (lambda d: d.mkdir(parents=True, exist_ok=True)))(data_dir)
-            fetch(f"{REMOTE_ROOT}/manifest.json", tmp)
+            fetch(f"{REMOTE_ROOT}/manifest.json", tmp, repo_id)
+            merged = merge_manifests(read_json(tmp), read_json(path))
+            if merged is not None:  # JSON: written back merged; anything else: kept as fetched
+                tmp.write_text(json.dumps(merged, indent=2), encoding="utf-8")
             os.replace(tmp, path)
         except HubUnreachable as e:
             if not path.is_file():
@@ -280,10 +321,7 @@ def load_manifest(data_dir: Path, log=print, makedirs=None):
         except Exception as e:  # any other failure: the manifest is only a hint
             log(f"[manifest] could not fetch manifest.json ({e}); " +
                 ("using the local copy" if path.is_file() else "falling back to probing file names"))
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+        return read_json(path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -300,12 +338,13 @@ def download(variant: str = "sp1024", train_shards: int = 80, data_dir=None, ret
     data_dir = Path(data_dir) if data_dir else SCRIPT_DIR
     ds_dir, tok_dir = data_dir / "datasets" / folder, data_dir / "tokenizers"
     remote_ds = f"{REMOTE_ROOT}/datasets/{folder}"
-    dl = Downloader(retries, log)
+    repo = repo_for(variant)
+    dl = Downloader(retries, log, repo)
     _probed.clear()  # probe the Hub afresh on this run's first download
 
     try:
-        n_train, n_val = shard_counts(load_manifest(data_dir, log, dl.makedirs), folder)
-        log(f"repo {REPO_ID} variant {variant} -> {ds_dir}")
+        n_train, n_val = shard_counts(load_manifest(data_dir, repo, log, dl.makedirs), folder)
+        log(f"repo {repo} variant {variant} -> {ds_dir}")
         if n_train is not None and train_shards > n_train:
             log(f"warning: {folder} has only {n_train} train shards; downloading {n_train}")
             train_shards = n_train
@@ -333,7 +372,7 @@ def download(variant: str = "sp1024", train_shards: int = 80, data_dir=None, ret
             except FileNotFoundError:
                 if n_train is not None:
                     raise
-                log(f"warning: {REPO_ID} has only {i} train shards for {folder}")
+                log(f"warning: {repo} has only {i} train shards for {folder}")
                 break
             train_count += 1
     finally:  # also on errors and Ctrl-C: no staging folder, no empty folder of ours is left
@@ -361,15 +400,20 @@ def shown(path: Path) -> str:
 def offline_message(err: HubUnreachable, variant: str, data_dir=None) -> str:
     """The one message printed when the Hub cannot be reached: what failed, and the offline path."""
     out = Path(data_dir or SCRIPT_DIR) / "datasets" / f"fineweb10B_{variant}"
+    shipped = variant == "sp1024"  # the sample ships the 1024 tokenizer; another vocabulary is trained first
+    train = "" if shipped else f"--train-tokenizer {variant[2:]} "
     lines = [f"error: {err}; the challenge data cannot be downloaded.",
              "Offline, build the shards from your own documents (JSONL or .txt) instead:",
-             f"    python {shown(SCRIPT_DIR / 'build_shards.py')} --docs docs.jsonl --tokenizer TOKENIZER.model "
+             f"    python {shown(SCRIPT_DIR / 'build_shards.py')} --docs docs.jsonl {train}--tokenizer TOKENIZER.model "
              f"--out {shown(out)} --val-docs 50"]
-    if SHARED_SAMPLE.is_dir():
-        docs = SHARED_SAMPLE / "docs_200.jsonl"
+    docs = SHARED_SAMPLE / "docs_200.jsonl"
+    sample = f"; sample documents: {shown(docs)}" if docs.is_file() else ""
+    if SHARED_SAMPLE.is_dir() and shipped:
         lines.append(f"The challenge tokenizer ships in {shown(SHARED_SAMPLE / 'fineweb_1024_bpe.model')} "
-                     "(use it as TOKENIZER.model, and as TOKENIZER_PATH for train_gpt_mlx.py)"
-                     + (f"; sample documents: {shown(docs)}" if docs.is_file() else "") + ".")
+                     f"(use it as TOKENIZER.model, and as TOKENIZER_PATH for train_gpt_mlx.py){sample}.")
+    elif not shipped:
+        lines.append(f"--train-tokenizer writes TOKENIZER.model with the records' settings: use it as TOKENIZER_PATH, "
+                     f"with VOCAB_SIZE={variant[2:]}, for train_gpt_mlx.py{sample}.")
     lines.append("With network access, check HF_ENDPOINT and the proxy settings (HTTPS_PROXY), then rerun.")
     return "\n".join(lines)
 
@@ -387,7 +431,9 @@ def main(argv=None) -> dict:
                         log=lambda msg: print(msg, flush=True))
     except HubUnreachable as e:
         sys.exit(offline_message(e, a.variant, a.data_dir))
-    except (ValueError, OSError, RuntimeError) as e:  # OSError: FileNotFoundError, permissions, disk full
+    except FileNotFoundError as e:  # the repo lacks a file: most often the variant is in another repo
+        sys.exit(f"error: {e} (MATCHED_FINEWEB_REPO_ID names the dataset repo that holds --variant {a.variant})")
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: permissions, disk full
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("\ninterrupted: partial files removed; run the same command again to resume", file=sys.stderr)

@@ -62,6 +62,8 @@ PIECES = {
     "TTT lora": dict(TTT_ENABLED=1, TTT_MODE="lora", TTT_CHUNK=256, TTT_BATCH_SEQS=4),
     "n-gram mixer": dict(NGRAM_MIXER_ENABLED=1, NGRAM_MAX_ORDER=4),
     "complement": dict(COMPLEMENT_ALPHA=0.5),
+    # the 8192-piece vocabulary: 8x the logits (shards of a smaller vocabulary still fit it)
+    "vocab 8192": dict(VOCAB_SIZE=8192, TRAIN_BATCH_TOKENS=4096, VAL_MAX_TOKENS=4096, VAL_BATCH_SIZE=4096),
 }
 
 

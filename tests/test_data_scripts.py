@@ -172,43 +172,134 @@ def test_train_tokenizer_and_build_generated(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_too_little_text_gives_fewer_pieces_and_says_so(tmp_path):
+    """hard_vocab_limit off, as the records train: 8192 pieces asked of a few documents is not an error."""
+    import sentencepiece as spm
+
+    logs = []
+    tok = bs.train_tokenizer(generated_docs(5), tmp_path / "few_8192_bpe.model", 8192, log=logs.append)
+    pieces = spm.SentencePieceProcessor(model_file=str(tok)).get_piece_size()
+    assert 260 < pieces < 8192
+    assert any(f"only {pieces} of the 8192 pieces" in m for m in logs)
+
+
+def syllable_docs(n, seed=0):
+    """Text rich enough for an 8192-piece BPE vocabulary (6,000 made-up words, capitals, numbers), with rare
+    characters that the trainer's 0.999 coverage leaves to byte fallback."""
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwzßç" for v in "aeiouyäöé"]
+    lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(6000)]
+    rare = ["🙂", "☃", "漢字", "Ω", "ﬁ", "€"]
+    docs = []
+    for _ in range(n):
+        words = [rng.choice(lexicon) if rng.random() > 0.01 else rng.choice(rare) for _ in range(rng.randint(100, 400))]
+        words = [w.capitalize() if rng.random() < 0.1 else w for w in words]
+        docs.append(" ".join(words) + f"\n{rng.randint(0, 99999)}.")
+    return docs
+
+
+@pytest.mark.parametrize("source", ["sample", "generated"])
+def test_8192_tokenizer_has_the_records_settings_and_exact_bytes(tmp_path, source):
+    """--train-tokenizer 8192 with the sp8192 records' trainer settings; on its shards the script's byte count
+    (build_byte_tables + target_bytes) equals, per validation document, the UTF-8 bytes of the decoded document
+    and of the normalized text, byte-fallback pieces included."""
+    import sentencepiece as spm
+    import train_gpt_mlx as T
+
+    if source == "sample":
+        if not HAVE_SAMPLE:
+            pytest.skip("fineweb sample not available")
+        lines = (SAMPLE / "docs_200.jsonl").read_text(encoding="utf-8").splitlines()
+        texts = [json.loads(line)["text"] for line in lines]
+    else:
+        texts = syllable_docs(200)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    tok = tmp_path / "tok" / "mine_8192_bpe.model"
+    summary = bs.main(["--docs", str(docs), "--tokenizer", str(tok), "--out", str(tmp_path / "out"),
+                       "--val-docs", "50", "--train-tokenizer", "8192"])
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    assert sp.get_piece_size() == 8192 == summary["vocab_size"]
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert sum(sp.is_byte(i) for i in range(8192)) == 256  # byte fallback
+    assert not sp.encode(texts[0].lstrip(), out_type=str)[0].startswith("\u2581")  # no dummy prefix
+    words = [sp.id_to_piece(i) for i in range(8192) if not sp.is_byte(i)]
+    assert all(sum(c.isdigit() for c in w) <= 1 for w in words)  # split digits: no piece holds two
+    assert sp.decode(sp.encode("\ufb01 \uff21")) == "fi A"  # nmt_nfkc: ligature and full-width A
+
+    tables = T.build_byte_tables(sp, 8192)
+    stream = np.concatenate([bs.read_shard(f) for f in summary["files"]["val"]]).astype(np.int64)
+    starts = np.flatnonzero(stream == sp.bos_id())
+    spans = list(zip(starts, list(starts[1:]) + [len(stream)]))
+    assert len(spans) == 50
+    for text, (a, b) in zip(texts, spans):
+        ids = stream[a + 1:b]
+        counted = int(T.target_bytes(stream[a:b - 1], ids, tables).sum())  # the first target's prev is BOS
+        decoded = len(sp.decode(ids.tolist()).encode("utf-8"))
+        normalized = len(sp.normalize(text).replace("\u2581", " ").encode("utf-8"))
+        assert counted == decoded == normalized
+    whole = int(T.target_bytes(stream[:-1], stream[1:], tables).sum())  # BOS targets count 0 bytes
+    assert whole == sum(len(sp.decode(stream[a + 1:b].tolist()).encode("utf-8")) for a, b in spans)
+    assert sum(sp.is_byte(int(t)) for t in stream) > 0  # byte-fallback pieces were among them
+
+
 # ----------------------------------------------------------------------------- download
 FOLDER = "fineweb10B_sp1024"
 N_VAL, N_TRAIN = 2, 3
 
 
 class CallLog(list):
-    """Remote paths requested from the stand-in `fetch`, in order; .root is the fake repo."""
+    """Remote paths requested from the stand-in `fetch`, in order; .repos the repo of each request;
+    .root is the first fake repo."""
     root: Path
+    repos: list
 
 
-def make_remote(tmp_path, monkeypatch) -> CallLog:
-    """Build a fake repo under tmp_path/remote and replace `fetch` by a stand-in serving it."""
-    root = tmp_path / "remote"
-    ds = root / "datasets" / "datasets" / FOLDER
+def write_repo(root: Path, variants) -> None:
+    """A fake dataset repo laid out like the Hub's: N_VAL val and N_TRAIN train shards and a
+    tokenizer per variant, and a manifest listing them."""
     rng = np.random.default_rng(0)
-    for split, n in (("val", N_VAL), ("train", N_TRAIN)):
-        for i in range(n):
-            bs.write_shard(ds / f"fineweb_{split}_{i:06d}.bin", rng.integers(0, 1024, 50 + 10 * i, dtype=np.uint16))
-    (root / "datasets" / "tokenizers").mkdir(parents=True)
-    for ext in ("model", "vocab"):
-        (root / "datasets" / "tokenizers" / f"fineweb_1024_bpe.{ext}").write_bytes(b"fake " + ext.encode())
-    manifest = {"datasets": [{"name": FOLDER, "tokenizer_name": "sp_bpe_1024",
-                              "stats": {"files_train": N_TRAIN, "files_val": N_VAL}}],
-                "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model"}]}
+    manifest = {"datasets": [], "tokenizers": []}
+    for variant in variants:
+        vocab = int(variant[2:])
+        folder = f"fineweb10B_{variant}"
+        ds = root / "datasets" / "datasets" / folder
+        for split, n in (("val", N_VAL), ("train", N_TRAIN)):
+            for i in range(n):
+                toks = rng.integers(0, vocab, 50 + 10 * i, dtype=np.uint16)
+                bs.write_shard(ds / f"fineweb_{split}_{i:06d}.bin", toks)
+        (root / "datasets" / "tokenizers").mkdir(parents=True, exist_ok=True)
+        for ext in ("model", "vocab"):
+            (root / "datasets" / "tokenizers" / f"fineweb_{vocab}_bpe.{ext}").write_bytes(b"fake " + ext.encode())
+        manifest["datasets"].append({"name": folder, "tokenizer_name": f"sp_bpe_{vocab}",
+                                     "stats": {"files_train": N_TRAIN, "files_val": N_VAL}})
+        manifest["tokenizers"].append({"name": f"sp_bpe_{vocab}",
+                                       "model_path": f"tokenizers/fineweb_{vocab}_bpe.model"})
     (root / "datasets" / "manifest.json").write_text(json.dumps(manifest))
-    calls = CallLog()
-    calls.root = root
 
-    def fake_fetch(remote_path, dest):
+
+def make_remote(tmp_path, monkeypatch, repos=None) -> CallLog:
+    """Build fake repos ({repo: [variants]}; default: the default repo with sp1024, under tmp_path/remote)
+    and replace `fetch` by a stand-in serving them: a file the asked repo lacks is not found."""
+    repos = repos or {dl.DEFAULT_REPO: ["sp1024"]}
+    roots = {repo: tmp_path / ("remote" if i == 0 else f"remote{i}") for i, repo in enumerate(repos)}
+    for repo, variants in repos.items():
+        write_repo(roots[repo], variants)
+    calls = CallLog()
+    calls.root = roots[next(iter(repos))]
+    calls.repos = []
+
+    def fake_fetch(remote_path, dest, repo_id):
         calls.append(remote_path)
-        src = root / remote_path
+        calls.repos.append(repo_id)
+        src = roots.get(repo_id, tmp_path / "no-such-repo") / remote_path
         if not src.is_file():
-            raise FileNotFoundError(remote_path)
+            raise FileNotFoundError(f"{repo_id} has no file {remote_path}")
         Path(dest).write_bytes(src.read_bytes())
 
     monkeypatch.setattr(dl, "fetch", fake_fetch)
     monkeypatch.setattr(dl.time, "sleep", lambda s: None)  # no retry backoff in tests
+    monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
     return calls
 
 
@@ -282,13 +373,13 @@ def test_download_never_leaves_partial_files(tmp_path, monkeypatch):
     serve = dl.fetch
     broken = f"datasets/datasets/{FOLDER}/fineweb_train_000001.bin"
 
-    def flaky_fetch(remote_path, dest):
+    def flaky_fetch(remote_path, dest, repo_id):
         if remote_path == broken:  # connection drops half-way through, every time
             calls.append(remote_path)
             data = (calls.root / remote_path).read_bytes()
             Path(dest).write_bytes(data[:len(data) // 2])
             raise ConnectionError("connection reset")
-        serve(remote_path, dest)
+        serve(remote_path, dest, repo_id)
 
     monkeypatch.setattr(dl, "fetch", flaky_fetch)
     local = tmp_path / "data"
@@ -300,8 +391,8 @@ def test_download_never_leaves_partial_files(tmp_path, monkeypatch):
     assert not (shard_dir / "fineweb_train_000001.bin").exists()
     assert leftovers(local) == []
 
-    def corrupt_fetch(remote_path, dest):  # the server hands back a truncated shard
-        serve(remote_path, dest)
+    def corrupt_fetch(remote_path, dest, repo_id):  # the server hands back a truncated shard
+        serve(remote_path, dest, repo_id)
         if remote_path == broken:
             Path(dest).write_bytes(Path(dest).read_bytes()[:-2])
 
@@ -313,6 +404,52 @@ def test_download_never_leaves_partial_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dl, "fetch", serve)  # the next run completes the set
     assert run_download(local, "--train-shards", "3")["train_shards"] == 3
+
+
+def test_sp8192_comes_from_its_repo_and_a_stale_manifest_does_not_hide_it(tmp_path, monkeypatch):
+    """--variant sp8192 fetches the records' export from kevclark/parameter-golf without any setting; the
+    default repo's manifest, which lacks sp8192, blocks neither that download nor an offline rerun later."""
+    sp8192 = "kevclark/parameter-golf"
+    calls = make_remote(tmp_path, monkeypatch, {dl.DEFAULT_REPO: ["sp1024"], sp8192: ["sp8192"]})
+    local = tmp_path / "data"
+    run_download(local, "--train-shards", "1")  # sp1024 first: the local manifest is the default repo's
+    assert "fineweb10B_sp8192" not in (local / "manifest.json").read_text()
+    calls.clear()
+    calls.repos.clear()
+    summary = dl.main(["--variant", "sp8192", "--data-dir", str(local), "--train-shards", "2"])
+    assert (summary["val_shards"], summary["train_shards"]) == (N_VAL, 2)
+    assert set(calls.repos) == {sp8192} and len(calls) == 1 + 2 + N_VAL + 2  # manifest, tokenizer, val, train
+    remote = tmp_path / "remote1" / "datasets"
+    for rel in ["tokenizers/fineweb_8192_bpe.model", "datasets/fineweb10B_sp8192/fineweb_train_000001.bin"]:
+        assert (local / rel).read_bytes() == (remote / rel).read_bytes()
+
+    run_download(local, "--train-shards", "1")  # the default repo's manifest again: sp8192's entry is kept
+    before = {p: p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    offline_hub(monkeypatch, "probe")
+    monkeypatch.setattr(dl, "fetch", real_fetch)
+    for variant in ("sp8192", "sp1024"):  # everything present: no network needed for either
+        summary = dl.main(["--variant", variant, "--data-dir", str(local), "--train-shards", "1"])
+        assert summary["downloaded"] == [] and summary["val_shards"] == N_VAL
+    assert {p: p.read_bytes() for p in local.rglob("*") if p.is_file()} == before
+
+
+def test_a_repo_without_the_variant_names_the_setting(tmp_path, monkeypatch):
+    make_remote(tmp_path, monkeypatch)
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", dl.DEFAULT_REPO)  # overrides the repo sp8192 would use
+    with pytest.raises(SystemExit) as err:
+        dl.main(["--variant", "sp8192", "--data-dir", str(tmp_path / "data"), "--train-shards", "1"])
+    msg = str(err.value.code)
+    assert f"{dl.DEFAULT_REPO} has no file datasets/tokenizers/fineweb_8192_bpe.model" in msg
+    assert "MATCHED_FINEWEB_REPO_ID" in msg
+    assert not (tmp_path / "data" / "datasets").exists()
+
+
+def test_merge_manifests_keeps_other_variants():
+    old = {"datasets": [{"name": "a", "stats": 1}, {"name": "b", "stats": 2}], "tokenizers": [{"name": "t"}]}
+    new = {"datasets": [{"name": "b", "stats": 3}], "version": 2}
+    merged = dl.merge_manifests(new, old)
+    assert merged == {"datasets": [{"name": "b", "stats": 3}, {"name": "a", "stats": 1}], "version": 2}
+    assert dl.merge_manifests(None, old) is None and dl.merge_manifests(new, "x") == new
 
 
 def test_shard_counts_reads_known_schema():
@@ -350,7 +487,7 @@ def test_fetch_wraps_hf_hub_download(tmp_path, monkeypatch):
     dest = tmp_path / "x.part"
     dl.fetch("datasets/tokenizers/fineweb_1024_bpe.vocab", dest)
     assert dest.read_bytes() == b"payload"
-    assert seen == {"repo_id": dl.REPO_ID, "repo_type": "dataset"}
+    assert seen == {"repo_id": dl.DEFAULT_REPO, "repo_type": "dataset"}
     dl.fetch("datasets/tokenizers/fineweb_1024_bpe.vocab", dest)
     assert len(probes) == 1  # probed once, not per file
     with pytest.raises(FileNotFoundError):
@@ -428,6 +565,18 @@ def test_offline_one_message_exit_code_no_empty_folders(tmp_path, monkeypatch, c
     assert tree(tmp_path) == (["shared", "shared/fineweb_sample"] if shared else [])
 
 
+def test_offline_sp8192_says_to_train_the_tokenizer(tmp_path, monkeypatch):
+    offline_hub(monkeypatch, "probe")
+    monkeypatch.setattr(dl, "SHARED_SAMPLE", tmp_path / "shared" / "fineweb_sample")  # absent
+    local = tmp_path / "data"
+    with pytest.raises(SystemExit) as err:
+        dl.main(["--variant", "sp8192", "--data-dir", str(local), "--train-shards", "1"])
+    msg = str(err.value.code).replace(os.sep, "/")
+    assert ("data/build_shards.py --docs docs.jsonl --train-tokenizer 8192 --tokenizer TOKENIZER.model "
+            f"--out {dl.shown(local / 'datasets' / 'fineweb10B_sp8192')} --val-docs 50") in msg
+    assert "TOKENIZER_PATH, with VOCAB_SIZE=8192" in msg and "fineweb_1024_bpe" not in msg
+
+
 def test_offline_keeps_folders_that_existed(tmp_path, monkeypatch):
     offline_hub(monkeypatch, "probe")
     local = tmp_path / "data"
@@ -453,10 +602,10 @@ def test_connection_lost_mid_run_removes_only_empty_new_folders(tmp_path, monkey
     calls = make_remote(tmp_path, monkeypatch)
     serve = dl.fetch
 
-    def dies_after_tokenizer(remote_path, dest):
+    def dies_after_tokenizer(remote_path, dest, repo_id):
         if "/datasets/" in remote_path:  # the first shard: the network is gone
             raise dl.HubUnreachable("https://huggingface.co", "cannot connect: Network is unreachable")
-        serve(remote_path, dest)
+        serve(remote_path, dest, repo_id)
 
     monkeypatch.setattr(dl, "fetch", dies_after_tokenizer)
     local = tmp_path / "data"
@@ -488,14 +637,14 @@ def test_ctrl_c_during_download_leaves_no_partial_files(tmp_path, monkeypatch, c
     calls = make_remote(tmp_path, monkeypatch)
     serve = dl.fetch
 
-    def interrupted(remote_path, dest):
+    def interrupted(remote_path, dest, repo_id):
         if "fineweb_val_000000" in remote_path:  # Ctrl-C half-way through the first shard
             staging = Path(dest).parent / dl.STAGING / "x.incomplete"
             staging.parent.mkdir()
             staging.write_bytes(b"half")
             Path(dest).write_bytes(b"half")
             raise KeyboardInterrupt
-        serve(remote_path, dest)
+        serve(remote_path, dest, repo_id)
 
     monkeypatch.setattr(dl, "fetch", interrupted)
     local = tmp_path / "data"
@@ -592,7 +741,7 @@ import importlib.util, sys, time
 from pathlib import Path
 spec = importlib.util.spec_from_file_location("dl", {str(REPO / "data" / "cached_challenge_fineweb.py")!r})
 dl = importlib.util.module_from_spec(spec); spec.loader.exec_module(dl)
-def slow_fetch(remote_path, dest):
+def slow_fetch(remote_path, dest, repo_id):
     staging = Path(dest).parent / dl.STAGING
     staging.mkdir(exist_ok=True)
     (staging / "blob.incomplete").write_bytes(b"x" * 1000)

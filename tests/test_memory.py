@@ -8,7 +8,7 @@ B = load_script("tests/bench_memory.py")
 
 
 def _check(data, tmp_path, over: dict, ranks: int = 1):
-    env = B.tiny(data["data_path"], data["tokenizer"], str(tmp_path), VOCAB_SIZE=data["vocab_size"], **over)
+    env = B.tiny(data["data_path"], data["tokenizer"], str(tmp_path), **{"VOCAB_SIZE": data["vocab_size"], **over})
     measured = B.measure(env, ranks)
     peak = max(measured["mlx_peak"], measured["rss_run"])
     estimate = B.estimate(env, ranks)

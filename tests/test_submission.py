@@ -325,6 +325,32 @@ def test_the_official_split_is_known_by_its_token_count_else_by_its_documents(da
     assert T.val_split_facts(hp)["official"]
 
 
+def test_the_official_sp8192_split_is_known_by_its_documents_and_whole_windows(data, repo, monkeypatch):
+    """sp8192's split (kevclark/parameter-golf) is known by 50,000 documents and the count the records log,
+    40,540,160 tokens in whole 2,048-token windows (plus one target): n in 40,540,161..40,542,208."""
+    import dataclasses
+    hp = T.Hyperparameters.from_env(sub_env(data, repo, folder_of(repo)))
+    split = {}
+
+    def fake_split(n_tokens, n_docs):
+        toks = np.full(n_tokens, 7, np.uint16)
+        toks[np.arange(n_docs) * (n_tokens // n_docs)] = T.BOS_ID  # each document opened by BOS
+        split["tokens"] = toks
+
+    monkeypatch.setattr(T, "load_validation_tokens", lambda path, max_tokens, vocab: split["tokens"])
+    cases = [(8192, 40_540_161, 50_000, True), (8192, 40_542_208, 50_000, True),
+             (8192, 40_540_160, 50_000, False), (8192, 40_542_209, 50_000, False),
+             (8192, 40_540_161, 49_999, False), (1024, 40_540_161, 50_000, False),
+             (1024, 62_021_846, 50_000, True)]
+    for vocab, n_tokens, n_docs, official in cases:
+        fake_split(n_tokens, n_docs)
+        facts = T.val_split_facts(dataclasses.replace(hp, vocab_size=vocab))
+        assert facts == dict(tokens=n_tokens, documents=n_docs, official=official), (vocab, n_tokens, n_docs)
+    known = T.official_split_text()
+    assert "50,000 documents" in known and "62,021,846 tokens for sp1024" in known
+    assert "40,540,160 in whole 2,048-token windows for sp8192" in known
+
+
 def test_requirements_name_the_mlx_build_that_ran(monkeypatch):
     from importlib import metadata
     real = metadata.version
