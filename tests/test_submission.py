@@ -274,16 +274,18 @@ def test_seeds_trained_on_other_amounts_of_data_are_another_configuration(data, 
 
 
 def test_a_submission_json_this_script_did_not_write_is_refused_before_any_work(data, repo):
-    """Else the seed trains, then fails merging into it (a KeyError traceback, nothing written)."""
+    """One whose configuration and split agree with the run's passed the preflight: the seed trained, then merging
+    it failed (a KeyError traceback, nothing written)."""
     folder = folder_of(repo)
     folder.mkdir(parents=True)
-    seed = {"val_loss": 2.0, "val_bpb": 1.2}
-    for i, (foreign, why) in enumerate((({"author": "Ada", "val_bpb": 1.2, "seeds": [1]}, "no seed_results"),
+    env = sub_env(data, repo, folder)
+    agrees = dict(config=T.result_config(T.Hyperparameters.from_env(env)), validation={"official": False})
+    for i, (foreign, why) in enumerate(((dict(agrees, author="Ada", val_bpb=1.2, seeds=[1]), "no seed_results"),
                                         ([1.2], "it is not a JSON object"),
-                                        ({"seed_results": {"1": seed}, "config": {}, "validation": {},
-                                          "train_data": {}}, "seed '1' lacks pre_quant_val_loss"))):
+                                        (dict(agrees, seed_results={"1": {"val_bpb": 1.2}}, train_data={}),
+                                         "seed '1' lacks val_loss, pre_quant_val_loss"))):
         (folder / "submission.json").write_text(json.dumps(foreign))
-        assert T.main(sub_env(data, repo, folder, RUN_ID=f"foreign{i}")) == 1
+        assert T.main(dict(env, RUN_ID=f"foreign{i}")) == 1
         log = run_log(repo, f"foreign{i}")
         assert "its submission.json was not written by this version of train_gpt_mlx.py (" + why in log
         _no_work(log)
