@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -378,8 +379,28 @@ def test_track_10min_takes_a_timed_run_and_refuses_one_over_the_limit(data, repo
     monkeypatch.setattr(T, "preflight_submission", then_a_shorter_track)
     over = folder_of(repo, "track_10min_16mb", "2026-04-01_over")
     assert T.main(sub_env(data, repo, over, RUN_ID="over", MAX_WALLCLOCK_SECONDS=600)) == 1
-    assert re.search(r"refused: training took [\d.]+s, over track_10min_16mb's 0s", run_log(repo, "over"))
+    assert re.search(r"refused: training took [\d.]+s and its last step began at [\d.]+s, past track_10min_16mb's 0s",
+                     run_log(repo, "over"))
     assert not over.exists()
+
+
+def test_track_10min_takes_a_run_whose_last_step_began_within_the_limit(data, repo, monkeypatch):
+    """The cap is checked after each step, so the last step may end past the limit: a slow last step (here 9 s, the
+    limit 4 s) is taken, as the 10-minute rule is checked. The average step is no measure of when it began."""
+    monkeypatch.setattr(T, "TRACK_LIMIT_S", 4.0)
+    real, calls = T.train_step, []
+
+    def slow_third(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            time.sleep(9.0)
+        return real(*args, **kw)
+    monkeypatch.setattr(T, "train_step", slow_third)
+    ten = folder_of(repo, "track_10min_16mb")
+    env = sub_env(data, repo, ten, RUN_ID="slow", MAX_WALLCLOCK_SECONDS=4, WARMUP_STEPS=0)  # call 3 is step 3
+    assert T.main(env) == 0, run_log(repo, "slow")[-600:]
+    res = strict_json(ten / "submission.json")["seed_results"]["1337"]
+    assert res["steps"] == 3 and res["train_seconds"] > 9
 
 
 # ---------------------------------------------------------------------------- writing the folder
