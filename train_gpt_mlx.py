@@ -7,6 +7,7 @@ import ast
 import base64
 import ctypes
 import difflib
+import errno
 import fcntl
 import glob
 import io
@@ -301,6 +302,9 @@ class Hyperparameters:
                 and self.submission_blurb)),
              "SUBMISSION_DIR needs a training run scored on the whole validation split (no EVAL_ONLY, "
              "VAL_MAX_TOKENS=0) and SUBMISSION_AUTHOR, SUBMISSION_GITHUB_ID, SUBMISSION_NAME, SUBMISSION_BLURB"),
+            (self.submission_dir and self.resume_override,
+             "RESUME_OVERRIDE=1 cannot write a seed (SUBMISSION_DIR): a seed's command must reproduce it, and one "
+             "trained with settings changed part way cannot be; resume without it, or drop SUBMISSION_DIR"),
             (self.submission_dir and Path(self.submission_dir).parent.name not in TRACKS,
              f"SUBMISSION_DIR={self.submission_dir} must be records/<track>/<date>_<name> with <track> one of "
              f"{', '.join(TRACKS)}")) if bad]
@@ -2085,6 +2089,8 @@ class Run:
     warned_loss: bool = False  # the loss-above-chance warning is given once
     resumed_from: str = ""  # RUN_ID of the run whose checkpoint this one continued
     val_split: dict = None  # SUBMISSION_DIR: what the validation split is (val_split_facts)
+    last_step_from_ms: float = 0.0  # train time when the last step began: a track's limit binds it (unfinished_reason)
+    train_data: dict = None  # SUBMISSION_DIR: how much training data DATA_PATH holds (train_data_facts)
 
     @property
     def graph(self) -> "Compiled":
@@ -2594,6 +2600,7 @@ def train_loop(r: Run):
             break
         if stop_now(r):
             continue
+        r.last_step_from_ms = r.train_ms + (time.perf_counter() - t_last) * 1000
         loss = one_step(r)
         now = time.perf_counter()
         r.train_ms = ranks_max(r, r.train_ms + (now - t_last) * 1000)
@@ -2789,8 +2796,9 @@ def write_and_prove_artifact(r: Run):
             raise OSError(f"cannot write the artifact {path} ({e.strerror or e}); {rescue_weights(r)}") from None
     _, flat, header = read_artifact(path)
     total = r.code_bytes + model_bytes
+    source = readable_source()
     log(f"artifact: code_bytes:{r.code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
-        f"source_bytes:{len(readable_source().encode())} cap:{ARTIFACT_CAP_BYTES} "
+        f"source_bytes:{len(source.encode()) if source else 'unknown'} cap:{ARTIFACT_CAP_BYTES} "
         f"{'OK' if total <= ARTIFACT_CAP_BYTES else 'OVER'} codec:{header['codec']}")
     if total > ARTIFACT_CAP_BYTES:
         log(f"WARNING: artifact is OVER the {ARTIFACT_CAP_BYTES}-byte cap by {total - ARTIFACT_CAP_BYTES} bytes: "
@@ -2856,7 +2864,14 @@ OFFICIAL_VAL_WINDOWED = {8192: (2048, 40_540_160)}  # vocab -> (window, tokens i
 # run may change (RESUME_FREE), the seed, and evaluation-only runs' (a seed is a training run).
 NOT_RESULT_FIELDS = set(RESUME_FREE) | {"seed", "eval_only", "load_artifact"}
 PACKED_MARK = "# train_gpt_mlx.py packed"
-SUBMISSION_LOCK_WAIT_S = 300.0  # a seed waits this long for another seed writing into the same folder
+# The name the packed code is compiled under: not a file, so a traceback shows no line of an unrelated file (under
+# train_gpt_mlx.py's name it showed the readable copy's lines at the packed code's line numbers).
+PACKED_CODE_NAME = "<train_gpt.py, packed>"
+SUBMISSION_LOCK_WAIT_S = 300.0  # a seed waits this long for another seed writing into the same track
+# What a submission.json written by this script holds (read_submission_json refuses one without them)
+SUBMISSION_KEYS = ("seed_results", "config", "validation", "train_data")
+SEED_KEYS = ("val_loss", "val_bpb", "pre_quant_val_loss", "pre_quant_val_bpb", "artifact_bytes", "bytes_model",
+             "steps", "train_seconds", "eval_seconds", "run_id")
 
 
 def stripped_tree(source: str) -> ast.Module:
@@ -2879,8 +2894,9 @@ def stripped_tree(source: str) -> ast.Module:
 
 
 # The packer itself: only the readable script packs itself. Run as train_gpt.py, counted_script counts the file's
-# own bytes, so none of these can be reached there, and they are left out of it (packed_tree).
-PACKER_ONLY = ("stripped_tree", "packed_tree", "packed_code", "tight_tokens", "source_span", "packed_script")
+# own bytes, so none of these can be reached there, and they are left out of it (packed_tree). stripped_tree and
+# packed_tree stay: a packed script checks with them that the readable copy beside it is its source.
+PACKER_ONLY = ("packed_code", "tight_tokens", "source_span", "packed_script")
 
 
 def packed_tree(source: str) -> ast.Module:
@@ -2955,7 +2971,7 @@ def packed_script(source: str) -> str:
     return (f"{PACKED_MARK}; the readable script is train_gpt_mlx.py beside this file\n"
             "import base64, lzma\n"
             f'exec(compile(lzma.decompress(base64.b85decode("{blob}"), lzma.FORMAT_RAW, filters=[{{"id": '
-            'lzma.FILTER_LZMA2}]), "train_gpt_mlx.py", "exec"))\n')
+            f'lzma.FILTER_LZMA2}}]), "{PACKED_CODE_NAME}", "exec"))\n')
 
 
 def running_packed() -> bool:
@@ -2964,16 +2980,31 @@ def running_packed() -> bool:
 
 
 @lru_cache(maxsize=None)
-def readable_source() -> str:
-    """train_gpt_mlx.py's text: this file; run as a packed train_gpt.py, the readable copy beside it (else the
-    packed code itself, which runs the same)."""
+def running_code() -> str:
+    """The code this process runs: this file's text, or, run as a packed train_gpt.py, the code it unpacks."""
+    text = Path(__file__).read_text(encoding="utf-8")
     if not running_packed():
-        return Path(__file__).read_text(encoding="utf-8")
-    beside = Path(__file__).with_name("train_gpt_mlx.py")
-    if beside.is_file():
-        return beside.read_text(encoding="utf-8")
-    blob = re.search(r'b85decode\("([^"]+)"\)', Path(__file__).read_text(encoding="utf-8"))[1]
+        return text
+    blob = re.search(r'b85decode\("([^"]+)"\)', text)[1]
     return lzma.decompress(base64.b85decode(blob), lzma.FORMAT_RAW, filters=PACKED_FILTERS).decode("utf-8")
+
+
+@lru_cache(maxsize=None)
+def readable_source() -> str | None:
+    """train_gpt_mlx.py's text: this file; run as a packed train_gpt.py, the readable copy beside it when the code
+    that runs is that copy packed. None otherwise: the packed code itself is no readable copy (it lacks the
+    packer, so it cannot run as train_gpt_mlx.py), nor is another version of the script."""
+    if not running_packed():
+        return running_code()
+    beside = Path(__file__).with_name("train_gpt_mlx.py")
+    if not beside.is_file():
+        return None
+    text = beside.read_text(encoding="utf-8")
+    try:
+        same = ast.dump(packed_tree(text)) == ast.dump(ast.parse(running_code()))
+    except SyntaxError:
+        same = False
+    return text if same else None
 
 
 @lru_cache(maxsize=None)
@@ -3007,13 +3038,32 @@ def config_differences(folder_config: dict, mine: dict) -> list[str]:
 
 
 def read_submission_json(d: Path) -> dict | None:
+    """The folder's submission.json (None: there is none). One this script did not write is refused here, before
+    any work: merging a seed into it would fail only after training."""
     path = d / "submission.json"
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        sub = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise SetupError(f"SUBMISSION_DIR={d}: its submission.json is not JSON ({e}); move the folder away") from None
+    gaps = submission_gaps(sub)
+    if gaps:
+        raise SetupError(f"SUBMISSION_DIR={d}: its submission.json was not written by this version of "
+                         f"train_gpt_mlx.py ({gaps}); use a new folder, or move this one away")
+    return sub
+
+
+def submission_gaps(sub) -> str:
+    """What a submission.json written by this script holds and `sub` lacks ('': nothing)."""
+    if not isinstance(sub, dict):
+        return "it is not a JSON object"
+    gaps = [f"no {k}" for k in SUBMISSION_KEYS if not isinstance(sub.get(k), dict)]
+    for seed, res in sub["seed_results"].items() if not gaps else ():
+        lacks = [k for k in SEED_KEYS if k not in res] if isinstance(res, dict) else ["its results"]
+        if not seed.isdigit() or lacks:
+            gaps.append(f"seed {seed!r} lacks {', '.join(lacks) or 'a number as its name'}")
+    return "; ".join(gaps)
 
 
 def val_split_facts(hp: Hyperparameters) -> dict:
@@ -3036,6 +3086,16 @@ def official_split_text() -> str:
     return f"{OFFICIAL_VAL_DOCS:,} documents; " + ", ".join(known)
 
 
+def train_data_facts(hp: Hyperparameters) -> dict:
+    """How much training data DATA_PATH holds: seeds trained on 1 and on 80 shards are not one configuration."""
+    files = shard_files(hp.data_path, "train")
+    return dict(shards=len(files), tokens=check_train_shards(files))
+
+
+def train_data_words(facts: dict) -> str:
+    return f"{facts['shards']} train shard(s) ({facts['tokens']} tokens)"
+
+
 # ---------------------------------------------------------------------------- refusals: before any work, at the end
 def preflight_submission(r: Run):
     """Refuse before any work a seed that the folder would not take: the wrong track for the time cap, a
@@ -3047,6 +3107,11 @@ def preflight_submission(r: Run):
         errs.append(f"track_10min_16mb needs MAX_WALLCLOCK_SECONDS in (0, {TRACK_LIMIT_S:.0f}] (now "
                     f"{hp.max_wallclock_seconds}); longer runs go to track_non_record_16mb")
     r.val_split = val_split_facts(hp)
+    r.train_data = train_data_facts(hp)
+    if readable_source() is None:
+        errs.append("train_gpt.py runs packed code and no train_gpt_mlx.py beside it is the source of that code; the "
+                    "folder needs that readable script (the packed code lacks the packer, so it cannot be the "
+                    "readable copy): put the train_gpt_mlx.py it was packed from beside it")
     if not r.val_split["official"] and not hp.submission_unofficial_data:
         variant = f"sp{hp.vocab_size}" if hp.vocab_size in OFFICIAL_VAL_WINDOWED else "sp1024"
         errs.append(f"the validation split in DATA_PATH={hp.data_path} is not the challenge's "
@@ -3071,7 +3136,11 @@ def folder_mismatches(old: dict, r: Run) -> list[str]:
         errs.append("its seeds were scored on " + ("the challenge's" if folder_official else "an unofficial")
                     + " validation split and this run's is " + ("the challenge's" if r.val_split["official"]
                                                                else "unofficial"))
-    copy = Path(r.hp.submission_dir, "train_gpt_mlx.py")
+    theirs = old.get("train_data")
+    if r.train_data and theirs != r.train_data:
+        errs.append(f"its seeds trained with {train_data_words(theirs)} in DATA_PATH and this run has "
+                    f"{train_data_words(r.train_data)}")
+    copy = Path(r.hp.submission_dir, "train_gpt_mlx.py")  # readable_source: the source of the code that runs
     if copy.exists() and copy.read_text(encoding="utf-8") != readable_source():
         errs.append(f"its {copy.name} is another version of the script; use a new folder")
     return errs
@@ -3087,10 +3156,10 @@ def unfinished_reason(r: Run, eval_ms: float) -> str:
         return f"training stopped at step {r.step} of ITERATIONS={hp.iterations}"
     if Path(hp.submission_dir).parent.name != "track_10min_16mb":
         return ""
-    # the cap is checked after each step (as the baseline does), so the last step may end past 600 s
-    before_last = r.train_ms - r.train_ms / max(r.step, 1)
-    if before_last > TRACK_LIMIT_S * 1000:
-        return f"training took {r.train_ms / 1000:.1f}s, over track_10min_16mb's {TRACK_LIMIT_S:.0f}s"
+    # the cap is checked after each step (as the baseline does), so the last step may end past 600 s, but not begin
+    if r.last_step_from_ms > TRACK_LIMIT_S * 1000:
+        return (f"training took {r.train_ms / 1000:.1f}s and its last step began at {r.last_step_from_ms / 1000:.1f}s, "
+                f"past track_10min_16mb's {TRACK_LIMIT_S:.0f}s")
     if eval_ms > TRACK_LIMIT_S * 1000:
         return f"evaluation took {eval_ms / 1000:.1f}s, over track_10min_16mb's {TRACK_LIMIT_S:.0f}s"
     return ""
@@ -3170,11 +3239,17 @@ def merged_submission(old: dict | None, seed: dict, r: Run) -> dict:
     sub["bytes_total"] = max(s["artifact_bytes"] for s in runs)
     sub["bytes_model"] = max(s["bytes_model"] for s in runs)
     sub["bytes_code"] = r.code_bytes
+    sub["python_version"] = python_version()  # the packed bytes depend on it (ast.unparse)
     sub["hardware"] = hardware_name(r)
     sub["mlx_version"] = mx.__version__
     sub["validation"] = r.val_split
+    sub["train_data"] = r.train_data
     sub["config"] = result_config(hp)
     return sub
+
+
+def python_version() -> str:
+    return ".".join(str(v) for v in sys.version_info[:3])
 
 
 def hardware_name(r: Run) -> str:
@@ -3247,9 +3322,10 @@ def render_readme(sub: dict, r: Run) -> str:
              f"{sub['val_bpb_std']:.8f}); val_loss {sub['val_loss']:.8f}",
              f"- track: `{sub['track']}`; author: {sub['author']} (@{sub['github_id']}); date: {sub['date']}",
              f"- hardware: {sub['hardware']}; MLX {sub['mlx_version']}",
-             f"- bytes: {sub['bytes_total']} total (the largest seed's) = {sub['bytes_code']} code + "
-             f"{sub['bytes_model']} model, of the {ARTIFACT_CAP_BYTES} cap",
-             f"- validation split: {split['tokens']} tokens, {split['documents']} document(s)"]
+             f"- bytes: {sub['bytes_total']} total (the largest seed's) = {sub['bytes_code']} code (packed by "
+             f"Python {sub['python_version']}) + {sub['bytes_model']} model, of the {ARTIFACT_CAP_BYTES} cap",
+             f"- validation split: {split['tokens']} tokens, {split['documents']} document(s); training data: "
+             f"{train_data_words(sub['train_data'])}"]
     if not split["official"]:
         lines += ["", "**UNOFFICIAL DATA: these scores are not on the challenge's validation split "
                   f"({OFFICIAL_VAL_DOCS} documents) and are not comparable with the leaderboard's.** "
@@ -3263,7 +3339,7 @@ def render_readme(sub: dict, r: Run) -> str:
               "", "## Set-up", "", "```bash",
               f"pip install -r requirements.txt  # from this folder: {mlx_requirement()} and the rest",
               "python data/cached_challenge_fineweb.py --variant sp1024  # from the repository root: the tokenizer, "
-              "the validation split and 1 train shard (--train-shards N for more)",
+              "the validation split and 80 train shards (--train-shards N for another number)",
               "```", "", "## Run", "",
               "From this folder (unset, `DATA_PATH` and `TOKENIZER_PATH` default to the repository's `data/`, "
               "found from here):", "", "```bash"]
@@ -3282,18 +3358,30 @@ def render_readme(sub: dict, r: Run) -> str:
 # ---------------------------------------------------------------------------- writing the folder
 @contextmanager
 def folder_lock(d: Path):
-    """Seeds writing into one folder take turns (take_flock)."""
+    """Seeds writing into one track take turns (take_flock). The lock is on the track folder itself, so no lock file
+    lies in records/<track>/ to be committed with a record. Whoever holds it first tidies what a write killed part
+    way left there (tidy_after_kill)."""
     d.parent.mkdir(parents=True, exist_ok=True)
-    lock = d.parent / f".{d.name}.lock"
-    with open(lock, "a") as f:
-        if not take_flock(f, SUBMISSION_LOCK_WAIT_S):
-            raise ArtifactError(f"SUBMISSION_DIR={d} refused: another run has been writing its seed there for "
-                                f"{SUBMISSION_LOCK_WAIT_S:.0f}s (it holds {lock}): rerun this seed once it has "
-                                "finished")
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    fd = os.open(d.parent, os.O_RDONLY)
+    try:
+        if not take_flock(fd, SUBMISSION_LOCK_WAIT_S):
+            raise ArtifactError(f"SUBMISSION_DIR={d} refused: another run has been writing its seed into {d.parent} "
+                                f"for {SUBMISSION_LOCK_WAIT_S:.0f}s (it holds the folder's lock): rerun this seed "
+                                "once it has finished")
+        tidy_after_kill(d)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def tidy_after_kill(d: Path):
+    """Under the lock no other write is in flight, so a .<name>.new/.old folder beside d was left by a killed one:
+    the half-written new folder goes; an old folder that two renames (swap_in) had moved away comes back."""
+    for left in sorted(d.parent.iterdir()):
+        if left.name.startswith(f".{d.name}.old") and not d.exists():
+            os.rename(left, d)
+        elif left.name.startswith((f".{d.name}.new", f".{d.name}.old")):
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def write_folder(d: Path, files: dict):
@@ -3313,10 +3401,15 @@ def write_folder(d: Path, files: dict):
 
 
 def swap_in(new: Path, d: Path):
-    """Two renames (POSIX cannot replace a non-empty folder in one); the second failing puts the old one back."""
+    """Put the folder `new` in d's place. Where the system swaps two folders in one step (exchange_folders), d is
+    whole at every instant, the old or the new one. Elsewhere two renames: between them d is missing (a kill
+    there leaves the old folder at .<name>.old<pid>, which the next seed's write puts back); the second failing
+    puts the old one back at once."""
     if not d.exists():
         os.rename(new, d)
         return
+    if exchange_folders(new, d):
+        return  # `new` now holds the old folder: write_folder removes it
     old = d.parent / f".{d.name}.old{os.getpid()}"
     os.rename(d, old)
     try:
@@ -3325,6 +3418,24 @@ def swap_in(new: Path, d: Path):
         os.rename(old, d)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def exchange_folders(a: Path, b: Path) -> bool:
+    """Swap two folders atomically: Linux renameat2(RENAME_EXCHANGE), macOS renamex_np(RENAME_SWAP). False where
+    the system or the file system cannot (then nothing was changed)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "renameat2"):
+        done = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2)  # AT_FDCWD, RENAME_EXCHANGE
+    elif hasattr(libc, "renamex_np"):
+        done = libc.renamex_np(os.fsencode(a), os.fsencode(b), 2)  # RENAME_SWAP
+    else:
+        return False
+    if done == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The sp1024 record base (issue 8, part A): SmearGate, BigramHash, XSA, partial RoPE, LN scale,
 LeakyReLU^2, parallel residuals, depth recurrence, and RECIPE."""
+import hashlib
 import os
 import re
 
@@ -31,6 +32,9 @@ TINY_RECIPE = dict(RECIPE="sp1024_record", NUM_LAYERS=3, PARALLEL_START_LAYER=2,
 # device change the last bits (three CPU builds gave three different second losses), so the losses are compared
 # within a tolerance that the floating-point order allows, never bit for bit.
 REF_LOSSES = [4.862138748168945, 5.233942985534668, 5.753426551818848]
+# The initial parameters of the same model need no BLAS (uniform and normal draws of mx.random, element-wise), so
+# their bits are the same on every CPU set-up: sha256 over (name, float32 bytes), recorded at b10cdd5.
+REF_PARAMS = "596bac52081661e17cb7ee04b514989111b16a1d5e5d517dfbe97f6ccdc16099"
 
 
 def hp_of(**over):
@@ -46,8 +50,17 @@ def live_model(hp, seed=0):
     return model
 
 
+def initial_params_sha256(hp) -> str:
+    """The knobs-off model's initial parameters, drawn on the CPU (a GPU's normal may differ in the last bit)."""
+    with mx.stream(mx.cpu):
+        mx.random.seed(7)
+        flat = T.flat_numpy(T.GPT(T.ModelConfig.from_hparams(hp), hp.dtype()))
+    return hashlib.sha256(b"".join(n.encode() + flat[n].tobytes() for n in sorted(flat))).hexdigest()
+
+
 def test_knobs_off_reproduce_the_code_before_this_change(tmp_path):
     hp = hp_of(COMPUTE_DTYPE="float32", MUON_WEIGHT_DECAY=0.01, RECIPE="baseline")
+    assert initial_params_sha256(hp) == REF_PARAMS  # bit for bit: no BLAS is involved
     mx.random.seed(7)
     model = T.GPT(T.ModelConfig.from_hparams(hp), hp.dtype())
     opt = T.Optimizers(model, hp)

@@ -2,21 +2,26 @@
 counted code, submission.json as the records write it, and the refusals that keep a folder honest."""
 import ast
 import base64
+import inspect
 import json
 import lzma
 import os
+import platform
 import re
 import shlex
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import train_gpt_mlx as T
-from conftest import ROOT, ctrl_c_after, short_split, tiny_env
+import sentencepiece as spm
+
+from conftest import ROOT, ctrl_c_after, load_script, short_split, tiny_env
 
 DATE_NAME = "2026-04-01_tiny"
 
@@ -68,8 +73,7 @@ def test_two_seeds_make_a_folder_whose_train_gpt_rescores_from_inside_it(data, r
         assert T.main(sub_env(data, repo, folder, SEED=seed, RUN_ID=f"s{seed}")) == 0
     assert sorted(snapshot(folder)) == ["README.md", "requirements.txt", "submission.json", "train_gpt.py",
                                         "train_gpt_mlx.py", "train_seed1.log", "train_seed2.log"]
-    assert not [p.name for p in folder.parent.iterdir() if p.name.startswith(f".{DATE_NAME}.") and
-                not p.name.endswith(".lock")]  # no temporary folders left
+    assert [p.name for p in folder.parent.iterdir()] == [DATE_NAME]  # no lock file, no temporary folder
     sub = strict_json(folder / "submission.json")
     code = (folder / "train_gpt.py").stat().st_size
     assert sub["bytes_code"] == code  # no byte target: the 16,000,000 cap counts code + model
@@ -77,7 +81,13 @@ def test_two_seeds_make_a_folder_whose_train_gpt_rescores_from_inside_it(data, r
     for key in ("author", "github_id", "name", "blurb", "date", "hardware", "mlx_version"):
         assert isinstance(sub[key], str) and sub[key], key
     assert sub["track"] == "non_record_16mb" and sub["seeds"] == [1, 2] and sub["mlx_version"] == T.mx.__version__
-    assert sub["validation"] == {"tokens": 3000, "documents": sub["validation"]["documents"], "official": False}
+    ds = repo / "data" / "datasets" / "fineweb10B_sp1024"
+    val = np.fromfile(ds / "fineweb_val_000000.bin", "<u2", offset=1024)
+    bos = spm.SentencePieceProcessor(model_file=data["tokenizer"]).bos_id()
+    assert sub["validation"] == {"tokens": 3000, "documents": int(np.count_nonzero(val == bos)), "official": False}
+    trains = sorted(ds.glob("fineweb_train_*.bin"))
+    assert sub["train_data"] == {"shards": len(trains), "tokens": sum((p.stat().st_size - 1024) // 2 for p in trains)}
+    assert sub["python_version"] == platform.python_version()  # the packed bytes depend on it
     assert sub["config"] == {"ITERATIONS": 3, "TRAIN_BATCH_TOKENS": 1024, "TRAIN_SEQ_LEN": 64, "GRAD_ACCUM_STEPS": 1,
                              "WARMUP_STEPS": 1, "WARMDOWN_ITERS": 5, "MAX_WALLCLOCK_SECONDS": 0.0,
                              "VAL_BATCH_SIZE": 4096, "NUM_LAYERS": 2, "MODEL_DIM": 64, "NUM_HEADS": 4,
@@ -102,6 +112,11 @@ def test_two_seeds_make_a_folder_whose_train_gpt_rescores_from_inside_it(data, r
     readme = (folder / "README.md").read_text()
     assert "UNOFFICIAL DATA" in readme and sub["hardware"] in readme and "cached_challenge_fineweb.py" in readme
     assert "`train_gpt.py` (" in readme and "is the counted code" in readme and f"{bpbs[1]:.8f}" in readme
+    assert f"{code} code (packed by Python {platform.python_version()})" in readme
+    assert f"training data: {len(trains)} train shard(s) ({sub['train_data']['tokens']} tokens)" in readme
+    downloader = inspect.signature(load_script("data/cached_challenge_fineweb.py").download)
+    default_shards = downloader.parameters["train_shards"].default
+    assert f"the validation split and {default_shards} train shards (" in readme  # what it fetches unasked
     commands = [line for line in readme.splitlines() if line.endswith("python train_gpt.py")]
     assert len(commands) == 2 and all(f"SEED={s} " in c for s, c in zip((1, 2), commands))
     words = dict(w.split("=", 1) for w in shlex.split(commands[0])[:-2])
@@ -140,6 +155,65 @@ def test_packed_script_is_the_source_without_docstrings():
     assert sorted(left_out) == sorted(T.PACKER_ONLY)  # the packer, and nothing else
     assert "Parameter Golf in MLX" in source and "Parameter Golf in MLX" not in code  # the module docstring
     assert "# ======== Hyperparameters" not in code and "def lr_multiplier(step,elapsed_ms,hp):" in code
+
+
+def run_packed(cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """python train_gpt.py in cwd: the packed script, run as the challenge runs it."""
+    return subprocess.run([sys.executable, "train_gpt.py"], cwd=cwd, env=dict(os.environ, **env), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_packed_script_trains_a_seed_and_needs_its_readable_source_beside_it(data, repo):
+    """The folder's train_gpt.py trains a seed (not only EVAL_ONLY), and the folder's readable copy stays the source
+    of the code that ran. Without that source beside it, or with another version there, a seed is refused before
+    any work: the packed code is no readable copy (it lacks the packer), and a copy compared with itself proves
+    nothing."""
+    folder = folder_of(repo)
+    assert T.main(sub_env(data, repo, folder, SEED=1, RUN_ID="s1")) == 0
+    before = snapshot(folder)
+    done = run_packed(folder, sub_env(data, repo, folder, SEED=2, RUN_ID="p2"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    after = snapshot(folder)
+    assert strict_json(folder / "submission.json")["seeds"] == [1, 2] and "train_seed2.log" in after
+    assert after["train_gpt.py"] == before["train_gpt.py"]
+    assert after["train_gpt_mlx.py"] == (ROOT / "train_gpt_mlx.py").read_bytes()
+    assert f"source_bytes:{len(after['train_gpt_mlx.py'])} " in run_log(repo, "p2")
+    assert "step:3/3 train_loss:" in run_log(repo, "p2")
+
+    lone = repo.parent / "lone"  # the packed script alone
+    lone.mkdir()
+    (lone / "train_gpt.py").write_bytes(before["train_gpt.py"])
+    elsewhere = folder_of(repo, name="2026-04-02_lone")
+    (folder / "train_gpt_mlx.py").write_bytes(after["train_gpt_mlx.py"] + b"\n\ndef another_version():\n    return 1\n")
+    for cwd, dest, run_id in ((lone, elsewhere, "lone"), (folder, folder, "p3")):
+        done = run_packed(cwd, sub_env(data, repo, dest, SEED=3, RUN_ID=run_id))
+        assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+        log = run_log(repo, run_id)
+        assert "no train_gpt_mlx.py beside it is the source of that code" in log
+        _no_work(log)
+    assert not elsewhere.exists() and strict_json(folder / "submission.json")["seeds"] == [1, 2]
+
+
+def test_a_traceback_in_the_packed_code_shows_no_line_of_another_file(repo):
+    """The packed code is compiled under a name that is no file: under train_gpt_mlx.py's, a traceback printed the
+    readable copy's lines at the packed code's line numbers."""
+    d = repo.parent / "packed"
+    d.mkdir()
+    (d / "train_gpt.py").write_bytes(T.counted_script())
+    (d / "train_gpt_mlx.py").write_bytes((ROOT / "train_gpt_mlx.py").read_bytes())
+    probe = textwrap.dedent("""
+        import json, runpy, traceback
+        g = runpy.run_path("train_gpt.py", run_name="packed")
+        try:
+            g["shard_header"]("missing.bin")
+        except OSError as e:
+            print(json.dumps([(f.filename, f.line) for f in traceback.extract_tb(e.__traceback__)]))
+        """)
+    done = subprocess.run([sys.executable, "-c", probe], cwd=d, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    frames = json.loads(done.stdout.splitlines()[-1])
+    assert frames[1][0] == T.PACKED_CODE_NAME and not frames[1][1]  # shard_header: named, and no line shown
+    assert not (d / T.PACKED_CODE_NAME).exists()
 
 
 # ---------------------------------------------------------------------------- refused before any work
@@ -181,6 +255,56 @@ def test_another_configuration_is_named_before_any_work_and_bookkeeping_is_not_c
     assert strict_json(folder / "submission.json")["seeds"] == [1, 2]
 
 
+def test_seeds_trained_on_other_amounts_of_data_are_another_configuration(data, repo):
+    folder = folder_of(repo)
+    assert T.main(sub_env(data, repo, folder, SEED=1, RUN_ID="s1")) == 0
+    ds = repo / "data" / "datasets" / "fineweb10B_sp1024"
+    more = repo.parent / "more"  # the same shards and one more
+    more.mkdir()
+    for p in ds.iterdir():
+        (more / p.name).symlink_to(p.resolve())
+    trains = sorted(ds.glob("fineweb_train_*.bin"))
+    (more / "fineweb_train_999999.bin").symlink_to(trains[0].resolve())
+    tokens = [sum((p.stat().st_size - 1024) // 2 for p in ps) for ps in (trains, trains + trains[:1])]
+    assert T.main(sub_env(data, repo, folder, SEED=2, RUN_ID="more", DATA_PATH=more)) == 1
+    log = run_log(repo, "more")
+    assert (f"its seeds trained with {len(trains)} train shard(s) ({tokens[0]} tokens) in DATA_PATH and this run has "
+            f"{len(trains) + 1} train shard(s) ({tokens[1]} tokens)") in log
+    _no_work(log)
+    assert strict_json(folder / "submission.json")["seeds"] == [1]
+
+
+def test_a_submission_json_this_script_did_not_write_is_refused_before_any_work(data, repo):
+    """One whose configuration and split agree with the run's passed the preflight: the seed trained, then merging
+    it failed (a KeyError traceback, nothing written)."""
+    folder = folder_of(repo)
+    folder.mkdir(parents=True)
+    env = sub_env(data, repo, folder)
+    agrees = dict(config=T.result_config(T.Hyperparameters.from_env(env)), validation={"official": False})
+    for i, (foreign, why) in enumerate(((dict(agrees, author="Ada", val_bpb=1.2, seeds=[1]), "no seed_results"),
+                                        ([1.2], "it is not a JSON object"),
+                                        (dict(agrees, seed_results={"1": {"val_bpb": 1.2}}, train_data={}),
+                                         "seed '1' lacks val_loss, pre_quant_val_loss"))):
+        (folder / "submission.json").write_text(json.dumps(foreign))
+        assert T.main(dict(env, RUN_ID=f"foreign{i}")) == 1
+        log = run_log(repo, f"foreign{i}")
+        assert "its submission.json was not written by this version of train_gpt_mlx.py (" + why in log
+        _no_work(log)
+    assert sorted(snapshot(folder)) == ["submission.json"]
+
+
+def test_resume_override_cannot_write_a_seed(data, repo, capsys):
+    """Its command would not reproduce it: the folder shows only the final values of what changed part way."""
+    folder = folder_of(repo)
+    env = sub_env(data, repo, folder, RUN_ID="half", ITERATIONS=4, CHECKPOINT_EVERY=2)
+    assert T.main({k: v for k, v in env.items() if not k.startswith("SUBMISSION_")}) == 0  # a checkpoint at step 2
+    ckpt = repo.parent / "out" / "half_ckpt.pgck"
+    assert ckpt.exists()
+    assert T.main(dict(env, RUN_ID="rest", RESUME_FROM=str(ckpt), MATRIX_LR="0.02", RESUME_OVERRIDE="1")) == 2
+    assert "RESUME_OVERRIDE=1 cannot write a seed (SUBMISSION_DIR)" in capsys.readouterr().err
+    assert not folder.exists()
+
+
 # ---------------------------------------------------------------------------- refused at the end
 def test_the_cap_counts_the_packed_code_not_the_source(data, repo, monkeypatch):
     """A model that fits beside the packed train_gpt.py is taken, though it would not fit beside the source."""
@@ -214,6 +338,16 @@ def test_an_interrupted_run_writes_no_seed_and_its_resumed_run_is_one_seed_with_
     assert "step:20/20 val_loss:" in seed_log and "step:1/20 train_loss:" in seed_log
 
 
+def test_a_ctrl_c_in_the_final_evaluation_still_writes_the_seed_and_exits_130(data, repo, monkeypatch):
+    """Training was complete: the evaluation in flight finishes, the seed is written, the exit says Ctrl-C."""
+    folder = folder_of(repo)
+    ctrl_c_after(monkeypatch, T, 0, "periodic_eval")  # VAL_LOSS_EVERY=0: the only call is the final one
+    assert T.main(sub_env(data, repo, folder, SEED=1, RUN_ID="late_c")) == 130
+    log = run_log(repo, "late_c")
+    assert "exit 130: interrupted (Ctrl-C) at step 3/3" in log and "training had already finished" in log
+    assert strict_json(folder / "submission.json")["seed_results"]["1"]["steps"] == 3
+
+
 def test_training_stopped_short_writes_no_seed(data, repo, monkeypatch):
     folder = folder_of(repo)
     real = T.train
@@ -236,6 +370,37 @@ def test_track_10min_takes_a_timed_run_and_refuses_one_over_the_limit(data, repo
     assert T.main(sub_env(data, repo, late, RUN_ID="late", ITERATIONS=1000, MAX_WALLCLOCK_SECONDS=0.001)) == 1
     assert re.search(r"refused: evaluation took [\d.]+s, over track_10min_16mb's 0s", run_log(repo, "late"))
     assert not late.exists()
+    real = T.preflight_submission
+
+    def then_a_shorter_track(r):  # training past the track's limit: the cap that held it was longer than the track
+        real(r)
+        monkeypatch.setattr(T, "TRACK_LIMIT_S", 0.001)
+    monkeypatch.setattr(T, "TRACK_LIMIT_S", 600.0)
+    monkeypatch.setattr(T, "preflight_submission", then_a_shorter_track)
+    over = folder_of(repo, "track_10min_16mb", "2026-04-01_over")
+    assert T.main(sub_env(data, repo, over, RUN_ID="over", MAX_WALLCLOCK_SECONDS=600)) == 1
+    assert re.search(r"refused: training took [\d.]+s and its last step began at [\d.]+s, past track_10min_16mb's 0s",
+                     run_log(repo, "over"))
+    assert not over.exists()
+
+
+def test_track_10min_takes_a_run_whose_last_step_began_within_the_limit(data, repo, monkeypatch):
+    """The cap is checked after each step, so the last step may end past the limit: a slow last step (here 9 s, the
+    limit 4 s) is taken, as the 10-minute rule is checked. The average step is no measure of when it began."""
+    monkeypatch.setattr(T, "TRACK_LIMIT_S", 4.0)
+    real, calls = T.train_step, []
+
+    def slow_third(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            time.sleep(9.0)
+        return real(*args, **kw)
+    monkeypatch.setattr(T, "train_step", slow_third)
+    ten = folder_of(repo, "track_10min_16mb")
+    env = sub_env(data, repo, ten, RUN_ID="slow", MAX_WALLCLOCK_SECONDS=4, WARMUP_STEPS=0)  # call 3 is step 3
+    assert T.main(env) == 0, run_log(repo, "slow")[-600:]
+    res = strict_json(ten / "submission.json")["seed_results"]["1337"]
+    assert res["steps"] == 3 and res["train_seconds"] > 9
 
 
 # ---------------------------------------------------------------------------- writing the folder
@@ -255,7 +420,54 @@ def test_a_failure_while_writing_leaves_the_folder_as_it_was(data, repo, monkeyp
     monkeypatch.undo()
     assert {"train_seed2.log", "README.md"} < set(calls) and "No space left on device" in run_log(repo, "s2")
     assert snapshot(folder) == before
-    assert sorted(p.name for p in folder.parent.iterdir()) == [f".{DATE_NAME}.lock", DATE_NAME]
+    assert sorted(p.name for p in folder.parent.iterdir()) == [DATE_NAME]
+
+
+KILL_DRIVER = """import os, signal, sys
+sys.path.insert(0, {root!r})
+import train_gpt_mlx as T
+write_folder = T.write_folder
+def killed_after(real):  # the first change of folders is made, then this process is killed (SIGKILL)
+    def call(*args):
+        out = real(*args)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return call
+def write(d, files):
+    if {two_renames}:  # a system that cannot swap two folders in one step
+        T.exchange_folders = lambda a, b: False
+    elif hasattr(T, "exchange_folders"):
+        T.exchange_folders = killed_after(T.exchange_folders)
+    os.rename = killed_after(os.rename)
+    write_folder(d, files)
+T.write_folder = write
+sys.exit(T.main())
+"""
+
+
+@pytest.mark.parametrize("two_renames", [False, True], ids=["exchange", "two_renames"])
+def test_a_kill_while_the_folder_is_swapped_leaves_it_whole_or_put_back(data, repo, two_renames):
+    """A real SIGKILL right after the swap's first change of folders. Where two folders swap in one step the
+    folder is whole at that instant; with two renames it is missing, and the next seed puts the old one back."""
+    folder = folder_of(repo)
+    assert T.main(sub_env(data, repo, folder, SEED=1, RUN_ID="s1")) == 0
+    a, b = repo.parent / "probe_a", repo.parent / "probe_b"
+    a.mkdir()
+    b.mkdir()
+    if not two_renames and not T.exchange_folders(a, b):
+        pytest.skip("this file system cannot swap two folders in one step")
+    driver = repo.parent / "kill_driver.py"
+    driver.write_text(KILL_DRIVER.format(root=str(ROOT), two_renames=two_renames))
+    env = dict(os.environ, **sub_env(data, repo, folder, SEED=2, RUN_ID="s2"))
+    done = subprocess.run([sys.executable, str(driver)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stdout[-2000:] + done.stderr[-2000:]
+    if two_renames:
+        assert not folder.exists()  # what README "Submitting" says: the instant between the renames
+    else:
+        assert strict_json(folder / "submission.json")["seeds"] == [1, 2] and "train_seed2.log" in snapshot(folder)
+    assert T.main(sub_env(data, repo, folder, SEED=3, RUN_ID="s3")) == 0
+    assert strict_json(folder / "submission.json")["seeds"] == ([1, 3] if two_renames else [1, 2, 3])
+    assert [p.name for p in folder.parent.iterdir()] == [DATE_NAME]
 
 
 DRIVER = """import sys, time
@@ -293,8 +505,8 @@ def test_a_seed_that_cannot_get_the_lock_is_refused_clearly(data, repo, monkeypa
     assert T.main(sub_env(data, repo, folder, SEED=1, RUN_ID="s1")) == 0
     before = snapshot(folder)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import fcntl, sys, time
-        f = open({str(folder.parent / f'.{DATE_NAME}.lock')!r}, "a")
+        import fcntl, os, sys, time
+        f = os.open({str(folder.parent)!r}, os.O_RDONLY)  # the track folder: seeds lock it, no lock file
         fcntl.flock(f, fcntl.LOCK_EX)
         print("held", flush=True)
         time.sleep(60)
@@ -306,8 +518,9 @@ def test_a_seed_that_cannot_get_the_lock_is_refused_clearly(data, repo, monkeypa
     finally:
         holder.kill()
         holder.wait()
-    assert "another run has been writing its seed there for 1s" in run_log(repo, "s2")
+    assert "another run has been writing its seed into" in run_log(repo, "s2") and "for 1s" in run_log(repo, "s2")
     assert snapshot(folder) == before
+    assert [p.name for p in folder.parent.iterdir()] == [DATE_NAME]
 
 
 # ---------------------------------------------------------------------------- small parts
