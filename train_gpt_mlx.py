@@ -2257,6 +2257,18 @@ def preflight_paths(hp: Hyperparameters):
                              "be writable, and the path must not be a folder")
 
 
+def check_mixer_cap(hp: Hyperparameters, n_val: int):
+    """The n-gram mixer's statistics for the whole split must fit NGRAM_MAX_MEMORY_MB. The mixer checks it
+    itself, but only at the final evaluation: after the whole training, with nothing written."""
+    if not hp.ngram_mixer_enabled:
+        return
+    need_mib = math.ceil(BackoffNgramMixer.peak_nbytes(n_val) / 2**20)
+    if need_mib > hp.ngram_max_memory_mb:
+        raise ConfigError(f"NGRAM_MAX_MEMORY_MB={hp.ngram_max_memory_mb}: the n-gram mixer needs {need_mib} MiB for "
+                          f"the {n_val} validation tokens; raise NGRAM_MAX_MEMORY_MB to at least {need_mib}, or "
+                          "evaluate fewer tokens (VAL_MAX_TOKENS)")
+
+
 def micro_seqs(hp: Hyperparameters) -> int:
     """Rows in one microbatch: a GRAD_ACCUM_STEPS share of the batch, at most MLX_MAX_MICROBATCH_TOKENS."""
     return max(1, min(hp.train_batch_tokens // hp.grad_accum_steps, hp.mlx_max_microbatch_tokens) // hp.train_seq_len)
@@ -2392,6 +2404,7 @@ def setup(r: Run, sp):
         raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN x {W} ranks")
     r.micro_seqs = micro_seqs(hp)
     r.val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+    check_mixer_cap(hp, r.val_tokens.size)
     check_memory(memory_needs(hp, cfg, micro_tokens(hp, W), r.val_tokens.size, W), log, r.local_ranks)
     mx.random.seed(hp.seed)
     np.random.seed(hp.seed)
@@ -2692,6 +2705,7 @@ def eval_only(r: Run, sp) -> int:
         hp.check_relations()
         log_run_header(r, hp)
         val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+        check_mixer_cap(hp, val_tokens.size)
         check_memory(memory_needs(hp, cfg, 0, val_tokens.size, r.group.size()), log, r.local_ranks)
         model = GPT(cfg, hp.dtype())
         load_flat_into(model, flat)
