@@ -2029,6 +2029,7 @@ class Run:
     stop_asked: bool = False  # a first Ctrl-C arrived (set by the SIGINT handler; read at safe points)
     interrupted: bool = False  # training stopped on it: the run exits 130 after writing its artifact (no seed)
     checkpoint: str = ""  # the last checkpoint written
+    stop_at: int | None = None  # the step where the wall-clock cap was reached: training ends there (checkpointed)
     warned_loss: bool = False  # the loss-above-chance warning is given once
     resumed_from: str = ""  # RUN_ID of the run whose checkpoint this one continued
     val_split: dict = None  # SUBMISSION_DIR: what the validation split is (val_split_facts)
@@ -2462,7 +2463,8 @@ def warmup(r: Run):
 
 
 def resume(r: Run, meta: dict, params: dict, state: dict):
-    """Continue from a checkpoint: weights, optimizer state, EMA, step, time, data position, QAT, recurrence."""
+    """Continue from a checkpoint: weights, optimizer state, EMA, step, time, data position, QAT, recurrence, and
+    the wall-clock stop if its run had reached the cap (unless MAX_WALLCLOCK_SECONDS now differs)."""
     load_flat_into(r.model, params)
     r.opt.load_arrays(state)
     r.step = meta["step"]
@@ -2471,6 +2473,11 @@ def resume(r: Run, meta: dict, params: dict, state: dict):
     r.recur_on = meta["recur_on"]
     r.resumed_from = meta.get("run_id", "")
     r.stream.restore(meta["stream"])
+    r.stop_at = meta.get("stop_at")
+    if r.stop_at is not None and r.hp.max_wallclock_seconds != meta["hparams"]["max_wallclock_seconds"]:
+        r.log(f"resume: the checkpoint's run stopped at the wall-clock cap at step {r.stop_at}; "
+              f"MAX_WALLCLOCK_SECONDS={r.hp.max_wallclock_seconds} lifts that stop")
+        r.stop_at = None
     for note in r.hp.resume_notes:
         r.log(f"resume: {note}")
     r.log(f"resumed from {r.hp.resume_from}: step:{r.step} train_time:{r.train_ms:.0f}ms qat:{r.qat_on} "
@@ -2482,7 +2489,7 @@ def save_checkpoint(r: Run, path: str | None = None) -> str:
     if r.group.rank():  # rank 0 saves; every rank holds the same state
         return path
     meta = dict(step=r.step, train_ms=r.train_ms, qat_on=r.qat_on, recur_on=r.recur_on, stream=r.stream.state(),
-                run_id=r.run_id, hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
+                stop_at=r.stop_at, run_id=r.run_id, hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
     n = write_checkpoint(path, r.model, r.opt, meta)
     r.checkpoint = path
     r.log(f"checkpoint: step:{r.step} {path} ({n} bytes)")
@@ -2539,11 +2546,10 @@ def stop_now(r: Run) -> bool:
 def train_loop(r: Run):
     hp = r.hp
     max_ms = hp.max_wallclock_seconds * 1000.0
-    stop_at = None
     t_last = time.perf_counter()
     r.phase = "training"
     while True:
-        last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or r.interrupted
+        last = r.step >= hp.iterations or (r.stop_at is not None and r.step >= r.stop_at) or r.interrupted
         progress = max(r.step / max(hp.iterations, 1), r.train_ms / max_ms if max_ms > 0 else 0.0)
         switch_modes(r, progress, last)
         if last or (hp.val_loss_every and r.step and r.step % hp.val_loss_every == 0):
@@ -2558,13 +2564,13 @@ def train_loop(r: Run):
         now = time.perf_counter()
         r.train_ms = ranks_max(r, r.train_ms + (now - t_last) * 1000)
         t_last = now
-        if max_ms > 0 and r.train_ms >= max_ms and stop_at is None:
-            stop_at = r.step
-        log_step(r, loss, stop_at == r.step)
+        if max_ms > 0 and r.train_ms >= max_ms and r.stop_at is None:
+            r.stop_at = r.step
+        log_step(r, loss, r.stop_at == r.step)
         if hp.checkpoint_every and r.step % hp.checkpoint_every == 0 and r.step < hp.iterations:
             checkpoint(r)
             t_last = time.perf_counter()  # writing the checkpoint is not training time
-    if stop_at is not None and stop_at < hp.iterations:
+    if r.stop_at is not None and r.stop_at < hp.iterations:
         r.log(f"stopping_early: wallclock_cap train_time:{r.train_ms:.0f}ms step:{r.step}/{hp.iterations}")
     r.log(f"peak_memory:{mx.get_peak_memory() / 2**20:.0f}MiB")
 

@@ -122,3 +122,19 @@ def test_ctrl_c_outside_the_step_checkpoints_exactly_and_resumes(data, tmp_path,
     env = tiny_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=str(tmp_path / "cut_ckpt.pgck"), **OVER)
     assert T.main(env) == 0
     assert _exact((tmp_path / "resumed.txt").read_text()) == uninterrupted
+
+
+def test_a_checkpoint_at_the_capped_step_resumes_without_another_step(data, tmp_path):
+    """The wall-clock cap is reached at step 1, which is checkpointed (CHECKPOINT_EVERY=1): the stop is part of the
+    saved state, so the resumed run trains no step 2 (EMA and Adam would move) and ends like the capped run."""
+    import train_gpt_mlx as T
+    over = dict(ITERATIONS=20, MAX_WALLCLOCK_SECONDS=0.001, CHECKPOINT_EVERY=1, EMA_DECAY=0.9, VAL_MAX_TOKENS=2048)
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="capped", **over)) == 0
+    capped = (tmp_path / "capped.txt").read_text()
+    assert "stopping_early: wallclock_cap" in capped and re.search(r"^checkpoint: step:1 ", capped, re.M)
+    assert "step:2/" not in capped
+    env = tiny_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=tmp_path / "capped_ckpt.pgck", **over)
+    assert T.main(env) == 0
+    resumed = (tmp_path / "resumed.txt").read_text()
+    assert "resumed from" in resumed and "step:2/" not in resumed
+    assert _exact(resumed) == _exact(capped)
