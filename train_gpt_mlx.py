@@ -538,6 +538,12 @@ def check_train_shards(files: list[str]) -> int:
     return total
 
 
+def train_shard_facts(files: list[str]) -> list:
+    """[name, tokens] of each train shard. A checkpoint keeps them: the stream's state is only a position, which
+    other or shorter shards would continue on other data without a word."""
+    return [[os.path.basename(path), shard_header(path)] for path in files]
+
+
 def load_validation_tokens(data_path: str, max_tokens: int, vocab_size: int) -> np.ndarray:
     toks = np.concatenate([load_data_shard(f) for f in shard_files(data_path, "val")])[:max_tokens or None]
     if toks.size < 2:
@@ -2032,6 +2038,7 @@ class Run:
     stop_at: int | None = None  # the step where the wall-clock cap was reached: training ends there (checkpointed)
     warned_loss: bool = False  # the loss-above-chance warning is given once
     resumed_from: str = ""  # RUN_ID of the run whose checkpoint this one continued
+    train_shards: list = None  # [name, tokens] of each train shard (train_shard_facts), kept in checkpoints
     val_split: dict = None  # SUBMISSION_DIR: what the validation split is (val_split_facts)
 
     @property
@@ -2194,6 +2201,8 @@ def run(r: Run) -> int:
         checkpoint = read_checkpoint(hp.resume_from, hp) if hp.resume_from and not hp.eval_only else None
         if not hp.eval_only:
             setup(r, sp)
+        if checkpoint:
+            check_resume_data(r, checkpoint[0])
     if hp.eval_only:
         return eval_only(r, sp)
     warmup(r)
@@ -2413,6 +2422,7 @@ def setup(r: Run, sp):
     log(check_tokenizer(sp, hp.data_path, hp.tokenizer_path))
     files = shard_files(hp.data_path, "train")
     log(f"train_tokens:{check_train_shards(files)} (every train shard's header checked)")
+    r.train_shards = train_shard_facts(files)
     r.model = GPT(cfg, hp.dtype())
     r.opt = Optimizers(r.model, hp)
     check_artifact_estimate(r)
@@ -2462,6 +2472,23 @@ def warmup(r: Run):
     log(f"warmup:{len(modes)} steps {time.perf_counter() - t0:.1f}s (compile; state restored)")
 
 
+def check_resume_data(r: Run, meta: dict):
+    """DATA_PATH may move, but its train shards must be the checkpoint's (names and token counts), else refused
+    like other result-changing settings; RESUME_OVERRIDE=1 trains on with them, and the log says so."""
+    saved = meta.get("train_shards")
+    mine = r.train_shards
+    if saved is None or saved == mine:  # None: a checkpoint from before shards were recorded
+        return
+    differ = [f"{a[0]}:{a[1]} tokens (checkpoint: {b[0]}:{b[1]})" for a, b in zip(mine, saved) if a != b][:3]
+    why = (f"DATA_PATH={r.hp.data_path} has {len(mine)} train shard(s), {sum(n for _, n in mine)} tokens, but the "
+           f"checkpoint was trained on {len(saved)}, {sum(n for _, n in saved)} tokens" +
+           (f"; first differences: {', '.join(differ)}" if differ else ""))
+    if not r.hp.resume_override:
+        raise ConfigError(f"RESUME_FROM={r.hp.resume_from}: {why}. The train stream would go on over other data: "
+                          "point DATA_PATH at the checkpoint's shards, or set RESUME_OVERRIDE=1 to train on with these")
+    r.log(f"resume: {why} (RESUME_OVERRIDE=1: training goes on over these shards)")
+
+
 def resume(r: Run, meta: dict, params: dict, state: dict):
     """Continue from a checkpoint: weights, optimizer state, EMA, step, time, data position, QAT, recurrence, and
     the wall-clock stop if its run had reached the cap (unless MAX_WALLCLOCK_SECONDS now differs)."""
@@ -2489,7 +2516,7 @@ def save_checkpoint(r: Run, path: str | None = None) -> str:
     if r.group.rank():  # rank 0 saves; every rank holds the same state
         return path
     meta = dict(step=r.step, train_ms=r.train_ms, qat_on=r.qat_on, recur_on=r.recur_on, stream=r.stream.state(),
-                stop_at=r.stop_at, run_id=r.run_id, hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
+                stop_at=r.stop_at, train_shards=r.train_shards, run_id=r.run_id, hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
     n = write_checkpoint(path, r.model, r.opt, meta)
     r.checkpoint = path
     r.log(f"checkpoint: step:{r.step} {path} ({n} bytes)")
