@@ -2032,8 +2032,9 @@ class Run:
     local_ranks: int = 1  # ranks on this host: they share its memory
     backend: str = "none"
     pre_quant: tuple = (math.nan, math.nan)  # the last full-precision (val_loss, val_bpb)
-    stop_asked: bool = False  # a first Ctrl-C arrived (set by the SIGINT handler; read at safe points)
-    interrupted: bool = False  # training stopped on it: the run exits 130 after writing its artifact (no seed)
+    stop_asked: bool = False  # a first Ctrl-C or SIGTERM arrived (set by the signal handler; read at safe points)
+    stop_signal: int = 0  # which signal asked to stop (or aborted): the run exits 128 + it (130 SIGINT, 143 SIGTERM)
+    interrupted: bool = False  # training stopped on it: the run exits 128 + signal after writing its artifact (no seed)
     checkpoint: str = ""  # the last checkpoint written
     stop_at: int | None = None  # the step where the wall-clock cap was reached: training ends there (checkpointed)
     warned_loss: bool = False  # the loss-above-chance warning is given once
@@ -2167,13 +2168,14 @@ def main(env=None) -> int:
         log(f"WARNING: {note}  (STRICT_ENV=1 makes this an error)")
     r = Run(hp, log, run_id, len(counted_script()), group=group, backend=backend)
     try:
-        return run(r)
-    except KeyboardInterrupt:
+        with abort_on_sigterm(r):
+            return run(r)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (abort_now), outside training or a second time
         done = ("the artifact above is complete" if r.phase == "the round-trip evaluation" else
                 f"no artifact was written; the checkpoint {r.checkpoint} holds the last saved step" if r.checkpoint
                 else "nothing was written")
-        log(f"interrupted (Ctrl-C) during {r.phase}; {done}")
-        return 130
+        log(f"interrupted ({signal_label(r.stop_signal)}) during {r.phase}; {done}")
+        return 128 + (r.stop_signal or signal.SIGINT)
     except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:  # ConfigError included: exit 2
         log(f"error: {e}")
         return 2 if isinstance(e, ConfigError) else 1
@@ -2213,10 +2215,12 @@ def run(r: Run) -> int:
         raise TrainingDiverged(f"ranks hold different weights after training; {rescue_weights(r)} (rank 0's)")
     mx.clear_cache()  # the training activations' buffers go back before numpy's copies for the artifact
     write_and_prove_artifact(r)
-    if r.stop_asked:  # Ctrl-C: not a success, though the artifact is complete
-        r.log(f"exit 130: interrupted (Ctrl-C) at step {r.step}/{r.hp.iterations}; the artifact above is complete; "
+    if r.stop_asked:  # Ctrl-C or SIGTERM: not a success, though the artifact is complete
+        code = 128 + r.stop_signal
+        r.log(f"exit {code}: interrupted ({signal_label(r.stop_signal)}) at step {r.step}/{r.hp.iterations}; the "
+              "artifact above is complete; "
               + (f"to go on, RESUME_FROM={r.checkpoint}" if r.interrupted else "training had already finished"))
-        return 130
+        return code
     return 0
 
 
@@ -2516,7 +2520,8 @@ def save_checkpoint(r: Run, path: str | None = None) -> str:
     if r.group.rank():  # rank 0 saves; every rank holds the same state
         return path
     meta = dict(step=r.step, train_ms=r.train_ms, qat_on=r.qat_on, recur_on=r.recur_on, stream=r.stream.state(),
-                stop_at=r.stop_at, train_shards=r.train_shards, run_id=r.run_id, hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
+                stop_at=r.stop_at, train_shards=r.train_shards, run_id=r.run_id,
+                hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
     n = write_checkpoint(path, r.model, r.opt, meta)
     r.checkpoint = path
     r.log(f"checkpoint: step:{r.step} {path} ({n} bytes)")
@@ -2535,37 +2540,71 @@ def checkpoint(r: Run) -> str:
 
 # ---------------------------------------------------------------------------- train
 def train(r: Run):
-    """Step until ITERATIONS, the wall-clock cap or Ctrl-C; evaluate periodically and at the end. A first
-    Ctrl-C only asks to stop (catch_first_ctrl_c): the step, evaluation or checkpoint in flight completes."""
-    previous = catch_first_ctrl_c(r)
+    """Step until ITERATIONS, the wall-clock cap, Ctrl-C or SIGTERM; evaluate periodically and at the end. A first
+    signal only asks to stop (catch_stop_signals): the step, evaluation or checkpoint in flight completes."""
+    previous = catch_stop_signals(r)
     try:
         train_loop(r)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def catch_first_ctrl_c(r: Run):
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what schedulers and `timeout` send
+
+
+def signal_label(signum: int) -> str:
+    return "Ctrl-C" if signum in (0, signal.SIGINT) else signal.Signals(signum).name
+
+
+def catch_stop_signals(r: Run) -> dict:
     """A KeyboardInterrupt raised inside the compiled step would surface after the step has already updated the
-    weights, so a checkpoint taken then would hold step s+1 under step s. The handler only sets a flag, read at
-    safe points, and restores the default handler: a second Ctrl-C aborts. Returns the previous handler."""
+    weights, so a checkpoint taken then would hold step s+1 under step s. A first Ctrl-C or SIGTERM only sets a
+    flag, read at safe points; a second one of either aborts (abort_now). Returns the previous handlers."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         r.stop_asked = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        r.stop_signal = signum
+        for s in STOP_SIGNALS:
+            signal.signal(s, partial(abort_now, r))
 
-    return signal.signal(signal.SIGINT, on_sigint)
+    return {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+
+
+def abort_now(r: Run, signum, frame):
+    """Stop at once, as Ctrl-C does by default: main says what was written, and exits 128 + the signal."""
+    r.stop_signal = signum
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def abort_on_sigterm(r: Run):
+    """Outside training (set-up, warm-up, the artifact and its evaluation) SIGTERM aborts like Ctrl-C, with a line
+    saying what was written, instead of ending the process without a word."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, partial(abort_now, r))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_now(r: Run) -> bool:
-    """At a safe point (no step in flight): was Ctrl-C pressed on any rank? Then save the exact state."""
-    if r.interrupted or not ranks_max(r, 1.0 if r.stop_asked else 0.0) > 0:
+    """At a safe point (no step in flight): did Ctrl-C or SIGTERM arrive on any rank? Then save the exact state."""
+    if r.interrupted:
+        return False
+    asked = int(ranks_max(r, float(r.stop_signal) if r.stop_asked else 0.0))
+    if not asked:
         return False
     r.interrupted = True
-    r.log(f"interrupted (Ctrl-C) at step {r.step}: saving a checkpoint, then evaluating and writing the "
-          "artifact (Ctrl-C again to abort)")
+    r.stop_signal = asked
+    label = signal_label(asked)
+    r.log(f"interrupted ({label}) at step {r.step}: saving a checkpoint, then evaluating and writing the "
+          f"artifact ({label} again to abort)")
     checkpoint(r)
     return True
 
@@ -3062,7 +3101,7 @@ def unfinished_reason(r: Run, eval_ms: float) -> str:
     """Why this run cannot be a seed ('' when it can): interrupted, stopped short, or over the track's time."""
     hp = r.hp
     if r.interrupted:
-        return f"the run was interrupted (Ctrl-C) at step {r.step} of ITERATIONS={hp.iterations}"
+        return f"the run was interrupted ({signal_label(r.stop_signal)}) at step {r.step} of ITERATIONS={hp.iterations}"
     capped = hp.max_wallclock_seconds > 0 and r.train_ms >= hp.max_wallclock_seconds * 1000
     if r.step < hp.iterations and not capped:
         return f"training stopped at step {r.step} of ITERATIONS={hp.iterations}"

@@ -107,6 +107,40 @@ def test_a_second_ctrl_c_aborts_at_once(data, tmp_path):
     assert "interrupted (Ctrl-C) during" in out
 
 
+def test_sigterm_stops_like_ctrl_c_and_resume_equals_an_uninterrupted_run(data, tmp_path, uninterrupted):
+    """SIGTERM (schedulers, `timeout`): stop at the step boundary, checkpoint, write the artifact, exit 143."""
+    code, out = _run_until(_env(data, tmp_path, RUN_ID="cut"), "step:8/30 train_loss", signal.SIGTERM, 0.0)
+    assert code == 143, out[-3000:]
+    assert "Traceback" not in out and (tmp_path / "cut_model.int6.ptz").exists() and _exact(out)
+    step = int(re.search(r"^interrupted \(SIGTERM\) at step (\d+): saving a checkpoint", out, re.M)[1])
+    assert re.search(rf"^checkpoint: step:{step} ", out, re.M) and re.search(r"^exit 143: interrupted \(SIGTERM\)",
+                                                                            out, re.M)
+    resumed = subprocess.run([sys.executable, str(ROOT / "train_gpt_mlx.py")], capture_output=True, text=True,
+                             env=_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=str(tmp_path / "cut_ckpt.pgck")),
+                             cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert _exact(resumed.stdout) == uninterrupted
+
+
+@pytest.mark.parametrize("first,second", [("step:5/", "interrupted (SIGTERM) at step"),  # a second SIGTERM
+                                          (None, "writing artifact")])  # after training: the first aborts
+def test_sigterm_that_aborts_says_what_was_written(data, tmp_path, first, second):
+    p = _start(_env(data, tmp_path, RUN_ID="cut", ITERATIONS=2000 if first else 30, CHECKPOINT_EVERY=0))
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if first and line.startswith(first):
+            p.send_signal(signal.SIGTERM)
+        if line.startswith(second):
+            p.send_signal(signal.SIGTERM)
+            break
+    lines += p.stdout.readlines()
+    out = "".join(lines)
+    assert p.wait(timeout=120) == 143 and "Traceback" not in out, out[-3000:]
+    assert re.search(r"^interrupted \(SIGTERM\) during (training|writing the artifact|the round-trip evaluation); ",
+                     out, re.M), out[-3000:]
+
+
 # the same, in-process and deterministic: a real SIGINT arrives inside each place outside the step (item 2)
 @pytest.mark.parametrize("name,calls", [("evaluate", 1), ("write_checkpoint", 1), ("ranks_max", 9), ("log_step", 5)])
 def test_ctrl_c_outside_the_step_checkpoints_exactly_and_resumes(data, tmp_path, monkeypatch, uninterrupted,
