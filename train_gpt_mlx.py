@@ -2148,6 +2148,8 @@ def main(env=None) -> int:
         group, backend = init_world(hp.dist_backend)
         if group.size() == 1:  # several ranks check it together, in run()
             check_out_dir(hp.out_dir)
+        else:
+            make_out_dir(hp.out_dir)
     except (ConfigError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -2234,10 +2236,23 @@ def check_out_dir(out_dir: str):
         raise SetupError(f"OUT_DIR={out_dir} is not a writable folder ({e.strerror or e})") from None
 
 
+def make_out_dir(out_dir: str):
+    """With several ranks, each makes OUT_DIR before rank 0 opens its log there; one that cannot is named on every
+    rank by check_out_dir, in run() (where they agree on it), not by a traceback here."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError:
+        pass
+
+
 def lock_run_id(log_path: str, run_id: str):
     """Two runs with one RUN_ID would interleave one log and overwrite each other's artifact and checkpoint:
-    the first holds an exclusive lock on its log file (OUT_DIR/RUN_ID.txt) until it ends; a second is refused."""
-    f = open(log_path, "a")
+    the first holds an exclusive lock on its log file (OUT_DIR/RUN_ID.txt) until it ends; a second is refused.
+    None where the log cannot be opened: check_out_dir, run on every rank, names the folder."""
+    try:
+        f = open(log_path, "a")
+    except OSError:
+        return None
     if not take_flock(f, 0.0):
         f.close()
         raise SetupError(f"RUN_ID={run_id} is in use by a run still going (it holds {log_path}): pick another "
