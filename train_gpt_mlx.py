@@ -2095,6 +2095,47 @@ def share_blas_threads(local_ranks: int, log):
     log(f"blas_threads:{share} per rank ({local_ranks} ranks on this host, OpenBLAS had {now})")
 
 
+BLAS_SLOW_GFLOPS = 20.0  # 256 x 256 float32 matmuls: MLX's bundled reference BLAS ~6 GFLOP/s, OpenBLAS ~170 (2 cores)
+
+
+def blas_name() -> str:
+    try:
+        ctypes.CDLL(None).openblas_get_num_threads
+        return "OpenBLAS"
+    except (OSError, AttributeError):
+        return "Accelerate" if sys.platform == "darwin" else "MLX's bundled BLAS"
+
+
+def matmul_gflops(n: int = 256, seconds: float = 0.05) -> float:
+    """The CPU's float32 matmul rate, timed for about `seconds` (a fixed key: the global RNG is left alone)."""
+    a = mx.random.normal((n, n), key=mx.random.key(0))
+    mx.eval(a @ a)
+    k = 0
+    t0 = time.perf_counter()
+    while k < 2 or time.perf_counter() - t0 < seconds:
+        mx.eval(a @ a)
+        k += 1
+    return 2 * n**3 * k / (time.perf_counter() - t0) / 1e9
+
+
+def check_blas(log):
+    """On a CPU the BLAS sets the step time: MLX's Linux wheel bundles a reference BLAS that makes every step
+    several times slower than OpenBLAS, and nothing else would say so. Log which BLAS runs and how fast; warn
+    with the README's fix where it is the slow one."""
+    if _on_gpu():
+        return
+    name = blas_name()
+    rate = matmul_gflops()
+    log(f"blas: {name} {rate:.1f} GFLOP/s (256x256 float32 matmul)")
+    if name == "OpenBLAS" or not sys.platform.startswith("linux") or rate >= BLAS_SLOW_GFLOPS:
+        return
+    found = sorted(glob.glob("/usr/lib/*-linux-gnu/libopenblas.so.0"))
+    fix = (f"It is installed here: run with LD_PRELOAD={found[0]}" if found else "apt-get install "
+           "libopenblas0-pthread, then run with LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+    log(f"WARNING: matmuls run at {rate:.1f} GFLOP/s on {name} (a reference BLAS): every training step is several "
+        f"times slower than with OpenBLAS (README, Set-up). {fix}")
+
+
 def ranks_max(r: Run, v: float) -> float:
     """Rank 0's view is not enough where ranks must decide alike (the wall-clock cap, its warmdown, a Ctrl-C)."""
     return v if r.group.size() == 1 else mx.distributed.all_max(mx.array(v, mx.float32), group=r.group).item()
@@ -2196,6 +2237,7 @@ def run(r: Run) -> int:
     hp = r.hp
     r.local_ranks = ranks_on_this_host(r.group)
     share_blas_threads(r.local_ranks, r.log)
+    check_blas(r.log)
     with on_every_rank(r):
         check_out_dir(hp.out_dir)
         sp = load_tokenizer(hp.tokenizer_path)
