@@ -547,6 +547,12 @@ def check_train_shards(files: list[str]) -> int:
     return total
 
 
+def train_shard_facts(files: list[str]) -> list:
+    """[name, tokens] of each train shard. A checkpoint keeps them: the stream's state is only a position, which
+    other or shorter shards would continue on other data without a word."""
+    return [[os.path.basename(path), shard_header(path)] for path in files]
+
+
 def load_validation_tokens(data_path: str, max_tokens: int, vocab_size: int) -> np.ndarray:
     toks = np.concatenate([load_data_shard(f) for f in shard_files(data_path, "val")])[:max_tokens or None]
     if toks.size < 2:
@@ -2083,11 +2089,14 @@ class Run:
     local_ranks: int = 1  # ranks on this host: they share its memory
     backend: str = "none"
     pre_quant: tuple = (math.nan, math.nan)  # the last full-precision (val_loss, val_bpb)
-    stop_asked: bool = False  # a first Ctrl-C arrived (set by the SIGINT handler; read at safe points)
-    interrupted: bool = False  # training stopped on it: the run exits 130 after writing its artifact (no seed)
+    stop_asked: bool = False  # a first Ctrl-C or SIGTERM arrived (set by the signal handler; read at safe points)
+    stop_signal: int = 0  # which signal asked to stop (or aborted): the run exits 128 + it (130 SIGINT, 143 SIGTERM)
+    interrupted: bool = False  # training stopped on it: the run exits 128 + signal after writing its artifact (no seed)
     checkpoint: str = ""  # the last checkpoint written
+    stop_at: int | None = None  # the step where the wall-clock cap was reached: training ends there (checkpointed)
     warned_loss: bool = False  # the loss-above-chance warning is given once
     resumed_from: str = ""  # RUN_ID of the run whose checkpoint this one continued
+    train_shards: list = None  # [name, tokens] of each train shard (train_shard_facts), kept in checkpoints
     val_split: dict = None  # SUBMISSION_DIR: what the validation split is (val_split_facts)
     last_step_from_ms: float = 0.0  # train time when the last step began: a track's limit binds it (unfinished_reason)
     train_data: dict = None  # SUBMISSION_DIR: how much training data DATA_PATH holds (train_data_facts)
@@ -2145,6 +2154,47 @@ def share_blas_threads(local_ranks: int, log):
     log(f"blas_threads:{share} per rank ({local_ranks} ranks on this host, OpenBLAS had {now})")
 
 
+BLAS_SLOW_GFLOPS = 20.0  # 256 x 256 float32 matmuls: MLX's bundled reference BLAS ~6 GFLOP/s, OpenBLAS ~170 (2 cores)
+
+
+def blas_name() -> str:
+    try:
+        ctypes.CDLL(None).openblas_get_num_threads
+        return "OpenBLAS"
+    except (OSError, AttributeError):
+        return "Accelerate" if sys.platform == "darwin" else "MLX's bundled BLAS"
+
+
+def matmul_gflops(n: int = 256, seconds: float = 0.05) -> float:
+    """The CPU's float32 matmul rate, timed for about `seconds` (a fixed key: the global RNG is left alone)."""
+    a = mx.random.normal((n, n), key=mx.random.key(0))
+    mx.eval(a @ a)
+    k = 0
+    t0 = time.perf_counter()
+    while k < 2 or time.perf_counter() - t0 < seconds:
+        mx.eval(a @ a)
+        k += 1
+    return 2 * n**3 * k / (time.perf_counter() - t0) / 1e9
+
+
+def check_blas(log):
+    """On a CPU the BLAS sets the step time: MLX's Linux wheel bundles a reference BLAS that makes every step
+    several times slower than OpenBLAS, and nothing else would say so. Log which BLAS runs and how fast; warn
+    with the README's fix where it is the slow one."""
+    if _on_gpu():
+        return
+    name = blas_name()
+    rate = matmul_gflops()
+    log(f"blas: {name} {rate:.1f} GFLOP/s (256x256 float32 matmul)")
+    if name == "OpenBLAS" or not sys.platform.startswith("linux") or rate >= BLAS_SLOW_GFLOPS:
+        return
+    found = sorted(glob.glob("/usr/lib/*-linux-gnu/libopenblas.so.0"))
+    fix = (f"It is installed here: run with LD_PRELOAD={found[0]}" if found else "apt-get install "
+           "libopenblas0-pthread, then run with LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+    log(f"WARNING: matmuls run at {rate:.1f} GFLOP/s on {name} (a reference BLAS): every training step is several "
+        f"times slower than with OpenBLAS (README, Set-up). {fix}")
+
+
 def ranks_max(r: Run, v: float) -> float:
     """Rank 0's view is not enough where ranks must decide alike (the wall-clock cap, its warmdown, a Ctrl-C)."""
     return v if r.group.size() == 1 else mx.distributed.all_max(mx.array(v, mx.float32), group=r.group).item()
@@ -2198,6 +2248,8 @@ def main(env=None) -> int:
         group, backend = init_world(hp.dist_backend)
         if group.size() == 1:  # several ranks check it together, in run()
             check_out_dir(hp.out_dir)
+        else:
+            make_out_dir(hp.out_dir)
     except (ConfigError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -2218,13 +2270,14 @@ def main(env=None) -> int:
         log(f"WARNING: {note}  (STRICT_ENV=1 makes this an error)")
     r = Run(hp, log, run_id, len(counted_script()), group=group, backend=backend)
     try:
-        return run(r)
-    except KeyboardInterrupt:
+        with abort_on_sigterm(r):
+            return run(r)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (abort_now), outside training or a second time
         done = ("the artifact above is complete" if r.phase == "the round-trip evaluation" else
                 f"no artifact was written; the checkpoint {r.checkpoint} holds the last saved step" if r.checkpoint
                 else "nothing was written")
-        log(f"interrupted (Ctrl-C) during {r.phase}; {done}")
-        return 130
+        log(f"interrupted ({signal_label(r.stop_signal)}) during {r.phase}; {done}")
+        return 128 + (r.stop_signal or signal.SIGINT)
     except (ArtifactError, SetupError, TrainingDiverged, ValueError, OSError) as e:  # ConfigError included: exit 2
         log(f"error: {e}")
         return 2 if isinstance(e, ConfigError) else 1
@@ -2243,6 +2296,7 @@ def run(r: Run) -> int:
     hp = r.hp
     r.local_ranks = ranks_on_this_host(r.group)
     share_blas_threads(r.local_ranks, r.log)
+    check_blas(r.log)
     with on_every_rank(r):
         check_out_dir(hp.out_dir)
         sp = load_tokenizer(hp.tokenizer_path)
@@ -2252,6 +2306,8 @@ def run(r: Run) -> int:
         checkpoint = read_checkpoint(hp.resume_from, hp) if hp.resume_from and not hp.eval_only else None
         if not hp.eval_only:
             setup(r, sp)
+        if checkpoint:
+            check_resume_data(r, checkpoint[0])
     if hp.eval_only:
         return eval_only(r, sp)
     warmup(r)
@@ -2262,10 +2318,12 @@ def run(r: Run) -> int:
         raise TrainingDiverged(f"ranks hold different weights after training; {rescue_weights(r)} (rank 0's)")
     mx.clear_cache()  # the training activations' buffers go back before numpy's copies for the artifact
     write_and_prove_artifact(r)
-    if r.stop_asked:  # Ctrl-C: not a success, though the artifact is complete
-        r.log(f"exit 130: interrupted (Ctrl-C) at step {r.step}/{r.hp.iterations}; the artifact above is complete; "
+    if r.stop_asked:  # Ctrl-C or SIGTERM: not a success, though the artifact is complete
+        code = 128 + r.stop_signal
+        r.log(f"exit {code}: interrupted ({signal_label(r.stop_signal)}) at step {r.step}/{r.hp.iterations}; the "
+              "artifact above is complete; "
               + (f"to go on, RESUME_FROM={r.checkpoint}" if r.interrupted else "training had already finished"))
-        return 130
+        return code
     return 0
 
 
@@ -2279,10 +2337,23 @@ def check_out_dir(out_dir: str):
         raise SetupError(f"OUT_DIR={out_dir} is not a writable folder ({e.strerror or e})") from None
 
 
+def make_out_dir(out_dir: str):
+    """With several ranks, each makes OUT_DIR before rank 0 opens its log there; one that cannot is named on every
+    rank by check_out_dir, in run() (where they agree on it), not by a traceback here."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError:
+        pass
+
+
 def lock_run_id(log_path: str, run_id: str):
     """Two runs with one RUN_ID would interleave one log and overwrite each other's artifact and checkpoint:
-    the first holds an exclusive lock on its log file (OUT_DIR/RUN_ID.txt) until it ends; a second is refused."""
-    f = open(log_path, "a")
+    the first holds an exclusive lock on its log file (OUT_DIR/RUN_ID.txt) until it ends; a second is refused.
+    None where the log cannot be opened: check_out_dir, run on every rank, names the folder."""
+    try:
+        f = open(log_path, "a")
+    except OSError:
+        return None
     if not take_flock(f, 0.0):
         f.close()
         raise SetupError(f"RUN_ID={run_id} is in use by a run still going (it holds {log_path}): pick another "
@@ -2314,6 +2385,18 @@ def preflight_paths(hp: Hyperparameters):
         if os.path.isdir(hp.eval_token_nll_path) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
             raise SetupError(f"EVAL_TOKEN_NLL_PATH={hp.eval_token_nll_path}: its folder {folder} must exist and "
                              "be writable, and the path must not be a folder")
+
+
+def check_mixer_cap(hp: Hyperparameters, n_val: int):
+    """The n-gram mixer's statistics for the whole split must fit NGRAM_MAX_MEMORY_MB. The mixer checks it
+    itself, but only at the final evaluation: after the whole training, with nothing written."""
+    if not hp.ngram_mixer_enabled:
+        return
+    need_mib = math.ceil(BackoffNgramMixer.peak_nbytes(n_val) / 2**20)
+    if need_mib > hp.ngram_max_memory_mb:
+        raise ConfigError(f"NGRAM_MAX_MEMORY_MB={hp.ngram_max_memory_mb}: the n-gram mixer needs {need_mib} MiB for "
+                          f"the {n_val} validation tokens; raise NGRAM_MAX_MEMORY_MB to at least {need_mib}, or "
+                          "evaluate fewer tokens (VAL_MAX_TOKENS)")
 
 
 def micro_seqs(hp: Hyperparameters) -> int:
@@ -2451,6 +2534,7 @@ def setup(r: Run, sp):
         raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN x {W} ranks")
     r.micro_seqs = micro_seqs(hp)
     r.val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+    check_mixer_cap(hp, r.val_tokens.size)
     check_memory(memory_needs(hp, cfg, micro_tokens(hp, W), r.val_tokens.size, W), log, r.local_ranks)
     mx.random.seed(hp.seed)
     np.random.seed(hp.seed)
@@ -2458,6 +2542,7 @@ def setup(r: Run, sp):
     log(check_tokenizer(sp, hp.data_path, hp.tokenizer_path))
     files = shard_files(hp.data_path, "train")
     log(f"train_tokens:{check_train_shards(files)} (every train shard's header checked)")
+    r.train_shards = train_shard_facts(files)
     r.model = GPT(cfg, hp.dtype())
     r.opt = Optimizers(r.model, hp)
     check_artifact_estimate(r)
@@ -2507,8 +2592,26 @@ def warmup(r: Run):
     log(f"warmup:{len(modes)} steps {time.perf_counter() - t0:.1f}s (compile; state restored)")
 
 
+def check_resume_data(r: Run, meta: dict):
+    """DATA_PATH may move, but its train shards must be the checkpoint's (names and token counts), else refused
+    like other result-changing settings; RESUME_OVERRIDE=1 trains on with them, and the log says so."""
+    saved = meta.get("train_shards")
+    mine = r.train_shards
+    if saved is None or saved == mine:  # None: a checkpoint from before shards were recorded
+        return
+    differ = [f"{a[0]}:{a[1]} tokens (checkpoint: {b[0]}:{b[1]})" for a, b in zip(mine, saved) if a != b][:3]
+    why = (f"DATA_PATH={r.hp.data_path} has {len(mine)} train shard(s), {sum(n for _, n in mine)} tokens, but the "
+           f"checkpoint was trained on {len(saved)}, {sum(n for _, n in saved)} tokens" +
+           (f"; first differences: {', '.join(differ)}" if differ else ""))
+    if not r.hp.resume_override:
+        raise ConfigError(f"RESUME_FROM={r.hp.resume_from}: {why}. The train stream would go on over other data: "
+                          "point DATA_PATH at the checkpoint's shards, or set RESUME_OVERRIDE=1 to train on with these")
+    r.log(f"resume: {why} (RESUME_OVERRIDE=1: training goes on over these shards)")
+
+
 def resume(r: Run, meta: dict, params: dict, state: dict):
-    """Continue from a checkpoint: weights, optimizer state, EMA, step, time, data position, QAT, recurrence."""
+    """Continue from a checkpoint: weights, optimizer state, EMA, step, time, data position, QAT, recurrence, and
+    the wall-clock stop if its run had reached the cap (unless MAX_WALLCLOCK_SECONDS now differs)."""
     load_flat_into(r.model, params)
     r.opt.load_arrays(state)
     r.step = meta["step"]
@@ -2517,6 +2620,11 @@ def resume(r: Run, meta: dict, params: dict, state: dict):
     r.recur_on = meta["recur_on"]
     r.resumed_from = meta.get("run_id", "")
     r.stream.restore(meta["stream"])
+    r.stop_at = meta.get("stop_at")
+    if r.stop_at is not None and r.hp.max_wallclock_seconds != meta["hparams"]["max_wallclock_seconds"]:
+        r.log(f"resume: the checkpoint's run stopped at the wall-clock cap at step {r.stop_at}; "
+              f"MAX_WALLCLOCK_SECONDS={r.hp.max_wallclock_seconds} lifts that stop")
+        r.stop_at = None
     for note in r.hp.resume_notes:
         r.log(f"resume: {note}")
     r.log(f"resumed from {r.hp.resume_from}: step:{r.step} train_time:{r.train_ms:.0f}ms qat:{r.qat_on} "
@@ -2528,7 +2636,8 @@ def save_checkpoint(r: Run, path: str | None = None) -> str:
     if r.group.rank():  # rank 0 saves; every rank holds the same state
         return path
     meta = dict(step=r.step, train_ms=r.train_ms, qat_on=r.qat_on, recur_on=r.recur_on, stream=r.stream.state(),
-                run_id=r.run_id, hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
+                stop_at=r.stop_at, train_shards=r.train_shards, run_id=r.run_id,
+                hparams={f.name: getattr(r.hp, f.name) for f in env_fields()})
     n = write_checkpoint(path, r.model, r.opt, meta)
     r.checkpoint = path
     r.log(f"checkpoint: step:{r.step} {path} ({n} bytes)")
@@ -2547,37 +2656,71 @@ def checkpoint(r: Run) -> str:
 
 # ---------------------------------------------------------------------------- train
 def train(r: Run):
-    """Step until ITERATIONS, the wall-clock cap or Ctrl-C; evaluate periodically and at the end. A first
-    Ctrl-C only asks to stop (catch_first_ctrl_c): the step, evaluation or checkpoint in flight completes."""
-    previous = catch_first_ctrl_c(r)
+    """Step until ITERATIONS, the wall-clock cap, Ctrl-C or SIGTERM; evaluate periodically and at the end. A first
+    signal only asks to stop (catch_stop_signals): the step, evaluation or checkpoint in flight completes."""
+    previous = catch_stop_signals(r)
     try:
         train_loop(r)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def catch_first_ctrl_c(r: Run):
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what schedulers and `timeout` send
+
+
+def signal_label(signum: int) -> str:
+    return "Ctrl-C" if signum in (0, signal.SIGINT) else signal.Signals(signum).name
+
+
+def catch_stop_signals(r: Run) -> dict:
     """A KeyboardInterrupt raised inside the compiled step would surface after the step has already updated the
-    weights, so a checkpoint taken then would hold step s+1 under step s. The handler only sets a flag, read at
-    safe points, and restores the default handler: a second Ctrl-C aborts. Returns the previous handler."""
+    weights, so a checkpoint taken then would hold step s+1 under step s. A first Ctrl-C or SIGTERM only sets a
+    flag, read at safe points; a second one of either aborts (abort_now). Returns the previous handlers."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         r.stop_asked = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        r.stop_signal = signum
+        for s in STOP_SIGNALS:
+            signal.signal(s, partial(abort_now, r))
 
-    return signal.signal(signal.SIGINT, on_sigint)
+    return {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+
+
+def abort_now(r: Run, signum, frame):
+    """Stop at once, as Ctrl-C does by default: main says what was written, and exits 128 + the signal."""
+    r.stop_signal = signum
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def abort_on_sigterm(r: Run):
+    """Outside training (set-up, warm-up, the artifact and its evaluation) SIGTERM aborts like Ctrl-C, with a line
+    saying what was written, instead of ending the process without a word."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, partial(abort_now, r))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_now(r: Run) -> bool:
-    """At a safe point (no step in flight): was Ctrl-C pressed on any rank? Then save the exact state."""
-    if r.interrupted or not ranks_max(r, 1.0 if r.stop_asked else 0.0) > 0:
+    """At a safe point (no step in flight): did Ctrl-C or SIGTERM arrive on any rank? Then save the exact state."""
+    if r.interrupted:
+        return False
+    asked = int(ranks_max(r, float(r.stop_signal) if r.stop_asked else 0.0))
+    if not asked:
         return False
     r.interrupted = True
-    r.log(f"interrupted (Ctrl-C) at step {r.step}: saving a checkpoint, then evaluating and writing the "
-          "artifact (Ctrl-C again to abort)")
+    r.stop_signal = asked
+    label = signal_label(asked)
+    r.log(f"interrupted ({label}) at step {r.step}: saving a checkpoint, then evaluating and writing the "
+          f"artifact ({label} again to abort)")
     checkpoint(r)
     return True
 
@@ -2585,11 +2728,10 @@ def stop_now(r: Run) -> bool:
 def train_loop(r: Run):
     hp = r.hp
     max_ms = hp.max_wallclock_seconds * 1000.0
-    stop_at = None
     t_last = time.perf_counter()
     r.phase = "training"
     while True:
-        last = r.step >= hp.iterations or (stop_at is not None and r.step >= stop_at) or r.interrupted
+        last = r.step >= hp.iterations or (r.stop_at is not None and r.step >= r.stop_at) or r.interrupted
         progress = max(r.step / max(hp.iterations, 1), r.train_ms / max_ms if max_ms > 0 else 0.0)
         switch_modes(r, progress, last)
         if last or (hp.val_loss_every and r.step and r.step % hp.val_loss_every == 0):
@@ -2605,13 +2747,13 @@ def train_loop(r: Run):
         now = time.perf_counter()
         r.train_ms = ranks_max(r, r.train_ms + (now - t_last) * 1000)
         t_last = now
-        if max_ms > 0 and r.train_ms >= max_ms and stop_at is None:
-            stop_at = r.step
-        log_step(r, loss, stop_at == r.step)
+        if max_ms > 0 and r.train_ms >= max_ms and r.stop_at is None:
+            r.stop_at = r.step
+        log_step(r, loss, r.stop_at == r.step)
         if hp.checkpoint_every and r.step % hp.checkpoint_every == 0 and r.step < hp.iterations:
             checkpoint(r)
             t_last = time.perf_counter()  # writing the checkpoint is not training time
-    if stop_at is not None and stop_at < hp.iterations:
+    if r.stop_at is not None and r.stop_at < hp.iterations:
         r.log(f"stopping_early: wallclock_cap train_time:{r.train_ms:.0f}ms step:{r.step}/{hp.iterations}")
     r.log(f"peak_memory:{mx.get_peak_memory() / 2**20:.0f}MiB")
 
@@ -2752,6 +2894,7 @@ def eval_only(r: Run, sp) -> int:
         hp.check_relations()
         log_run_header(r, hp)
         val_tokens = load_validation_tokens(hp.data_path, hp.val_max_tokens, cfg.vocab_size)
+        check_mixer_cap(hp, val_tokens.size)
         check_memory(memory_needs(hp, cfg, 0, val_tokens.size, r.group.size()), log, r.local_ranks)
         model = GPT(cfg, hp.dtype())
         load_flat_into(model, flat)
@@ -3150,7 +3293,7 @@ def unfinished_reason(r: Run, eval_ms: float) -> str:
     """Why this run cannot be a seed ('' when it can): interrupted, stopped short, or over the track's time."""
     hp = r.hp
     if r.interrupted:
-        return f"the run was interrupted (Ctrl-C) at step {r.step} of ITERATIONS={hp.iterations}"
+        return f"the run was interrupted ({signal_label(r.stop_signal)}) at step {r.step} of ITERATIONS={hp.iterations}"
     capped = hp.max_wallclock_seconds > 0 and r.train_ms >= hp.max_wallclock_seconds * 1000
     if r.step < hp.iterations and not capped:
         return f"training stopped at step {r.step} of ITERATIONS={hp.iterations}"

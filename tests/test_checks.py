@@ -49,6 +49,40 @@ def test_resume_takes_the_checkpoints_settings_and_refuses_a_changed_one(data, t
     assert "the checkpoint is at step 4, past ITERATIONS=3" in capsys.readouterr().err
 
 
+def _data_copy(data, folder: Path, cut: int = 0) -> Path:
+    """DATA_PATH moved to folder (the shards linked); with cut, its first train shard holds `cut` tokens fewer."""
+    folder.mkdir()
+    for src in sorted(Path(data["data_path"]).glob("fineweb_*.bin")):
+        if cut and src.name.startswith("fineweb_train_") and not list(folder.glob("fineweb_train_*")):
+            toks = T.load_data_shard(src)[:-cut]
+            header = np.zeros(256, "<i4")
+            header[:3] = (T.SHARD_MAGIC, T.SHARD_VERSION, toks.size)
+            (folder / src.name).write_bytes(header.tobytes() + toks.astype("<u2").tobytes())
+        else:
+            (folder / src.name).symlink_to(src)
+    return folder
+
+
+def test_resume_on_other_train_shards_is_refused_unless_overridden(data, tmp_path, capsys):
+    """The checkpoint keeps its train shards' names and token counts: DATA_PATH may move, but shorter shards are
+    refused before work (the stream would continue on other data); RESUME_OVERRIDE=1 trains on and logs it."""
+    over = dict(ITERATIONS=6, CHECKPOINT_EVERY=3, VAL_MAX_TOKENS=1024)
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="full", **over)) == 0
+    ckpt = tmp_path / "full_ckpt.pgck"
+    moved = _data_copy(data, tmp_path / "moved")
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="moved", DATA_PATH=moved, RESUME_FROM=ckpt, **over)) == 0
+    assert _exact(_log(tmp_path, "moved")) == _exact(_log(tmp_path, "full"))
+    other = _data_copy(data, tmp_path / "other", cut=1000)
+    env = tiny_env(data, tmp_path, RUN_ID="other", DATA_PATH=other, RESUME_FROM=ckpt, **over)
+    assert T.main(env) == 2
+    log = _log(tmp_path, "other")
+    assert re.search(rf"^error: RESUME_FROM={ckpt}: DATA_PATH={other} has .* tokens, but the checkpoint was trained "
+                     r"on .*RESUME_OVERRIDE=1", log, re.M), log
+    assert _no_step(log)
+    assert T.main(dict(env, RUN_ID="forced", RESUME_OVERRIDE="1")) == 0
+    assert re.search(r"^resume: DATA_PATH=.* \(RESUME_OVERRIDE=1: training goes on", _log(tmp_path, "forced"), re.M)
+
+
 # ---------------------------------------------------------------------------- data and tokenizer
 @pytest.fixture(scope="module")
 def foreign_tokenizer(data, tmp_path_factory):

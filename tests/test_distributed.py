@@ -77,6 +77,16 @@ def test_two_ranks_train_and_evaluate_like_one_process(data, tmp_path):
     assert "ranks_checksum" not in log1  # one process: nothing added
 
 
+def test_two_ranks_make_a_new_out_dir(data, tmp_path):
+    """OUT_DIR does not exist yet: the ranks make it before rank 0 opens its log there (it used to end rank 0 in a
+    FileNotFoundError traceback, rank 1 killed, and mlx.launch exiting 0)."""
+    out = tmp_path / "new" / "logs"
+    _launch(tmp_path, tiny_env(data, out, ITERATIONS=2, VAL_MAX_TOKENS=1000), 2)
+    log = (out / "tiny.txt").read_text()
+    assert "world_size:2 backend:ring" in log and "final_int6_zstd_roundtrip_exact" in log
+    assert (out / "tiny_model.int6.ptz").exists()
+
+
 def test_eval_only_on_two_ranks_writes_the_same_nll_dump(data, tmp_path):
     """Ranks score disjoint batches (7 batches over 2 ranks: unequal shares); the gathered stream,
     mixed in order, is bit-identical to one process's, and so is val_bpb."""

@@ -107,6 +107,40 @@ def test_a_second_ctrl_c_aborts_at_once(data, tmp_path):
     assert "interrupted (Ctrl-C) during" in out
 
 
+def test_sigterm_stops_like_ctrl_c_and_resume_equals_an_uninterrupted_run(data, tmp_path, uninterrupted):
+    """SIGTERM (schedulers, `timeout`): stop at the step boundary, checkpoint, write the artifact, exit 143."""
+    code, out = _run_until(_env(data, tmp_path, RUN_ID="cut"), "step:8/30 train_loss", signal.SIGTERM, 0.0)
+    assert code == 143, out[-3000:]
+    assert "Traceback" not in out and (tmp_path / "cut_model.int6.ptz").exists() and _exact(out)
+    step = int(re.search(r"^interrupted \(SIGTERM\) at step (\d+): saving a checkpoint", out, re.M)[1])
+    assert re.search(rf"^checkpoint: step:{step} ", out, re.M) and re.search(r"^exit 143: interrupted \(SIGTERM\)",
+                                                                            out, re.M)
+    resumed = subprocess.run([sys.executable, str(ROOT / "train_gpt_mlx.py")], capture_output=True, text=True,
+                             env=_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=str(tmp_path / "cut_ckpt.pgck")),
+                             cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert _exact(resumed.stdout) == uninterrupted
+
+
+@pytest.mark.parametrize("first,second", [("step:5/", "interrupted (SIGTERM) at step"),  # a second SIGTERM
+                                          (None, "writing artifact")])  # after training: the first aborts
+def test_sigterm_that_aborts_says_what_was_written(data, tmp_path, first, second):
+    p = _start(_env(data, tmp_path, RUN_ID="cut", ITERATIONS=2000 if first else 30, CHECKPOINT_EVERY=0))
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if first and line.startswith(first):
+            p.send_signal(signal.SIGTERM)
+        if line.startswith(second):
+            p.send_signal(signal.SIGTERM)
+            break
+    lines += p.stdout.readlines()
+    out = "".join(lines)
+    assert p.wait(timeout=120) == 143 and "Traceback" not in out, out[-3000:]
+    assert re.search(r"^interrupted \(SIGTERM\) during (training|writing the artifact|the round-trip evaluation); ",
+                     out, re.M), out[-3000:]
+
+
 # the same, in-process and deterministic: a real SIGINT arrives inside each place outside the step (item 2)
 @pytest.mark.parametrize("name,calls", [("evaluate", 1), ("write_checkpoint", 1), ("ranks_max", 9), ("log_step", 5)])
 def test_ctrl_c_outside_the_step_checkpoints_exactly_and_resumes(data, tmp_path, monkeypatch, uninterrupted,
@@ -122,3 +156,19 @@ def test_ctrl_c_outside_the_step_checkpoints_exactly_and_resumes(data, tmp_path,
     env = tiny_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=str(tmp_path / "cut_ckpt.pgck"), **OVER)
     assert T.main(env) == 0
     assert _exact((tmp_path / "resumed.txt").read_text()) == uninterrupted
+
+
+def test_a_checkpoint_at_the_capped_step_resumes_without_another_step(data, tmp_path):
+    """The wall-clock cap is reached at step 1, which is checkpointed (CHECKPOINT_EVERY=1): the stop is part of the
+    saved state, so the resumed run trains no step 2 (EMA and Adam would move) and ends like the capped run."""
+    import train_gpt_mlx as T
+    over = dict(ITERATIONS=20, MAX_WALLCLOCK_SECONDS=0.001, CHECKPOINT_EVERY=1, EMA_DECAY=0.9, VAL_MAX_TOKENS=2048)
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="capped", **over)) == 0
+    capped = (tmp_path / "capped.txt").read_text()
+    assert "stopping_early: wallclock_cap" in capped and re.search(r"^checkpoint: step:1 ", capped, re.M)
+    assert "step:2/" not in capped
+    env = tiny_env(data, tmp_path, RUN_ID="resumed", RESUME_FROM=tmp_path / "capped_ckpt.pgck", **over)
+    assert T.main(env) == 0
+    resumed = (tmp_path / "resumed.txt").read_text()
+    assert "resumed from" in resumed and "step:2/" not in resumed
+    assert _exact(resumed) == _exact(capped)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import train_gpt_mlx as T
-from conftest import mixer_distribution
+from conftest import mixer_distribution, tiny_env
 from train_gpt_mlx import BackoffNgramMixer, mixer_stats
 
 
@@ -328,6 +328,22 @@ def test_memory_cap_checked_before_work(monkeypatch):
     monkeypatch.setattr(T, "mixer_stats", lambda *a, **k: pytest.fail("counted before checking the cap"))
     with pytest.raises(MemoryError, match="NGRAM_MAX_MEMORY_MB"):
         BackoffNgramMixer(64, 4, 0.3, max_memory_mb=need / 2**20 * 0.99).prepare(toks)
+
+
+def test_a_run_whose_mixer_cannot_fit_is_refused_before_work(data, tmp_path):
+    """Training and EVAL_ONLY: the split's statistics above NGRAM_MAX_MEMORY_MB are refused before the first
+    step (exit 2, naming the variable and the MiB needed), not with a MemoryError after the whole training."""
+    need_mib = math.ceil(BackoffNgramMixer.peak_nbytes(8192) / 2**20)
+    capped = dict(NGRAM_MIXER_ENABLED=1, NGRAM_MAX_MEMORY_MB=need_mib - 1, VAL_MAX_TOKENS=8192)
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="train", ITERATIONS=3, **capped)) == 2
+    log = (tmp_path / "train.txt").read_text()
+    assert f"error: NGRAM_MAX_MEMORY_MB={need_mib - 1}: the n-gram mixer needs {need_mib} MiB" in log
+    assert "step:" not in log and not list(tmp_path.glob("train_*"))
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="art", ITERATIONS=2)) == 0
+    art = tmp_path / "art_model.int6.ptz"
+    assert T.main(tiny_env(data, tmp_path, RUN_ID="ev", EVAL_ONLY=1, LOAD_ARTIFACT=art, **capped)) == 2
+    log = (tmp_path / "ev.txt").read_text()
+    assert f"needs {need_mib} MiB" in log and "eval_only" not in log
 
 
 def test_env_vars():

@@ -1,12 +1,16 @@
 """The user's path (issue 16): a smoke test that trains at its peak LR, a recipe at any depth."""
+import glob
 import math
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import train_gpt_mlx as T
-from conftest import tiny_env
+from conftest import ROOT, tiny_env
 
 TINY_WIDTH = dict(MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2")
 
@@ -119,3 +123,24 @@ def test_recipe_depth_over_the_cap_is_refused_before_training(data, tmp_path, ca
     log = (tmp_path / "tiny.txt").read_text()
     assert re.search(r"RECIPE=sp1024_record at NUM_LAYERS=11: the artifact would be about 1[67]\.\d MB", log)
     assert "warmup_step" not in log and "step:1/" not in log
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or T._on_gpu(), reason="MLX's Linux CPU wheel only")
+@pytest.mark.parametrize("preload", ["", "openblas"])
+def test_a_linux_cpu_run_says_which_blas_runs_and_warns_on_the_slow_one(data, tmp_path, preload):
+    """Started as a newcomer would, without LD_PRELOAD: the log names the BLAS and its matmul rate, and where it is
+    MLX's bundled reference BLAS at that rate, warns with the README's fix. With OpenBLAS preloaded: no warning."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if preload:
+        found = sorted(glob.glob("/usr/lib/*-linux-gnu/libopenblas.so.0"))
+        if not found:
+            pytest.skip("OpenBLAS is not installed here")
+        env["LD_PRELOAD"] = found[0]
+    env.update(tiny_env(data, tmp_path, ITERATIONS=1, VAL_MAX_TOKENS=1024))
+    p = subprocess.run([sys.executable, str(ROOT / "train_gpt_mlx.py")], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    name, rate = re.search(r"^blas: (.+) ([0-9.]+) GFLOP/s", p.stdout, re.M).groups()
+    warned = re.search(r"^WARNING: matmuls run at .* LD_PRELOAD=\S*libopenblas\.so\.0", p.stdout, re.M)
+    assert name == "OpenBLAS" or not preload
+    assert bool(warned) == (name != "OpenBLAS" and float(rate) < T.BLAS_SLOW_GFLOPS), p.stdout[:2000]
