@@ -1,12 +1,16 @@
 """TTT_MODE=doc_lora (per-document LoRA over short chunks, phased global SGD) and ATTN_DOC_ISOLATED: legality by
 test (every target once with the split's bytes; a target depends only on its own document's earlier tokens and
 on documents scored before it; an adapter never sees a chunk before scoring it)."""
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 import train_gpt_mlx as T
+from conftest import generated_docs, tiny_env
+from test_distributed import LAUNCH, _exact, _launch
 
 SMALL = dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2")
 DOC = dict(TTT_ENABLED="1", TTT_MODE="doc_lora", TTT_RANK="4", TTT_LR="0.01", TTT_DOC_CHUNK="16",
@@ -170,3 +174,48 @@ def test_settings_are_checked():
         T.Hyperparameters.from_env(dict(TTT_PHASES="2"))
     with pytest.raises(T.ConfigError, match="TTT_DOC_CHUNK"):
         T.Hyperparameters.from_env(dict(TTT_MODE="doc_lora", TTT_DOC_CHUNK="0"))
+
+
+def doc_split(data, ds, n_docs=32):
+    """A dataset folder: the sample's train shards, and a validation split of n_docs short documents."""
+    ds.mkdir(parents=True)
+    for src in Path(data["data_path"]).glob("fineweb_train_*.bin"):
+        (ds / src.name).symlink_to(src)
+    sp = T.load_tokenizer(data["tokenizer"])  # whole texts, encoded: the script checks the shards' tokenizer
+    texts = [" ".join(t.split()[:4 + (13 * i) % 45]) for i, t in enumerate(generated_docs(n_docs))]
+    val = np.concatenate([[T.BOS_ID] + sp.encode(t) for t in texts] + [[T.BOS_ID]]).astype(np.uint16)
+    header = np.zeros(256, "<i4")
+    header[:3] = (T.SHARD_MAGIC, T.SHARD_VERSION, val.size)
+    (ds / "fineweb_val_000000.bin").write_bytes(header.tobytes() + val.astype("<u2").tobytes())
+    return val
+
+
+@pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed beside this python")
+def test_two_ranks_split_the_batches_and_total_like_one_process(data, tmp_path):
+    """EVAL_ONLY with doc_lora on 2 ranks (mlx.launch): the ranks score alternate batches, every rank ends with
+    every score, and the total is one process's: bit-identical with fresh A per batch (each batch's arithmetic is
+    the same on any rank), within float tolerance with phases (their gradients are all-reduced)."""
+    ds = tmp_path / "ds"
+    val = doc_split(data, ds)
+    assert T.main(tiny_env(data, tmp_path, DATA_PATH=ds, ITERATIONS=3, VAL_MAX_TOKENS=0)) == 0
+    art = tmp_path / "tiny_model.int6.ptz"
+    base = dict(EVAL_ONLY=1, LOAD_ARTIFACT=art, DATA_PATH=ds, VAL_MAX_TOKENS=0, TTT_ENABLED=1, TTT_MODE="doc_lora",
+                TTT_RANK=4, TTT_LR=0.01, TTT_DOC_CHUNK=16, TTT_DOC_BATCH=4, TTT_WARM_A=0, NGRAM_MIXER_ENABLED=1)
+    runs = {}
+    for name, ranks, extra in (("1", 1, {}), ("2", 2, {}), ("1p", 1, dict(TTT_PHASES=2, TTT_PREFIX_DOCS=16)),
+                               ("2p", 2, dict(TTT_PHASES=2, TTT_PREFIX_DOCS=16))):
+        out = tmp_path / f"e{name}"
+        out.mkdir()
+        env = tiny_env(data, out, **base, **extra, TTT_PHASE_CHUNK=128, TTT_BATCH_SEQS=2,
+                       EVAL_TOKEN_NLL_PATH=out / "nll.f32")
+        _launch(out, env, ranks)
+        log = (out / "tiny.txt").read_text()
+        assert f"world_size:{ranks} " in log and "ttt_doc_lora: 32 documents, 8 batches of 4" in log
+        runs[name] = np.fromfile(out / "nll.f32", "<f4"), _exact(log, "eval_only_exact")
+        if extra:
+            assert log.count("ttt_phase ") == 2
+    assert runs["1"][0].size == val.size - 1 and np.isfinite(runs["1"][0]).all()
+    assert np.array_equal(runs["1"][0], runs["2"][0]) and runs["1"][1] == runs["2"][1]
+    assert not np.allclose(runs["1p"][0], runs["1"][0])
+    np.testing.assert_allclose(runs["2p"][0], runs["1p"][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(runs["2p"][1], runs["1p"][1], rtol=1e-5)
