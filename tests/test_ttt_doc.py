@@ -219,3 +219,11 @@ def test_two_ranks_split_the_batches_and_total_like_one_process(data, tmp_path):
     assert not np.allclose(runs["1p"][0], runs["1"][0])
     np.testing.assert_allclose(runs["2p"][0], runs["1p"][0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(runs["2p"][1], runs["1p"][1], rtol=1e-5)
+
+
+def test_doc_isolated_run_stores_it_in_the_artifact(data, tmp_path):
+    """A run with ATTN_DOC_ISOLATED=1 trains and evaluates with the mask, and its artifact's header says so (an
+    EVAL_ONLY of it takes the model's shape from there)."""
+    assert T.main(tiny_env(data, tmp_path, ITERATIONS=2, ATTN_DOC_ISOLATED=1, VAL_MAX_TOKENS=1000)) == 0
+    cfg, _, _ = T.read_artifact(str(tmp_path / "tiny_model.int6.ptz"))
+    assert cfg.attn_doc_isolated and "ATTN_DOC_ISOLATED=True" in (tmp_path / "tiny.txt").read_text()
