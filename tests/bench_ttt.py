@@ -32,7 +32,7 @@ FULL = dict(TTT_ENABLED="1", TTT_MODE="full", TTT_LR="0.01", TTT_EPOCHS="1", TTT
 # of 512 -> 16 of 128 with the same alpha/r = 1.8; chunk 48 of a 2048 context -> 32 of 128; 64 documents per batch
 # of ~50K -> 2 of the ~11 in 40K tokens; 3 phases over the first 2,500 documents (5%, 20% of the tokens) -> 6;
 # 32K-token SGD chunks of 16 sequences -> 2,048 tokens (16 x 128). LRs: --doc-sweep.
-DOC = dict(TTT_ENABLED="1", TTT_MODE="doc_lora", TTT_RANK="16", TTT_ALPHA="28.8", TTT_LR="0.003", TTT_DOC_CHUNK="32",
+DOC = dict(TTT_ENABLED="1", TTT_MODE="doc_lora", TTT_RANK="16", TTT_ALPHA="28.8", TTT_LR="0.01", TTT_DOC_CHUNK="32",
            TTT_DOC_BATCH="2", TTT_WEIGHT_DECAY="0.5")
 PHASES = dict(TTT_PHASES="3", TTT_PREFIX_DOCS="6", TTT_PHASE_CHUNK="2048", TTT_PHASE_LR="0.003", TTT_BATCH_SEQS="16")
 
@@ -50,10 +50,10 @@ DOC_TABLE = [("sliding 64", SLIDING), ("chunk TTT lora", cfg(SLIDING, LORA)),
              ("chunk TTT lora + mixer", cfg(SLIDING, LORA, MIXER)), ("doc_lora + mixer", cfg(DOC, MIXER)),
              ("doc_lora + phases + mixer", cfg(DOC, PHASES, MIXER))]
 DOC_SWEEP = [("sliding 64", SLIDING)] + [
+    (f"doc_lora + phases lr {lr}", cfg(DOC, PHASES, TTT_PHASE_LR=lr)) for lr in ("0.001", "0.003", "0.01")] + [
     (f"doc_lora lr {lr}", cfg(DOC, TTT_LR=lr)) for lr in ("0.001", "0.003", "0.01")] + [
     (f"doc_lora chunk {c}", cfg(DOC, TTT_DOC_CHUNK=c)) for c in ("16", "64")] + [
-    ("doc_lora cold A", cfg(DOC, TTT_WARM_A="0")), ("doc_lora no wd", cfg(DOC, TTT_WEIGHT_DECAY="0"))] + [
-    (f"doc_lora + phases lr {lr}", cfg(DOC, PHASES, TTT_PHASE_LR=lr)) for lr in ("0.001", "0.003", "0.01")]
+    ("doc_lora cold A", cfg(DOC, TTT_WARM_A="0")), ("doc_lora no wd", cfg(DOC, TTT_WEIGHT_DECAY="0"))]
 SWEEP = [("sliding 64", SLIDING)] + [
     (f"lora lr {lr} epochs {ep}", cfg(SLIDING, LORA, TTT_LR=lr, TTT_EPOCHS=ep))
     for lr, ep in (("0.003", "1"), ("0.01", "1"), ("0.03", "1"), ("0.01", "2"))] + [
