@@ -227,3 +227,28 @@ def test_doc_isolated_run_stores_it_in_the_artifact(data, tmp_path):
     assert T.main(tiny_env(data, tmp_path, ITERATIONS=2, ATTN_DOC_ISOLATED=1, VAL_MAX_TOKENS=1000)) == 0
     cfg, _, _ = T.read_artifact(str(tmp_path / "tiny_model.int6.ptz"))
     assert cfg.attn_doc_isolated and "ATTN_DOC_ISOLATED=True" in (tmp_path / "tiny.txt").read_text()
+
+
+def test_progress_is_logged_every_30_seconds(setup, monkeypatch):
+    """A clock that moves 31 s per reading: every round logs documents, phase and ETA."""
+    class Clock:
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            cls.now += 31.0
+            return cls.now
+    monkeypatch.setattr(T, "time", Clock)
+    model, env, tables, toks = setup
+    hp = T.Hyperparameters.from_env({**env, **DOC, "TTT_PHASES": "1", "TTT_PREFIX_DOCS": "3",
+                                     "TTT_PHASE_CHUNK": "128"})
+    lines = []
+    doc = T.DocTTT(model, hp, L, None, toks, False)
+    try:
+        T.evaluate_docs(doc, toks, tables, log=lines.append)
+    finally:
+        doc.close()
+    progress = [x for x in lines if x.startswith("eval_progress:")]
+    assert len(progress) == 4 and progress[0].startswith("eval_progress: documents 3/12 phase 1/1 eta:")
+    assert progress[-1].startswith("eval_progress: documents 12/12 phase 1/1 eta:0s")
+    assert sum(x.startswith("ttt_phase 1: global SGD on 3 documents") for x in lines) == 1
