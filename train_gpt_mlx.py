@@ -2609,7 +2609,10 @@ def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int, n_val
             cfg.engram_heads * 2 * cfg.engram_hash_size * cfg.engram_dim * 4)
     if hp.complement_alpha > 0 and not hp.eval_only:
         need["always"]["COMPLEMENT_ALPHA/VOCAB_SIZE (bigram table, V x V)"] = cfg.vocab_size ** 2 * (4 + 8)
-    if hp.ttt_enabled:
+    if hp.ttt_enabled and hp.ttt_mode == "doc_lora":
+        need["eval"]["TTT_DOC_BATCH/TTT_RANK/TTT_PHASES (per-document TTT)"] = doc_ttt_bytes(hp, cfg, eval_seq,
+                                                                                              n_params)
+    elif hp.ttt_enabled:
         stride = hp.eval_stride_resolved or eval_seq
         rows = min(hp.ttt_batch_seqs, -(-(eval_seq + (max(1, hp.ttt_chunk // stride) - 1) * stride) // eval_seq))
         full = 3 * n_params * 4 if hp.ttt_mode == "full" else 0  # adapted weights, momentum, gradient
@@ -2620,6 +2623,23 @@ def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int, n_val
         need["eval"]["NGRAM_MAX_MEMORY_MB (the n-gram mixer's statistics)"] = min(mixer_peak,
                                                                                  hp.ngram_max_memory_mb * 2**20)
     return need
+
+
+def doc_ttt_bytes(hp: Hyperparameters, cfg: ModelConfig, seq: int, n_params: int) -> int:
+    """TTT_MODE=doc_lora's peak, an upper bound: one adapter step's activations over TTT_DOC_BATCH rows, the
+    adapters with their gradient and AdamW moments, and with TTT_PHASES the global step (weights, momentum,
+    gradient, its rows' activations)."""
+    d = cfg.model_dim
+    kv = cfg.num_kv_heads * (d // cfg.num_heads)
+    n_virtual = virtual_depth(cfg.num_layers, recur_span(cfg.recur_layers, cfg.num_layers))
+    adapter_floats = hp.ttt_rank * (n_virtual * (8 * d + 2 * kv) + d + cfg.vocab_size)  # per document
+    step = hp.ttt_doc_batch * (seq * activation_floats(cfg, seq, True) + 4 * adapter_floats)
+    mask = hp.ttt_doc_batch * seq * seq if cfg.attn_doc_isolated else 0  # booleans
+    phase = 0
+    if hp.ttt_phases:
+        rows = min(hp.ttt_batch_seqs, max(1, hp.ttt_phase_chunk // seq))
+        phase = 3 * n_params + rows * seq * activation_floats(cfg, seq, True)
+    return 4 * (step + phase) + mask
 
 
 def memory_total(need: dict, local_ranks: int = 1) -> int:

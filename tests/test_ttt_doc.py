@@ -252,3 +252,13 @@ def test_progress_is_logged_every_30_seconds(setup, monkeypatch):
     assert len(progress) == 4 and progress[0].startswith("eval_progress: documents 3/12 phase 1/1 eta:")
     assert progress[-1].startswith("eval_progress: documents 12/12 phase 1/1 eta:0s")
     assert sum(x.startswith("ttt_phase 1: global SGD on 3 documents") for x in lines) == 1
+
+
+def test_memory_estimate_counts_the_document_batch_and_the_phases():
+    base = dict(SMALL, VOCAB_SIZE="1024", **DOC)
+    need = {}
+    for name, over in (("b3", {}), ("b6", dict(TTT_DOC_BATCH="6")), ("ph", dict(TTT_PHASES="2"))):
+        hp = T.Hyperparameters.from_env({**base, **over})
+        need[name] = T.memory_needs(hp, T.ModelConfig.from_hparams(hp), 1024, 5000)["eval"][
+            "TTT_DOC_BATCH/TTT_RANK/TTT_PHASES (per-document TTT)"]
+    assert need["b6"] == 2 * need["b3"] and need["ph"] > need["b3"]
