@@ -171,6 +171,7 @@ class Hyperparameters:
     recur_layers: str = _env("")
     recur_untied_mlp: bool = _env(False)
     recur_start_frac: float = _env(0.0, 0.0, 1.0)
+    attn_doc_isolated: bool = _env(False)
     # mixed-precision artifact: bits per tensor group (0 = QUANT_BITS; 16 = fp16), clip search, codec
     quant_bits_attn: int = _env(0, choices=(0, 5, 6, 8, 16))
     quant_bits_mlp: int = _env(0, choices=(0, 5, 6, 8, 16))
@@ -179,7 +180,7 @@ class Hyperparameters:
     compressor: str = _env("zstd", choices=("auto", "zstd", "lzma"))
     # test-time training at evaluation (score a chunk, then train on it; README "Test-time training")
     ttt_enabled: bool = _env(False)
-    ttt_mode: str = _env("lora", choices=("lora", "full"))
+    ttt_mode: str = _env("lora", choices=("lora", "full", "doc_lora"))
     ttt_rank: int = _env(8, 1, 1024)
     ttt_targets: str = _env("all")
     ttt_lr: float = _env(0.01, 0.0)
@@ -188,6 +189,17 @@ class Hyperparameters:
     ttt_batch_seqs: int = _env(8, 1)
     ttt_grad_clip: float = _env(1.0, 0.0)
     ttt_reset: str = _env("never", choices=("never", "doc"))
+    # TTT_MODE=doc_lora (#1530 form): per-document adapters over short chunks, phased global SGD (TTT_RANK, TTT_LR)
+    ttt_alpha: float = _env(0.0, 0.0)  # adapter output scale alpha/rank; 0: alpha = rank (scale 1)
+    ttt_doc_chunk: int = _env(48, 1)
+    ttt_doc_batch: int = _env(64, 1)
+    ttt_weight_decay: float = _env(0.5, 0.0)
+    ttt_warm_a: bool = _env(True)
+    ttt_phases: int = _env(0, 0, 64)
+    ttt_prefix_docs: int = _env(2500, 1)
+    ttt_phase_lr: float = _env(0.001, 0.0)
+    ttt_phase_chunk: int = _env(32768, 1)
+    ttt_time_budget: float = _env(0.0, 0.0)  # seconds of adapting (0: no limit); scoring always finishes
     # not variables: what unknown_env_notes found in the environment, and the variables RECIPE set (for the log
     # and error messages), those derived from NUM_LAYERS among them
     env_notes: tuple = field(default=(), compare=False)
@@ -291,6 +303,8 @@ class Hyperparameters:
              "CHECKPOINT_EVERY needs a training run (EVAL_ONLY=1 trains nothing)"),
             (not set(self.ttt_targets.split(",")) <= set(TTT_TARGET_KEYS) | {"all"},
              f"TTT_TARGETS={self.ttt_targets!r}: allowed: all, or some of {','.join(TTT_TARGET_KEYS)}"),
+            (self.ttt_mode != "doc_lora" and self.ttt_phases,
+             f"TTT_PHASES={self.ttt_phases} needs TTT_MODE=doc_lora (its phases interrupt the document queue)"),
             (0 < self.ema_warmup <= 1,
              f"EMA_WARMUP={self.ema_warmup} must be 0 (off) or > 1 (decay (1+t)/(W+t) must stay below 1)"),
             (self.eval_only and not self.load_artifact, "EVAL_ONLY=1 needs LOAD_ARTIFACT=path/to/artifact"),
@@ -711,17 +725,21 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim, zero_init=True)
         self.q_gain = mx.full((heads,), qk_gain)
 
-    def __call__(self, x, xsa=False):
+    def __call__(self, x, xsa=False, mask="causal", ad=None):
+        """mask: "causal", or doc_mask()'s boolean array; ad: per-document adapters (TTT_MODE=doc_lora)."""
         B, T, D = x.shape
-        q, k, v = (lin(x).reshape(B, T, h, self.hd).transpose(0, 2, 1, 3)
-                   for lin, h in ((self.c_q, self.heads), (self.c_k, self.kv_heads), (self.c_v, self.kv_heads)))
+        q, k, v = (lin(x) if ad is None else lin(x) + ad(slot, x)
+                   for lin, slot in ((self.c_q, "q"), (self.c_k, "k"), (self.c_v, "v")))
+        q, k, v = (t.reshape(B, T, h, self.hd).transpose(0, 2, 1, 3)
+                   for t, h in ((q, self.heads), (k, self.kv_heads), (v, self.kv_heads)))
         q, k = (mx.fast.rope(rms_norm(t), self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
                 for t in (q, k))
         q = q * self.q_gain.astype(q.dtype)[:, None, None]
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.hd ** -0.5, mask="causal")
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.hd ** -0.5, mask=mask)
         if xsa:
             y = exclusive(y, v)
-        return self.proj(y.transpose(0, 2, 1, 3).reshape(B, T, D))
+        out = self.proj(y.transpose(0, 2, 1, 3).reshape(B, T, D))
+        return out if ad is None else out + ad("o", x)
 
 
 def exclusive(y, v):
@@ -823,6 +841,34 @@ def smear(x, ids, w):
     return x + g * (mx.concatenate([mx.zeros_like(x[:, :1]), x[:, :-1]], axis=1) - x)
 
 
+def doc_mask(ids):
+    """[B, 1, T, T] boolean for ATTN_DOC_ISOLATED: position i sees j iff j <= i and no BOS lies in (j, i], i.e.
+    both are in the same document of the row (segment id = count of BOS so far; #1530's varlen attention)."""
+    seg = mx.cumsum((ids == BOS_ID).astype(mx.int32), axis=1)
+    T = ids.shape[1]
+    causal = mx.tril(mx.ones((T, T), dtype=mx.bool_))
+    return (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]
+
+
+class Adapters:
+    """Per-document low-rank adapters a forward adds (TTT_MODE=doc_lora): row b of the batch is one document
+    with its own A [r, in] and B [out, r]; delta = scale * x A^T B^T. Names: "<virtual layer>.<slot>", "head"."""
+
+    def __init__(self, params: dict, scale: float, layer=None):
+        self.params = params
+        self.scale = scale
+        self.at = layer
+
+    def layer(self, i: int) -> "Adapters":
+        return Adapters(self.params, self.scale, i)
+
+    def __call__(self, slot: str, x):
+        name = slot if self.at is None else f"{self.at}.{slot}"
+        a = self.params[name + ".a"].astype(x.dtype)
+        b = self.params[name + ".b"].astype(x.dtype)
+        return (x @ a.swapaxes(1, 2)) @ b.swapaxes(1, 2) * self.scale
+
+
 class Block(nn.Module):
     """Pre-norm block, learned output scales and mix with x0. Parallel residuals (#1204): attention reads
     lane 0, the MLP lane 1, each writes both through learned weights (lane_r: keep, lane_p: write)."""
@@ -838,25 +884,31 @@ class Block(nn.Module):
             self.lane_r = mx.full((2,), math.sqrt(1.1))
             self.lane_p = mx.ones((2, 2))
 
-    def __call__(self, lanes, x0, s=1.0, mlp=None, xsa=False):
-        """lanes: [x], or the parallel region's [lane0, lane1]; s: the LN-scale factor."""
+    def __call__(self, lanes, x0, s=1.0, mlp=None, xsa=False, mask="causal", ad=None):
+        """lanes: [x], or the parallel region's [lane0, lane1]; s: the LN-scale factor; mask, ad: Attention's."""
         mix = self.resid_mix.astype(x0.dtype)
         mlp = self.mlp if mlp is None else mlp
         if len(lanes) == 1:
             x = mix[0] * lanes[0] + mix[1] * x0
-            x = x + self.attn_scale.astype(x.dtype) * self.attn(rms_norm(x) * s, xsa)
-            return [x + self.mlp_scale.astype(x.dtype) * mlp(rms_norm(x) * s)]
+            x = x + self.attn_scale.astype(x.dtype) * self.attn(rms_norm(x) * s, xsa, mask, ad)
+            return [x + self.mlp_scale.astype(x.dtype) * feed(mlp, rms_norm(x) * s, ad)]
         r = self.lane_r.astype(x0.dtype)
         p = self.lane_p.astype(x0.dtype)
-        a = self.attn_scale.astype(x0.dtype) * self.attn(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * s, xsa)
+        a = self.attn_scale.astype(x0.dtype) * self.attn(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * s, xsa, mask, ad)
         lanes = [r[0] * h + p[0, k] * a for k, h in enumerate(lanes)]
-        m = self.mlp_scale.astype(x0.dtype) * mlp(rms_norm(mix[0] * lanes[1] + mix[1] * x0) * s)
+        m = self.mlp_scale.astype(x0.dtype) * feed(mlp, rms_norm(mix[0] * lanes[1] + mix[1] * x0) * s, ad)
         return [r[1] * h + p[1, k] * m for k, h in enumerate(lanes)]
+
+
+def feed(mlp, n, ad):
+    """The MLP, plus the per-document adapter from its input n (TTT_MODE=doc_lora's "MLP" slot, as #1530)."""
+    return mlp(n) if ad is None else mlp(n) + ad("mlp", n)
 
 
 # ======== Model ======================================================================================================
 RECORD_BASE_FIELDS = ("smear_gate", "bigram_hash_size", "bigram_dim", "xsa_last_n", "rope_dims", "ln_scale",
-                      "leaky_relu_slope", "parallel_start_layer", "recur_layers", "recur_untied_mlp")
+                      "leaky_relu_slope", "parallel_start_layer", "recur_layers", "recur_untied_mlp",
+                      "attn_doc_isolated")
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
                 "tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "engram_lite_enabled",
                 "engram_mode", "engram_hash_size", "engram_dim", "engram_heads", "skipgram_hash_size", "skipgram_dim",
@@ -927,9 +979,10 @@ class GPT(nn.Module):
         return {f"recur_mlps.{k}.{n}": p for k in range(b - a + 1)
                 for n, p in tree_flatten(self.blocks[a + k].mlp.parameters())}
 
-    def __call__(self, ids):
-        """Logits [B, T, V] in float32, softcapped."""
+    def __call__(self, ids, ad=None):
+        """Logits [B, T, V] in float32, softcapped; ad: per-document adapters (TTT_MODE=doc_lora)."""
         cfg = self.cfg
+        mask = doc_mask(ids) if cfg.attn_doc_isolated else "causal"
         e = self.tok_emb(ids).astype(self.dtype)
         if cfg.engram_lite_enabled and cfg.engram_mode == "input":
             e = e + self.engram(ids, self.dtype)
@@ -947,12 +1000,14 @@ class GPT(nn.Module):
                 skip = self.skip_weights[i - n_enc].astype(x0.dtype) * skips.pop()
                 lanes = [h + skip for h in lanes]
             lanes = lanes * 2 if i == par_from else lanes
-            lanes = block(lanes, x0, **kw)
+            lanes = block(lanes, x0, **kw, mask=mask, ad=None if ad is None else ad.layer(i))
             if i < n_enc:
                 skips.append(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5)
         x = rms_norm(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5)
         w = self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
         logits = x @ w.astype(x.dtype).T
+        if ad is not None:
+            logits = logits + ad("head", x)
         if cfg.engram_lite_enabled and cfg.engram_mode == "logit":
             logits = logits + self.engram(ids, self.dtype)
         if cfg.skipgram_hash_size:
@@ -961,14 +1016,14 @@ class GPT(nn.Module):
         c = cfg.logit_softcap
         return c * mx.tanh(logits / c) if c > 0 else logits
 
-    def token_nll(self, ids, targets):
+    def token_nll(self, ids, targets, ad=None):
         """Per-target negative log-likelihood in nats, [B, T] float32."""
-        logits = self(ids)
+        logits = self(ids, ad)
         return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], -1)[..., 0]
 
-    def token_stats(self, ids, targets):
+    def token_stats(self, ids, targets, ad=None):
         """(NLL, entropy of the model's distribution), both [B, T] float32 nats."""
-        logits = self(ids)
+        logits = self(ids, ad)
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         ent = -mx.sum(mx.exp(logp) * logp, axis=-1)
         return -mx.take_along_axis(logp, targets[..., None], -1)[..., 0], ent
@@ -1666,10 +1721,14 @@ class TestTimeTrainer:
 
     def reset(self):
         self.params.update(self.init)
-        self.opt.state.update({"step": mx.array(0, mx.uint64)}, **{n: {} for n in self.params})
-        self.opt.init(self.params)
+        self.fresh_optimizer()
         self.model.update(tree_unflatten(list(self.weights(self.params).items())))
         mx.eval(self.state)
+
+    def fresh_optimizer(self):
+        """Zeroed optimizer state (in place: the compiled step holds these dicts)."""
+        self.opt.state.update({"step": mx.array(0, mx.uint64)}, **{n: {} for n in self.params})
+        self.opt.init(self.params)
 
     def prime(self, compiled):  # trace on synthetic tokens, never validation ones, then undo
         self.compiled = compiled
@@ -1696,6 +1755,234 @@ class TestTimeTrainer:
 
     def close(self):
         self.model.update(tree_unflatten(list(self.base.items())))
+
+
+class DocPlan:
+    """TTT_MODE=doc_lora's documents and queue. The split is cut at every BOS (a leading fragment before the
+    first BOS is a document too): document k holds targets starts[k]+1..ends[k], its last target the next BOS.
+    Queue: longest first (stable), except a leading fragment (first) and the split's last document (last), so
+    the documents concatenated in queue order are a token stream (`stream`) whose targets are exactly theirs:
+    the n-gram mixer reads that stream, in the order the documents are scored. stream target i is split
+    target `where[i]`."""
+
+    def __init__(self, tokens: np.ndarray):
+        n_tgt = tokens.size - 1
+        bos = np.flatnonzero(tokens[:n_tgt] == BOS_ID)
+        self.starts = np.union1d([0], bos).astype(np.int64)
+        self.ends = np.append(self.starts[1:], n_tgt)
+        body = np.arange(self.starts.size - 1)
+        if tokens[0] != BOS_ID:  # a leading fragment: kept first
+            body = body[1:]
+        body = body[np.argsort(-(self.ends[body] - self.starts[body]), kind="stable")]
+        head = [0] if tokens[0] != BOS_ID and self.starts.size > 1 else []
+        self.queue = np.concatenate([head, body, [self.starts.size - 1]]).astype(np.int64)
+        parts = [tokens[self.starts[k]:self.ends[k]] for k in self.queue]
+        self.stream = np.concatenate(parts + [tokens[n_tgt:]])
+        self.where = np.concatenate([np.arange(self.starts[k] + 1, self.ends[k] + 1) for k in self.queue])
+        if not (np.array_equal(self.stream[1:], tokens[self.where])
+                and np.array_equal(self.stream[:-1], tokens[self.where - 1])):
+            raise RuntimeError("the queue's stream does not hold the split's targets")  # a bug, never a number
+
+    def lengths(self, docs) -> np.ndarray:
+        return self.ends[docs] - self.starts[docs]
+
+    def tokens_of(self, tokens: np.ndarray, docs) -> np.ndarray:
+        """The documents' tokens, concatenated in queue order (phased SGD trains on them)."""
+        return np.concatenate([tokens[self.starts[k]:self.ends[k]] for k in docs] + [tokens[self.ends[docs[-1]]:][:1]])
+
+
+class DocLoRA:
+    """Per-document LoRA TTT (TTT_MODE=doc_lora, #1530 form; RECORDS_SP8192 §10): one rank-r adapter per row
+    (document) of a batch on q, k, v, the attention output and the MLP output of every virtual layer and on the
+    head; B = 0 and fresh AdamW state per batch, A warm across batches (TTT_WARM_A). step() scores a chunk and
+    then adapts on it in one graph: the NLL it returns is the forward before the update."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, rows: int, need_ent: bool):
+        cfg = model.cfg
+        d = cfg.model_dim
+        kv = cfg.num_kv_heads * (d // cfg.num_heads)
+        r = hp.ttt_rank
+        self.model = model
+        self.need_ent = need_ent
+        self.scale = (hp.ttt_alpha or r) / r
+        sizes = dict(q=(d, d), k=(d, kv), v=(d, kv), o=(d, d), mlp=(d, d))
+        slots = [(f"{i}.{n}", *io) for i in range(len(model.virtual_layers())) for n, io in sizes.items()]
+        slots.append(("head", d, cfg.vocab_size))
+        keys = mx.random.split(mx.random.key(hp.seed), len(slots))
+        self.a0 = {n + ".a": mx.random.uniform(-1, 1, (rows, r, din), key=keys[i]) / math.sqrt(din)
+                   for i, (n, din, _) in enumerate(slots)}
+        self.b0 = {n + ".b": mx.zeros((rows, dout, r)) for n, _, dout in slots}
+        self.warm_a = hp.ttt_warm_a
+        self.opt = optim.AdamW(hp.ttt_lr, [0.0, 0.99], 1e-10, hp.ttt_weight_decay, bias_correction=True)
+        self.params = {**self.a0, **self.b0}
+        self.opt.init(self.params)
+        self.state = [self.params, self.opt.state]
+
+    def forward(self, p, x, y):
+        ad = Adapters(p, self.scale)
+        if self.need_ent:
+            return self.model.token_stats(x, y, ad)
+        return self.model.token_nll(x, y, ad), None
+
+    def score(self, x, y):
+        nll, ent = self.forward(self.params, x, y)
+        return nll, mx.zeros_like(nll) if ent is None else ent
+
+    def step(self, x, y, mask):
+        """Score x -> y, then one AdamW step on the sum over rows of the mean NLL over the row's mask."""
+        def loss_fn(p):
+            nll, ent = self.forward(p, x, y)
+            loss = ((nll * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1.0)).sum()
+            return loss, nll, mx.zeros_like(nll) if ent is None else ent
+        (_, nll, ent), grads = mx.value_and_grad(loss_fn)(self.params)
+        self.params.update(self.opt.apply_gradients(grads, self.params))
+        return nll, ent
+
+    def reset(self, fresh_a: bool = False):
+        """A new batch: B = 0, fresh AdamW state; A back to its draw only when fresh_a or TTT_WARM_A=0."""
+        self.params.update(self.b0)
+        if fresh_a or not self.warm_a:
+            self.params.update(self.a0)
+        self.opt.state.update({"step": mx.array(0, mx.uint64)}, **{n: {} for n in self.params})
+        self.opt.init(self.params)
+        mx.eval(self.state)
+
+
+def doc_chunk(tokens: np.ndarray, plan: DocPlan, docs: np.ndarray, c: int, C: int, L: int, rows: int):
+    """Chunk c (targets c*C..hi-1) of each document of a batch as rows: the window of at most L inputs ending at
+    the chunk's end, left-aligned, zero past it, width rounded up to a multiple of C (few compiled shapes).
+    Returns x, y [rows, W], the scored positions, each position's split target index, and which documents have
+    a later chunk (only those train on this one)."""
+    n = docs.size
+    P = np.zeros(rows, np.int64)
+    s = np.zeros(rows, np.int64)
+    P[:n] = plan.lengths(docs)
+    s[:n] = plan.starts[docs]
+    hi = np.minimum((c + 1) * C, P)
+    w0 = np.maximum(0, hi - L)
+    W = min(L, -(-int(hi.max()) // C) * C)
+    pos = w0[:, None] + np.arange(W)  # document-relative input positions
+    valid = pos < hi[:, None]
+    at = s[:, None] + pos  # input at doc position j predicts split target at + 1, nll index at
+    x = np.where(valid, tokens[np.where(valid, at, 0)], 0).astype(np.int32)
+    y = np.where(valid, tokens[np.where(valid, at + 1, 0)], 0).astype(np.int32)
+    return x, y, valid & (pos >= c * C), at, hi < P
+
+
+class DocTTT:
+    """TTT_MODE=doc_lora's evaluation state: the plan, the adapters, the global trainer of the phases (TTT_PHASES,
+    all parameters, SGD momentum 0.9: today's 'full' trainer over the scored documents) and their compiled
+    functions. close() restores the weights the phases changed."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, seq_len: int, opt, tokens: np.ndarray, need_ent: bool,
+                 group=None):
+        self.hp = hp
+        self.L = seq_len
+        self.plan = DocPlan(tokens)
+        self.rows = min(hp.ttt_doc_batch, self.plan.queue.size)
+        self.lora = DocLoRA(model, hp, self.rows, need_ent)
+        self.glob = None
+        if hp.ttt_phases:
+            ghp = replace(hp, ttt_mode="full", ttt_lr=hp.ttt_phase_lr, ttt_epochs=1, ttt_reset="never",
+                          ttt_targets="all", ttt_chunk=hp.ttt_phase_chunk)
+            self.glob = TestTimeTrainer(model, ghp, seq_len, seq_len, group)
+        self.fns = Compiled(model, opt or Optimizers(model, hp), ttt=self.glob, doc=self.lora)
+        if self.glob:
+            self.glob.prime(self.fns.ttt_step)
+        self.t0 = time.perf_counter()
+
+    def adapting(self) -> bool:
+        """False once TTT_TIME_BUDGET seconds of the evaluation are spent: scoring goes on, adapting stops."""
+        return not self.hp.ttt_time_budget or time.perf_counter() - self.t0 < self.hp.ttt_time_budget
+
+    def score_batch(self, tokens: np.ndarray, docs: np.ndarray, nll_out: np.ndarray, ent_out: np.ndarray):
+        """Score one batch of documents chunk by chunk into nll_out/ent_out (split order), adapting after each."""
+        self.lora.reset()
+        C = self.hp.ttt_doc_chunk
+        for c in range(-(-int(self.plan.lengths(docs).max()) // C)):
+            x, y, scored, at, later = doc_chunk(tokens, self.plan, docs, c, C, self.L, self.rows)
+            train = scored & later[:, None]
+            if train.any() and self.adapting():
+                nll, ent = self.fns.doc_step(mx.array(x), mx.array(y), mx.array(train.astype(np.float32)))
+            else:
+                nll, ent = self.fns.doc_score(mx.array(x), mx.array(y))
+            nll_out[at[scored]] = np.array(nll)[scored]
+            ent_out[at[scored]] = np.array(ent)[scored]
+
+    def phase(self, tokens: np.ndarray, docs: np.ndarray, log, k: int):
+        """Global SGD (one epoch, cosine LR over TTT_PHASE_CHUNK-token chunks, the last not trained) on the
+        scored documents `docs`, concatenated in queue order; then the adapters start afresh."""
+        cat = self.plan.tokens_of(tokens, docs)
+        n = cat.size - 1
+        C = self.hp.ttt_phase_chunk
+        n_chunks = -(-n // C)
+        t0 = time.perf_counter()
+        self.glob.fresh_optimizer()
+        for c in range(n_chunks - 1):
+            self.glob.train(cat, c * C, min((c + 1) * C, n), c, n_chunks)
+        self.lora.reset(fresh_a=True)
+        if log:
+            log(f"ttt_phase {k}: global SGD on {docs.size} documents ({n} targets, {n_chunks - 1} of {n_chunks} "
+                f"chunks trained) in {time.perf_counter() - t0:.1f}s")
+
+    def close(self):
+        if self.glob:
+            self.glob.close()
+
+
+def phase_bounds(hp: Hyperparameters) -> list:
+    """Scored-document counts at which the phases run: floor(P (k+1) / K), P = TTT_PREFIX_DOCS (§10)."""
+    K = hp.ttt_phases
+    return [hp.ttt_prefix_docs * (k + 1) // K for k in range(K)]
+
+
+def evaluate_docs(doc: DocTTT, tokens: np.ndarray, tables, mixer=None, log=None, label="eval", group=None):
+    """TTT_MODE=doc_lora: score the documents batch by batch in queue order (W ranks: round t scores batches
+    tW..tW+W-1, one per rank), the phases between rounds once enough documents are scored; then every rank
+    holds every score (all_sum), the mixer reads them in queue order. Returns evaluate()'s triple."""
+    plan = doc.plan
+    n_tgt = tokens.size - 1
+    nll = np.zeros(n_tgt, np.float32)
+    ent = np.zeros(n_tgt, np.float32)
+    W = 1 if group is None else group.size()
+    rank = 0 if group is None else group.rank()
+    batches = [plan.queue[i:i + doc.rows] for i in range(0, plan.queue.size, doc.rows)]
+    bounds = phase_bounds(doc.hp)
+    k = 0
+    t0 = last_print = time.perf_counter()
+    for r0 in range(0, len(batches), W):
+        if r0 + rank < len(batches):
+            doc.score_batch(tokens, batches[r0 + rank], nll, ent)
+        done = min(plan.queue.size, (r0 + W) * doc.rows)  # documents scored, in queue order, on all ranks
+        due = k < len(bounds) and done >= bounds[k] and done < plan.queue.size
+        while k < len(bounds) and done >= bounds[k]:
+            k += 1
+        if due and ranks_all(group, doc.adapting()):
+            doc.phase(tokens, plan.queue[:done], log, k)
+        if log and time.perf_counter() - last_print > 30:
+            last_print = time.perf_counter()
+            frac = plan.lengths(plan.queue[:done]).sum() / n_tgt
+            log(f"{label}_progress: documents {done}/{plan.queue.size} phase {k}/{len(bounds)} "
+                f"eta:{(last_print - t0) * (1 - frac) / max(frac, 1e-9):.0f}s")
+    if W > 1:  # each target was scored on one rank, zero elsewhere: the sum is every score, exactly
+        both = mx.distributed.all_sum(mx.array(np.stack([nll, ent])), group=group)
+        nll, ent = np.array(both)
+    if mixer is not None:
+        idx = plan.where - 1
+        mixed = np.empty(n_tgt, np.float32)
+        for lo in range(0, n_tgt, 1 << 20):
+            part = idx[lo:lo + (1 << 20)]
+            mixed[lo:lo + part.size] = np.array(mixer.nll(plan.stream, lo + 1, mx.array(-nll[part]),
+                                                          mx.array(ent[part])))
+        nll[idx] = mixed
+    return summarize_nll(nll, tokens, tables)
+
+
+def ranks_all(group, ok: bool) -> bool:
+    """Whether `ok` holds on every rank (one all_sum), so that all ranks take the same collective path."""
+    if group is None or group.size() == 1:
+        return ok
+    return int(mx.distributed.all_sum(mx.array(int(not ok)), group=group).item()) == 0
 
 
 # ======== The n-gram mixer: per-token Witten-Bell counts by sorting, mixed into the model ============================
@@ -1944,7 +2231,8 @@ class Compiled:
     """Every compiled function, in one place: a change of mode builds a new Compiled, never a stale graph."""
 
     def __init__(self, model: GPT, opt: Optimizers, compile_fns: bool = True, qat_bits=0,
-                 complement: mx.array | None = None, ttt: "TestTimeTrainer | None" = None, recur: bool = True):
+                 complement: mx.array | None = None, ttt: "TestTimeTrainer | None" = None, recur: bool = True,
+                 doc: "DocLoRA | None" = None):
         c = mx.compile if compile_fns else (lambda f, **kw: f)
         hp = opt.hp
         state = [model.state, opt.state]
@@ -2002,6 +2290,10 @@ class Compiled:
                                     c(ttt.update, inputs=both, outputs=both))
         elif ttt:
             self.ttt_step = c(moded(ttt.step), inputs=both, outputs=both)
+        if doc:  # TTT_MODE=doc_lora: score then adapt, in one graph per window width; score only
+            mine = state + doc.state
+            self.doc_step = c(moded(doc.step), inputs=mine, outputs=mine)
+            self.doc_score = c(moded(doc.score), inputs=mine)
 
 
 def train_step(fns: Compiled, x: np.ndarray, y: np.ndarray, micro_seqs: int, lr_mul: float, momentum: float,
@@ -2459,7 +2751,10 @@ def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int, n_val
             cfg.engram_heads * 2 * cfg.engram_hash_size * cfg.engram_dim * 4)
     if hp.complement_alpha > 0 and not hp.eval_only:
         need["always"]["COMPLEMENT_ALPHA/VOCAB_SIZE (bigram table, V x V)"] = cfg.vocab_size ** 2 * (4 + 8)
-    if hp.ttt_enabled:
+    if hp.ttt_enabled and hp.ttt_mode == "doc_lora":
+        need["eval"]["TTT_DOC_BATCH/TTT_RANK/TTT_PHASES (per-document TTT)"] = doc_ttt_bytes(hp, cfg, eval_seq,
+                                                                                              n_params)
+    elif hp.ttt_enabled:
         stride = hp.eval_stride_resolved or eval_seq
         rows = min(hp.ttt_batch_seqs, -(-(eval_seq + (max(1, hp.ttt_chunk // stride) - 1) * stride) // eval_seq))
         full = 3 * n_params * 4 if hp.ttt_mode == "full" else 0  # adapted weights, momentum, gradient
@@ -2470,6 +2765,23 @@ def memory_needs(hp: Hyperparameters, cfg: ModelConfig, micro_tokens: int, n_val
         need["eval"]["NGRAM_MAX_MEMORY_MB (the n-gram mixer's statistics)"] = min(mixer_peak,
                                                                                  hp.ngram_max_memory_mb * 2**20)
     return need
+
+
+def doc_ttt_bytes(hp: Hyperparameters, cfg: ModelConfig, seq: int, n_params: int) -> int:
+    """TTT_MODE=doc_lora's peak, an upper bound: one adapter step's activations over TTT_DOC_BATCH rows, the
+    adapters with their gradient and AdamW moments, and with TTT_PHASES the global step (weights, momentum,
+    gradient, its rows' activations)."""
+    d = cfg.model_dim
+    kv = cfg.num_kv_heads * (d // cfg.num_heads)
+    n_virtual = virtual_depth(cfg.num_layers, recur_span(cfg.recur_layers, cfg.num_layers))
+    adapter_floats = hp.ttt_rank * (n_virtual * (8 * d + 2 * kv) + d + cfg.vocab_size)  # per document
+    step = hp.ttt_doc_batch * (seq * activation_floats(cfg, seq, True) + 4 * adapter_floats)
+    mask = hp.ttt_doc_batch * seq * seq if cfg.attn_doc_isolated else 0  # booleans
+    phase = 0
+    if hp.ttt_phases:
+        rows = min(hp.ttt_batch_seqs, max(1, hp.ttt_phase_chunk // seq))
+        phase = 3 * n_params + rows * seq * activation_floats(cfg, seq, True)
+    return 4 * (step + phase) + mask
 
 
 def memory_total(need: dict, local_ranks: int = 1) -> int:
@@ -2862,6 +3174,8 @@ def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, gr
         eval_seq = hp.eval_seq_len or seq
         kw = dict(seq_len=eval_seq, stride=hp.eval_stride_resolved,
                   batch_seqs=hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq))
+        if hp.ttt_enabled and hp.ttt_mode == "doc_lora":  # its own loop; the mixer reads its queue's stream
+            return run_doc_eval(hp, model, opt, val_tokens, tables, log, label, eval_seq, group, raw, t0)
         if hp.ngram_mixer_enabled:
             mixer = make_mixer(hp, model.cfg.vocab_size, val_tokens, log, group)
         if hp.ttt_enabled:  # adapts the weights evaluated here (the EMA when on); close() restores them
@@ -2877,9 +3191,33 @@ def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, gr
             ttt.close()
         if raw is not None:
             model.update(raw)
+    write_token_nll(hp, nll, log, label, group)
+    return loss, bpb, (time.perf_counter() - t0) * 1000
+
+
+def write_token_nll(hp, nll: np.ndarray, log, label: str, group):
     if hp.eval_token_nll_path and label != "val" and not (group and group.rank()):
         atomic_write(hp.eval_token_nll_path, nll.astype("<f4").tobytes())
         log(f"per-token NLL (float32 nats, {nll.size} targets in order) written to {hp.eval_token_nll_path}")
+
+
+def run_doc_eval(hp, model, opt, val_tokens, tables, log, label, seq, group, raw, t0):
+    """run_eval's final evaluation under TTT_MODE=doc_lora (README "Test-time training"); restores the weights
+    (the phases', and `raw` when run_eval swapped the EMA in)."""
+    need_ent = hp.ngram_mixer_enabled and hp.ngram_alpha_mode == "entropy"
+    doc = None
+    try:
+        doc = DocTTT(model, hp, seq, opt, val_tokens, need_ent, group)
+        mixer = make_mixer(hp, model.cfg.vocab_size, doc.plan.stream, log, group) if hp.ngram_mixer_enabled else None
+        log(f"ttt_doc_lora: {doc.plan.queue.size} documents, {-(-doc.plan.queue.size // doc.rows)} batches of "
+            f"{doc.rows}, chunk {hp.ttt_doc_chunk}, phases at {phase_bounds(hp) if hp.ttt_phases else 'none'}")
+        loss, bpb, nll = evaluate_docs(doc, val_tokens, tables, mixer, log, label, group)
+    finally:
+        if doc:
+            doc.close()
+        if raw is not None:
+            model.update(raw)
+    write_token_nll(hp, nll, log, label, group)
     return loss, bpb, (time.perf_counter() - t0) * 1000
 
 

@@ -28,6 +28,13 @@ SLIDING = dict(EVAL_STRIDE="64", EVAL_BATCH_SEQS="64")
 MIXER = dict(NGRAM_MIXER_ENABLED="1", NGRAM_MAX_ORDER="2", NGRAM_ALPHA="0.3")
 LORA = dict(TTT_ENABLED="1", TTT_MODE="lora", TTT_LR="0.01", TTT_EPOCHS="1", TTT_CHUNK="2048")
 FULL = dict(TTT_ENABLED="1", TTT_MODE="full", TTT_LR="0.01", TTT_EPOCHS="1", TTT_CHUNK="2048")
+# TTT_MODE=doc_lora at the records' settings (RECORDS_SP8192 §10) scaled to the 2x128 model and seq 128: rank 80
+# of 512 -> 16 of 128 with the same alpha/r = 1.8; chunk 48 of a 2048 context -> 32 of 128; 64 documents per batch
+# of ~50K -> 2 of the ~11 in 40K tokens; 3 phases over the first 2,500 documents (5%, 20% of the tokens) -> 6;
+# 32K-token SGD chunks of 16 sequences -> 2,048 tokens (16 x 128). LRs: --doc-sweep.
+DOC = dict(TTT_ENABLED="1", TTT_MODE="doc_lora", TTT_RANK="16", TTT_ALPHA="28.8", TTT_LR="0.01", TTT_DOC_CHUNK="32",
+           TTT_DOC_BATCH="2", TTT_WEIGHT_DECAY="0.5")
+PHASES = dict(TTT_PHASES="3", TTT_PREFIX_DOCS="6", TTT_PHASE_CHUNK="2048", TTT_PHASE_LR="0.003", TTT_BATCH_SEQS="16")
 
 
 def cfg(*parts, **over) -> dict:
@@ -37,6 +44,16 @@ def cfg(*parts, **over) -> dict:
 TABLE = [("plain", dict(EVAL_BATCH_SEQS="64")), ("sliding 64", SLIDING),
          ("sliding 64 + TTT lora", cfg(SLIDING, LORA)), ("sliding 64 + TTT full", cfg(SLIDING, FULL)),
          ("sliding 64 + mixer", cfg(SLIDING, MIXER)), ("sliding 64 + TTT lora + mixer", cfg(SLIDING, LORA, MIXER))]
+DOC_TABLE = [("sliding 64", SLIDING), ("chunk TTT lora", cfg(SLIDING, LORA)),
+             ("documents alone (doc_lora, TTT_LR=0)", cfg(DOC, TTT_LR="0")), ("doc_lora", DOC),
+             ("doc_lora + phases", cfg(DOC, PHASES)), ("sliding 64 + mixer", cfg(SLIDING, MIXER)),
+             ("chunk TTT lora + mixer", cfg(SLIDING, LORA, MIXER)), ("doc_lora + mixer", cfg(DOC, MIXER)),
+             ("doc_lora + phases + mixer", cfg(DOC, PHASES, MIXER))]
+DOC_SWEEP = [("sliding 64", SLIDING)] + [
+    (f"doc_lora + phases lr {lr}", cfg(DOC, PHASES, TTT_PHASE_LR=lr)) for lr in ("0.001", "0.003", "0.01")] + [
+    (f"doc_lora lr {lr}", cfg(DOC, TTT_LR=lr)) for lr in ("0.001", "0.003", "0.01")] + [
+    (f"doc_lora chunk {c}", cfg(DOC, TTT_DOC_CHUNK=c)) for c in ("16", "64")] + [
+    ("doc_lora cold A", cfg(DOC, TTT_WARM_A="0")), ("doc_lora no wd", cfg(DOC, TTT_WEIGHT_DECAY="0"))]
 SWEEP = [("sliding 64", SLIDING)] + [
     (f"lora lr {lr} epochs {ep}", cfg(SLIDING, LORA, TTT_LR=lr, TTT_EPOCHS=ep))
     for lr, ep in (("0.003", "1"), ("0.01", "1"), ("0.03", "1"), ("0.01", "2"))] + [
@@ -74,10 +91,12 @@ def main():
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--val-tokens", type=int, default=0, help="0 = the whole val split")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--docs", action="store_true", help="the TTT_MODE=doc_lora table (issue 24)")
+    p.add_argument("--doc-sweep", action="store_true", help="doc_lora settings, one seed")
     p.add_argument("--workdir", default="", help="keep shards and trained artifacts here (reused) instead of a temp folder")
     a = p.parse_args()
-    rows = SWEEP if a.sweep else TABLE
-    seeds = a.seeds[:1] if a.sweep else a.seeds
+    rows = SWEEP if a.sweep else DOC_SWEEP if a.doc_sweep else DOC_TABLE if a.docs else TABLE
+    seeds = a.seeds[:1] if a.sweep or a.doc_sweep else a.seeds
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(a.workdir or tmp)
@@ -95,14 +114,17 @@ def main():
     n = res[rows[0][0], seeds[0]][2]
     print(f"\n{mx.default_device()}, mlx {mx.__version__}; 2x128 model, {a.steps} steps, seeds {seeds}; eval seq 128, "
           f"{n:,} val targets; TTT rows: lora rank 8 all targets Adam / full SGD 0.9, chunk 2048, clip 1.0\n")
-    print("| eval | " + " | ".join(f"bpb seed {s}" for s in seeds) + " | mean | Δ vs sliding (spread) | tokens/s |")
-    print("|---|" + "---|" * (len(seeds) + 4))
+    print("| eval | " + " | ".join(f"bpb seed {s}" for s in seeds) + " | mean | Δ vs sliding (spread) | tokens/s "
+          "| cost/target vs sliding |")
+    print("|---|" + "---|" * (len(seeds) + 5))
     base = np.array([res["sliding 64", s][0] for s in seeds])
+    base_rate = np.mean([res["sliding 64", s][1] for s in seeds])
     for name, _ in rows:
         b = np.array([res[name, s][0] for s in seeds])
         d = b - base
+        rate = np.mean([res[name, s][1] for s in seeds])
         print(f"| {name} | " + " | ".join(f"{x:.4f}" for x in b) + f" | {b.mean():.4f} | {d.mean():+.4f} "
-              f"({d.min():+.4f}..{d.max():+.4f}) | {np.mean([res[name, s][1] for s in seeds]):,.0f} |")
+              f"({d.min():+.4f}..{d.max():+.4f}) | {rate:,.0f} | {base_rate / rate:.1f}x |")
 
 
 if __name__ == "__main__":
