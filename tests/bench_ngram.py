@@ -86,7 +86,7 @@ def old_module(rev: str):
 def dict_reference_nll(toks, calls, V: int, K: int, alpha: float) -> np.ndarray:
     """Per-token dict reference (tests/test_ngram_mixer.py), fixed alpha: score a target, then count it."""
     from test_ngram_mixer import reference_stats
-    p, conf = reference_stats(toks, V, K)
+    p, conf, _ = reference_stats(toks, V, K)
     lp = np.concatenate([lp for _, lp, _ in calls]).astype(np.float64)
     a = alpha * conf[1:]
     return -np.log((1 - a) * np.exp(lp) + a * p[1:])
