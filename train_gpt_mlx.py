@@ -1672,7 +1672,7 @@ class TestTimeTrainer:
 MIXER_BLOCK = 1 << 18  # elements per step of the elementwise passes: bounds their temporaries
 MIXER_BYTES_PER_TOKEN = 60  # mixer_stats() peaks at ~55 B/token (tracemalloc; test_peak_memory_within_the_bound)
 MIXER_BYTES_PER_BLOCK_ELEMENT = 128  # the block temporaries (a dozen float64 arrays at most)
-ADAPTIVE_FIXED_POINT = 2.0**28  # units per nat of the adaptive sums: 62M targets x |ln ratio| < 30 fit in int64
+ADAPTIVE_FIXED_POINT = 2.0**28  # units per nat of the adaptive sums: 2^28 x 80 nats x 2^28 targets < 2^63
 
 
 def token_owners(tokens: np.ndarray, V: int, world: int) -> np.ndarray:
@@ -1950,7 +1950,8 @@ class AdaptiveAlpha:
         self.entropy_bins = entropy_bins
         self.log_v = math.log(V)
         self.n_buckets = (max_order + 1) * conf_bins * entropy_bins
-        self.loglik = np.zeros((G, self.n_buckets), np.int64)  # per grid value and bucket: sum ln(q_g / p_model)
+        self.loglik = np.full((G, self.n_buckets), self.log_prior)  # per grid value and bucket: ln prior ratio +
+        # the sum of ln(q_g / p_model) over the bucket's targets so far (alpha = 0's: 0)
 
     def buckets(self, conf, top, H) -> np.ndarray:
         """Bucket of each target: reads its context's counts and the model's entropy, never the target."""
@@ -1960,8 +1961,8 @@ class AdaptiveAlpha:
 
     def scores(self, lp, p, conf) -> np.ndarray:
         """ln(q_g / p_model) = ln(1 + g c (p_ngram / p_model - 1)) per grid value and target, in fixed point
-        (float32 is plenty for a weight)."""
-        z = self.grid[:, None] * (conf * (p / np.exp(lp) - 1.0)).astype(np.float32)[None, :]
+        (float32 is plenty for a weight; a model probability below e^-80 counts as e^-80, so every sum fits)."""
+        z = self.grid[:, None] * (conf * (p / np.exp(np.maximum(lp, -80.0)) - 1.0)).astype(np.float32)[None, :]
         z += 1.0
         np.log(z, out=z)
         z *= ADAPTIVE_FIXED_POINT
@@ -1985,7 +1986,6 @@ class AdaptiveAlpha:
         ends = np.append(starts[1:], b.size) - 1
         self.loglik[:, keys] = before[:, ends] + mine[:, ends] + offset
         before += np.take(offset, seg, axis=1)
-        before += self.log_prior
         top_w = np.maximum(before.max(axis=0), 0)  # alpha = 0's log-weight is 0
         before -= top_w
         w = np.exp(before.astype(np.float32) * np.float32(1.0 / ADAPTIVE_FIXED_POINT))

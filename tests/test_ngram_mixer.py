@@ -3,6 +3,7 @@ every earlier target): legality (CHALLENGE.md C1-C4: normalized, causal, score-f
 once), equality with a plain-Python per-token dict reference at orders 1-6, the sort's two paths,
 the split over ranks, the worker thread, the memory bound and its check before work."""
 import math
+import re
 import threading
 import tracemalloc
 
@@ -395,9 +396,9 @@ def test_adaptive_weight_reads_only_earlier_targets():
     p, conf, top = mixer_stats(toks, V, 4)
 
     def run(lp):
-        A = adaptive(V).adaptive
         lp = np.array(lp, np.float64)
-        return A.weights(lp, p[1:], conf[1:], top[1:], np.array(H, np.float64)), adaptive(V).nll(toks, 1, mx.array(lp), H)
+        a = adaptive(V).adaptive.weights(lp, p[1:], conf[1:], top[1:], np.array(H, np.float64))
+        return a, adaptive(V).nll(toks, 1, mx.array(lp), H)
 
     a_ref, nll_ref = run(lp)
     lp2 = np.array(lp)
@@ -472,7 +473,42 @@ def test_adaptive_beats_every_fixed_alpha_of_its_grid_on_repeated_spans():
     grid = T.parse_alpha_grid(T.NGRAM_ALPHA_GRID)
     fixed = {al: bits(BackoffNgramMixer(V, K, al, "fixed").nll(toks, 1, lp, H)) for al in grid}
     best = min(fixed.values())
-    used = int((m.adaptive.loglik != 0).any(axis=0).sum())
+    used = int((m.adaptive.loglik != m.adaptive.log_prior).any(axis=0).sum())
     bound = used * math.log((len(grid) - 1) / (1 - m.adaptive.prior_zero)) / math.log(2)
     assert got <= best + bound, (got, best, bound)
     assert got < fixed[0.0] - 0.2 * (n - 1)  # and far better than the model alone
+
+
+def test_statistics_counted_once_per_run(data, tmp_path, monkeypatch):
+    """A run's pre-quant and round-trip final evaluations both mix in the cache, but count the split once;
+    the round trip's mixed score is what a fresh count gives (EVAL_ONLY of the artifact: same number)."""
+    from conftest import tiny_env
+    calls = []
+    real = T.mixer_stats
+    monkeypatch.setattr(T, "mixer_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    env = tiny_env(data, tmp_path, NGRAM_MIXER_ENABLED=1, EVAL_MODE="sliding", EVAL_STRIDE=32, ITERATIONS=6,
+                   VAL_MAX_TOKENS=3000)
+    assert T.main(env) == 0
+    log = (tmp_path / "tiny.txt").read_text()
+    assert len(calls) == 1
+    assert log.count("ngram_mixer: per-token statistics for") == 1
+    assert log.count("counted once per run") == 1
+    run_bpb = re.search(r"roundtrip_exact val_loss:\S+ val_bpb:(\S+)", log)[1]
+    art = next(tmp_path.glob("*.ptz"))
+    assert T.main(dict(env, EVAL_ONLY="1", LOAD_ARTIFACT=str(art), RUN_ID="again")) == 0
+    assert len(calls) == 2  # a new run counts afresh
+    assert re.search(r"eval_only_exact val_loss:\S+ val_bpb:(\S+)", (tmp_path / "again.txt").read_text())[1] == run_bpb
+
+
+def test_adaptive_env_vars():
+    hp = T.Hyperparameters.from_env({})
+    assert hp.ngram_alpha_mode == "adaptive" and not hp.ngram_mixer_enabled
+    hp = T.Hyperparameters.from_env(dict(NGRAM_ALPHA_GRID="0, 0.5,1", NGRAM_PRIOR_ZERO="0.9", NGRAM_ENTROPY_BINS="3"))
+    assert T.parse_alpha_grid(hp.ngram_alpha_grid) == (0.0, 0.5, 1.0)
+    for bad in ("0.1,0.5", "0,0.5,0.4", "0,2", "0", "0,a"):
+        with pytest.raises(T.ConfigError, match="NGRAM_ALPHA_GRID"):
+            T.Hyperparameters.from_env(dict(NGRAM_ALPHA_GRID=bad))
+    with pytest.raises(T.ConfigError, match="NGRAM_PRIOR_ZERO"):
+        T.Hyperparameters.from_env(dict(NGRAM_PRIOR_ZERO="1"))
+    with pytest.raises(T.ConfigError, match="NGRAM_ENTROPY_BINS"):
+        T.Hyperparameters.from_env(dict(NGRAM_ENTROPY_BINS="0"))
