@@ -148,8 +148,8 @@ class Hyperparameters:
     ngram_alpha_mode: str = _env("adaptive", choices=("adaptive", "fixed", "entropy"))
     ngram_alpha_grid: str = _env(NGRAM_ALPHA_GRID)  # adaptive: the α values the posterior mixes (0 included)
     ngram_prior_zero: float = _env(0.5, 0.01, 0.99)  # adaptive: the prior's mass on α = 0 (the model alone)
-    ngram_conf_bins: int = _env(1, 1, 16)  # adaptive buckets: highest seen order x cache confidence bin
-    ngram_entropy_bins: int = _env(2, 1, 16)  # ... x bin of the model's entropy / ln V
+    ngram_conf_bins: int = _env(3, 1, 16)  # adaptive buckets: highest seen order x cache confidence bin
+    ngram_entropy_bins: int = _env(1, 1, 16)  # ... x bin of the model's entropy / ln V (defaults: bench_ngram.py)
     ngram_max_memory_mb: int = _env(4096, 1)
     # data-parallel runs (mlx.launch) and the challenge's submission folder
     dist_backend: str = _env("any", choices=("any", "ring", "nccl", "jaccl", "mpi"))
@@ -1843,7 +1843,7 @@ class BackoffNgramMixer:
 
     def __init__(self, vocab_size: int, max_order: int, alpha: float, alpha_mode: str = "fixed",
                  max_memory_mb: float = 4096, group=None, grid: str = NGRAM_ALPHA_GRID, prior_zero: float = 0.5,
-                 conf_bins: int = 1, entropy_bins: int = 2):
+                 conf_bins: int = 3, entropy_bins: int = 1):
         self.V = vocab_size
         self.K = max_order
         self.alpha = alpha

@@ -46,13 +46,18 @@ MODELS = {"2x64, 60 steps": (64, 60), "2x128, 300 steps": (128, 300), "2x128, 60
           "2x128, 150 steps on the scored text": (128, 150)}
 ON_SCORED_TEXT = 32768  # the "on the scored text" model trains on (and is scored on) the val split's first tokens
 SHORT = 10_000  # the short evaluation: the first targets only (VAL_MAX_TOKENS of some ten thousand)
-ADAPTIVE = {  # adaptive variants measured (the first is the default): (prior_zero, conf_bins, entropy_bins)
+ADAPTIVE = {  # adaptive variants measured (the first is the default: prior_zero 0.5, conf bins 3 x entropy bins 1)
     "adaptive (default)": {},
-    "adaptive, prior_zero 0.9": dict(prior_zero=0.9),
-    "adaptive, entropy bins 1": dict(entropy_bins=1),
-    "adaptive, entropy bins 4": dict(entropy_bins=4),
-    "adaptive, conf bins 2": dict(conf_bins=2),
-    "adaptive, conf bins 3 x entropy bins 3": dict(conf_bins=3, entropy_bins=3),
+    "adaptive, prior_zero 0.8": dict(prior_zero=0.8),
+    "adaptive, conf bins 1 x entropy bins 2": dict(conf_bins=1, entropy_bins=2),
+    "adaptive, conf bins 1 x entropy bins 2, prior_zero 0.9": dict(conf_bins=1, entropy_bins=2, prior_zero=0.9),
+    "adaptive, conf bins 1 x entropy bins 1": dict(conf_bins=1),
+    "adaptive, conf bins 1 x entropy bins 4": dict(conf_bins=1, entropy_bins=4),
+    "adaptive, conf bins 2 x entropy bins 2": dict(conf_bins=2, entropy_bins=2),
+    "adaptive, conf bins 3 x entropy bins 2": dict(entropy_bins=2),
+    "adaptive, conf bins 3 x entropy bins 3": dict(entropy_bins=3),
+    "adaptive, conf bins 3 x entropy bins 3, prior_zero 0.8": dict(entropy_bins=3, prior_zero=0.8),
+    "adaptive, conf bins 4": dict(conf_bins=4),
 }
 
 
@@ -146,6 +151,10 @@ def model_bpb(a, tmp, data, name, seed, old, res):
     T.evaluate(fns.token_stats, val, SEQ, BATCH, tables, stride=STRIDE, mixer=rec)
     bpb = lambda nll: T.summarize_nll(nll, val, tables)[1]  # noqa: E731
     put = lambda cfg, v: res.setdefault(cfg, {}).setdefault(name, []).append(v)  # noqa: E731
+    if a.save_calls:  # the model's outputs, to replay more mixers later without training again
+        np.savez(Path(a.save_calls) / f"{name.replace(' ', '_').replace(',', '')}_{seed}.npz",
+                 starts=[s for s, _, _ in rec.calls], lp=np.concatenate([lp for _, lp, _ in rec.calls]),
+                 H=np.concatenate([H for _, _, H in rec.calls]), val=val)
     if a.adaptive_table:
         adaptive_rows(a, val, rec.calls, V, tables, name, res)
         print(f"# {name} seed {seed} done in {time.time() - t0:.0f}s; {val.size - 1:,} targets", file=sys.stderr,
@@ -317,6 +326,7 @@ def main():
     p.add_argument("--old-chunks", type=int, nargs="*", default=[2048, 256, 32])
     p.add_argument("--extra", nargs="*", default=["COMPLEMENT_ALPHA=0.5"], help="training variables, KEY=VALUE")
     p.add_argument("--save", help="--adaptive-table: also write the results (JSON) here")
+    p.add_argument("--save-calls", help="--part bpb: also write each model's recorded outputs (npz) in this folder")
     p.add_argument("--load", nargs="*", help="--adaptive-table: print the table of these saved results, joined")
     p.add_argument("--adaptive-table", action="store_true", help="with --part bpb: order 5 only, the fixed "
                    "alphas, entropy and the adaptive variants, on the whole split and on its first 10k targets")
