@@ -1955,9 +1955,13 @@ class AdaptiveAlpha:
 
     def buckets(self, conf, top, H) -> np.ndarray:
         """Bucket of each target: reads its context's counts and the model's entropy, never the target."""
-        cb = np.minimum(self.conf_bins - 1, (conf * self.conf_bins).astype(np.int16))
-        eb = np.clip((H / self.log_v * self.entropy_bins).astype(np.int16), 0, self.entropy_bins - 1)
-        return (top.astype(np.int16) * self.conf_bins + cb) * self.entropy_bins + eb
+        b = top.astype(np.int16)
+        b *= self.conf_bins
+        b += np.minimum(self.conf_bins - 1, (conf * self.conf_bins).astype(np.int16))
+        if self.entropy_bins > 1:
+            b *= self.entropy_bins
+            b += np.clip((H / self.log_v * self.entropy_bins).astype(np.int16), 0, self.entropy_bins - 1)
+        return b
 
     def scores(self, lp, p, conf) -> np.ndarray:
         """ln(q_g / p_model) = ln(1 + g c (p_ngram / p_model - 1)) per grid value and target, in fixed point
@@ -1979,13 +1983,13 @@ class AdaptiveAlpha:
         first[1:] = sb[1:] != sb[:-1]
         starts = np.flatnonzero(first)
         keys = sb[starts]
-        seg = np.cumsum(first) - 1  # each target's segment (its bucket's run in this call)
+        lengths = np.diff(np.append(starts, b.size))  # each segment's targets: its bucket's run in this call
         before = np.zeros_like(mine)
         np.cumsum(mine[:, :-1], axis=1, out=before[:, 1:])  # exclusive, across segments: integers, so exact
         offset = self.loglik[:, keys] - before[:, starts]  # restarts each segment at its bucket's carried sum
         ends = np.append(starts[1:], b.size) - 1
         self.loglik[:, keys] = before[:, ends] + mine[:, ends] + offset
-        before += np.take(offset, seg, axis=1)
+        before += np.repeat(offset, lengths, axis=1)
         top_w = np.maximum(before.max(axis=0), 0)  # alpha = 0's log-weight is 0
         before -= top_w
         w = np.exp(before.astype(np.float32) * np.float32(1.0 / ADAPTIVE_FIXED_POINT))
