@@ -57,6 +57,9 @@ def env_name(f) -> str:
     return f.name.upper()
 
 
+NGRAM_ALPHA_GRID = "0,0.02,0.05,0.1,0.25,0.4,0.55,0.7,0.85,1"  # the old fixed grid, plus small values and 0, 1
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     """Every knob, read once from the environment and validated once (from_env)."""
@@ -147,8 +150,12 @@ class Hyperparameters:
     eval_token_nll_path: str = _env("")
     ngram_mixer_enabled: bool = _env(False)
     ngram_max_order: int = _env(5, 1, 16)  # defaults: tests/bench_ngram.py --part bpb
-    ngram_alpha: float = _env(0.7, 0.0, 0.99)
-    ngram_alpha_mode: str = _env("fixed", choices=("fixed", "entropy"))
+    ngram_alpha: float = _env(0.7, 0.0, 0.99)  # fixed and entropy modes only
+    ngram_alpha_mode: str = _env("adaptive", choices=("adaptive", "fixed", "entropy"))
+    ngram_alpha_grid: str = _env(NGRAM_ALPHA_GRID)  # adaptive: the α values the posterior mixes (0 included)
+    ngram_prior_zero: float = _env(0.5, 0.01, 0.99)  # adaptive: the prior's mass on α = 0 (the model alone)
+    ngram_conf_bins: int = _env(3, 1, 16)  # adaptive buckets: highest seen order x cache confidence bin
+    ngram_entropy_bins: int = _env(1, 1, 16)  # ... x bin of the model's entropy / ln V (defaults: bench_ngram.py)
     ngram_max_memory_mb: int = _env(4096, 1)
     # data-parallel runs (mlx.launch) and the challenge's submission folder
     dist_backend: str = _env("any", choices=("any", "ring", "nccl", "jaccl", "mpi"))
@@ -308,6 +315,7 @@ class Hyperparameters:
             (0 < self.ema_warmup <= 1,
              f"EMA_WARMUP={self.ema_warmup} must be 0 (off) or > 1 (decay (1+t)/(W+t) must stay below 1)"),
             (self.eval_only and not self.load_artifact, "EVAL_ONLY=1 needs LOAD_ARTIFACT=path/to/artifact"),
+            (alpha_grid_error(self.ngram_alpha_grid), alpha_grid_error(self.ngram_alpha_grid)),
             (self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id),
              f"RUN_ID={self.run_id!r} must be a plain name: letters, digits, '.', '_', '-' "
              "(it names files in OUT_DIR)"),
@@ -468,6 +476,24 @@ def parse_patterns(text: str) -> tuple:
     if not pats or any(len(p) < 2 or not all(-64 <= o <= -1 for o in p) for p in pats):
         raise ValueError("expected ';'-separated patterns of >= 2 comma-separated offsets in [-64, -1]")
     return pats
+
+
+def parse_alpha_grid(text: str) -> tuple:
+    """'0,0.1,0.7' -> (0.0, 0.1, 0.7): the adaptive mixer's α values (NGRAM_ALPHA_GRID)."""
+    return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+
+
+def alpha_grid_error(text: str):
+    """Why NGRAM_ALPHA_GRID is unusable, or None: the values must be ascending, in [0, 1], and start at 0
+    (α = 0 is the model alone: the prior's NGRAM_PRIOR_ZERO mass, the guarantee against the model)."""
+    try:
+        grid = parse_alpha_grid(text)
+    except ValueError:
+        grid = ()
+    if len(grid) < 2 or grid[0] != 0.0 or grid[-1] > 1.0 or any(b <= a for a, b in zip(grid, grid[1:])):
+        return (f"NGRAM_ALPHA_GRID={text!r} must be >= 2 ascending comma-separated values in [0, 1], "
+                "the first 0")
+    return None
 
 
 def recur_span(text: str, num_layers: int):
@@ -1996,6 +2022,7 @@ def ranks_all(group, ok: bool) -> bool:
 MIXER_BLOCK = 1 << 18  # elements per step of the elementwise passes: bounds their temporaries
 MIXER_BYTES_PER_TOKEN = 60  # mixer_stats() peaks at ~55 B/token (tracemalloc; test_peak_memory_within_the_bound)
 MIXER_BYTES_PER_BLOCK_ELEMENT = 128  # the block temporaries (a dozen float64 arrays at most)
+ADAPTIVE_FIXED_POINT = 2.0**28  # units per nat of the adaptive sums: 2^28 x 80 nats x 2^28 targets < 2^63
 
 
 def token_owners(tokens: np.ndarray, V: int, world: int) -> np.ndarray:
@@ -2098,9 +2125,10 @@ def unigram_estimate(tokens, R1, V: int) -> tuple:
     return p, U / (U + V)
 
 
-def mix_order(p, conf, m: int, R_ctx, R_pair, T):
+def mix_order(p, conf, top, m: int, R_ctx, R_pair, T):
     """Interpolate order m into p and conf at targets j >= m: p = (c + T p) / (C + T) where the context was
-    seen (C > 0), conf = C / (C + T); C, c, T read at the context end j-1 and the pair end j."""
+    seen (C > 0), conf = C / (C + T), top = m (the highest seen order); C, c, T read at the context end j-1
+    and the pair end j."""
     N = p.size
     for lo in range(max(m, 1), N, MIXER_BLOCK):
         hi = min(lo + MIXER_BLOCK, N)
@@ -2110,11 +2138,13 @@ def mix_order(p, conf, m: int, R_ctx, R_pair, T):
         d = np.maximum(C + Tn, 1.0)
         p[lo:hi] = np.where(seen, (R_pair[lo:hi] + Tn * p[lo:hi]) / d, p[lo:hi])
         conf[lo:hi] = np.where(seen, C / d, conf[lo:hi])
+        top[lo:hi][seen] = m
 
 
 def mixer_stats(tokens: np.ndarray, V: int, K: int, group=None) -> tuple:
-    """(p_ngram, confidence) float64 [N] for every target j (index j) from tokens[:j+1] alone: the
-    interpolated Witten-Bell estimate of orders 0..K over the counts of targets 1..j-1. With a `group`,
+    """(p_ngram, confidence) float64 [N] and the highest order whose context was seen (uint8 [N], 0: none)
+    for every target j (index j) from tokens[:j+1] alone: the interpolated Witten-Bell estimate of orders
+    0..K over the counts of targets 1..j-1 (the order and confidence read only tokens[:j]). With a `group`,
     each rank sorts the n-grams whose last token it owns and one all_sum per array joins the counts
     (integers: the result is bit-identical to one process)."""
     tokens = np.ascontiguousarray(tokens)
@@ -2126,6 +2156,7 @@ def mixer_stats(tokens: np.ndarray, V: int, K: int, group=None) -> tuple:
     del owned
     R1 = all_sum_ints(level[3], group)
     p, conf = unigram_estimate(tokens, R1, V)
+    top = np.zeros(N, np.uint8)
     prev = (level[0], level[1], level[2], R1)
     for L in range(2, K + 2):
         level = ngram_level(tokens, L, prev, prev[0], V)
@@ -2136,10 +2167,10 @@ def mixer_stats(tokens: np.ndarray, V: int, K: int, group=None) -> tuple:
         prev = None  # the (L-1)-gram ids are no longer needed
         T = all_sum_ints(continuation_counts(ctx_order, ctx_first, R, N), group)
         del ctx_order, ctx_first
-        mix_order(p, conf, L - 1, R_ctx, R, T)
+        mix_order(p, conf, top, L - 1, R_ctx, R, T)
         del T, R_ctx
         prev = (level[0], level[1], level[2], R)
-    return p, conf
+    return p, conf, top
 
 
 def all_sum_ints(a: np.ndarray, group) -> np.ndarray:
@@ -2153,31 +2184,48 @@ def all_sum_ints(a: np.ndarray, group) -> np.ndarray:
 class BackoffNgramMixer:
     """Interpolated Witten-Bell backoff n-gram cache over exact contexts, at per-token resolution, mixed into
     the model: NLL = -log((1 - a) p_model + a p_ngram), a = alpha * C/(C+T) at the highest seen order
-    (U/(U+V) for unigrams only), times min(1, H/log V) in entropy mode.
+    (U/(U+V) for unigrams only); times min(1, H/log V) in entropy mode; in adaptive mode alpha is the
+    posterior mean over a grid (AdaptiveAlpha).
     Legal: each order's estimate sums to 1 over the V candidates (c sums to C; the T unseen-mass share is
-    the lower order's distribution), so the mix does (C2); the weight reads only H and the context's counts,
-    the counts only tokens before the target (C1, C3); nll() takes each target once, in order (C4)."""
+    the lower order's distribution), so the mix does (C2); the weight reads only H, the context's counts and
+    earlier targets' scores, the counts only tokens before the target (C1, C3); nll() takes each target
+    once, in order (C4)."""
 
     def __init__(self, vocab_size: int, max_order: int, alpha: float, alpha_mode: str = "fixed",
-                 max_memory_mb: float = 4096, group=None):
+                 max_memory_mb: float = 4096, group=None, grid: str = NGRAM_ALPHA_GRID, prior_zero: float = 0.5,
+                 conf_bins: int = 3, entropy_bins: int = 1):
         self.V = vocab_size
         self.K = max_order
         self.alpha = alpha
         self.mode = alpha_mode
         self.cap = int(max_memory_mb * 2**20)
         self.group = group
-        self.p = self.conf = None  # the statistics, per target: p_ngram and the confidence C/(C+T)
+        self.adaptive = None
+        if alpha_mode == "adaptive":
+            self.adaptive = AdaptiveAlpha(parse_alpha_grid(grid), prior_zero, max_order, conf_bins, entropy_bins,
+                                          vocab_size)
+        self.p = self.conf = self.top = None  # the statistics per target: p_ngram, C/(C+T), highest seen order
         self.n_tokens = self.next = None  # the split they were computed for; the next target nll() takes
         self._worker = self._error = None
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether nll() reads the model's entropy H (else zeros will do)."""
+        return self.mode == "entropy" or (self.adaptive is not None and self.adaptive.entropy_bins > 1)
 
     @staticmethod
     def peak_nbytes(n_tokens: int) -> int:
         """Upper bound of the statistics' peak memory for a split of n_tokens (any order, any vocabulary)."""
         return MIXER_BYTES_PER_TOKEN * n_tokens + MIXER_BYTES_PER_BLOCK_ELEMENT * min(n_tokens, MIXER_BLOCK)
 
-    def prepare(self, tokens: np.ndarray, background: bool = False):
+    def prepare(self, tokens: np.ndarray, background: bool = False, like: "BackoffNgramMixer | None" = None):
         """Compute the statistics of the whole split, checked against the cap first; in a worker thread
-        with `background` (numpy sorts release the GIL, so they overlap the model's scoring)."""
+        with `background` (numpy sorts release the GIL, so they overlap the model's scoring). `like`: a
+        mixer of the same split and order whose statistics are taken as they are (computed once per run)."""
+        if like is not None:
+            self.p, self.conf, self.top = like.stats(tokens)
+            self.n_tokens = like.n_tokens
+            return
         need = self.peak_nbytes(tokens.size)
         if need > self.cap:
             raise MemoryError(f"the n-gram mixer needs {need / 2**20:.0f} MiB for {tokens.size} tokens, above "
@@ -2191,12 +2239,12 @@ class BackoffNgramMixer:
 
     def _compute(self, tokens):
         try:
-            self.p, self.conf = mixer_stats(np.asarray(tokens), self.V, self.K, self.group)
+            self.p, self.conf, self.top = mixer_stats(np.asarray(tokens), self.V, self.K, self.group)
         except BaseException as e:  # re-raised in the thread that reads the statistics
             self._error = e
 
     def stats(self, tokens) -> tuple:
-        """(p_ngram, confidence) per target, waiting for the worker if it still runs."""
+        """(p_ngram, confidence, highest seen order) per target, waiting for the worker if it still runs."""
         if self.n_tokens is None:
             self.prepare(np.asarray(tokens))
         if self._worker is not None:
@@ -2206,24 +2254,103 @@ class BackoffNgramMixer:
             raise self._error
         if len(tokens) != self.n_tokens:
             raise RuntimeError(f"mixer prepared for {self.n_tokens} tokens, called with {len(tokens)}")
-        return self.p, self.conf
+        return self.p, self.conf, self.top
 
     def nll(self, tokens, start: int, lp: mx.array, H: mx.array) -> mx.array:
         """Mixed NLL (nats) float32 [M] of targets start..start+M-1, given the model's log-prob of
         each target (lp) and entropy (H). Calls must continue exactly where the last one ended."""
         if (self.next is not None and start != self.next) or start < 1 or lp.shape != H.shape or lp.ndim != 1:
             raise RuntimeError(f"mixer calls must continue in order: expected start {self.next}, got {start}")
-        p_all, conf_all = self.stats(tokens)
+        p_all, conf_all, top_all = self.stats(tokens)
         M = lp.shape[0]
         p = p_all[start:start + M]
-        a = self.alpha * conf_all[start:start + M]
+        conf = conf_all[start:start + M]
+        lp = np.array(lp, np.float64)
+        if self.adaptive is not None:
+            a = self.adaptive.weights(lp, p, conf, top_all[start:start + M], np.array(H, np.float64))
+        else:
+            a = self.alpha * conf
         if self.mode == "entropy":
             a = a * np.minimum(1.0, np.array(H, np.float64) / math.log(self.V))
-        lp = np.array(lp, np.float64)
         with np.errstate(divide="ignore"):
             mixed = -np.logaddexp(np.log1p(-a) + lp, np.log(a) + np.log(p))
         self.next = start + M
         return mx.array(np.where(a > 0, mixed, -lp).astype(np.float32))  # alpha = 0 (or nothing seen): -lp
+
+
+class AdaptiveAlpha:
+    """NGRAM_ALPHA_MODE=adaptive: a Bayesian mixture over a grid of alpha values, one posterior per bucket
+    (highest seen order x confidence bin x model-entropy bin). Grid value g mixes q_g = (1 - g c) p_model +
+    g c p_ngram (c the confidence, as in fixed mode); its weight at target j is prior(g) x the product of the
+    q_g of the earlier targets of j's bucket. The mixture of the q_g is linear in g, so it is fixed mode
+    with alpha = the posterior mean: a full distribution, set before the target is seen. Its total log-loss
+    is within ln(1/prior(g*)) nats per bucket of the best grid value g* per bucket in hindsight, and so of
+    every fixed alpha of the grid: ln(1/NGRAM_PRIOR_ZERO) per bucket against the model alone.
+    Each bucket keeps, per grid value, the running sum of ln(q_g / p_model) over its targets in fixed point
+    (ADAPTIVE_FIXED_POINT): integer sums are exact in any order, so the segmented cumulative sum of a call
+    is one sort by bucket and one cumsum, and a target's weight does not depend on how calls cut the stream."""
+
+    def __init__(self, grid: tuple, prior_zero: float, max_order: int, conf_bins: int, entropy_bins: int,
+                 V: int):
+        self.grid = np.array(grid[1:], np.float32)  # the values past 0: alpha = 0 is the reference, ratio 1
+        G = self.grid.size
+        self.prior_zero = prior_zero
+        self.log_prior = np.int64(np.log((1.0 - prior_zero) / G / prior_zero) * ADAPTIVE_FIXED_POINT)  # vs 0's
+        self.conf_bins = conf_bins
+        self.entropy_bins = entropy_bins
+        self.log_v = math.log(V)
+        self.n_buckets = (max_order + 1) * conf_bins * entropy_bins
+        self.loglik = np.full((G, self.n_buckets), self.log_prior)  # per grid value and bucket: ln prior ratio +
+        # the sum of ln(q_g / p_model) over the bucket's targets so far (alpha = 0's: 0)
+
+    def buckets(self, conf, top, H) -> np.ndarray:
+        """Bucket of each target: reads its context's counts and the model's entropy, never the target."""
+        b = top.astype(np.int16)
+        b *= self.conf_bins
+        b += np.minimum(self.conf_bins - 1, (conf * self.conf_bins).astype(np.int16))
+        if self.entropy_bins > 1:
+            b *= self.entropy_bins
+            b += np.clip((H / self.log_v * self.entropy_bins).astype(np.int16), 0, self.entropy_bins - 1)
+        return b
+
+    def scores(self, lp, p, conf) -> np.ndarray:
+        """ln(q_g / p_model) = ln(1 + g c (p_ngram / p_model - 1)) per grid value and target, in fixed point
+        (float32 is plenty for a weight; a model probability below e^-80 counts as e^-80, so every sum fits)."""
+        z = self.grid[:, None] * (conf * (p / np.exp(np.maximum(lp, -80.0)) - 1.0)).astype(np.float32)[None, :]
+        z += 1.0
+        np.log(z, out=z)
+        z *= ADAPTIVE_FIXED_POINT
+        return z.astype(np.int64)
+
+    def weights(self, lp, p, conf, top, H) -> np.ndarray:
+        """a = posterior-mean alpha x confidence per target, from the earlier targets only; then the
+        targets' own scores join their buckets' running sums. Work in bucket order, [grid, targets]."""
+        b = self.buckets(conf, top, H)
+        order = np.argsort(b, kind="stable")
+        sb = b[order]
+        mine = np.take(self.scores(lp, p, conf), order, axis=1)
+        first = np.ones(b.size, bool)
+        first[1:] = sb[1:] != sb[:-1]
+        starts = np.flatnonzero(first)
+        keys = sb[starts]
+        lengths = np.diff(np.append(starts, b.size))  # each segment's targets: its bucket's run in this call
+        before = np.zeros_like(mine)
+        np.cumsum(mine[:, :-1], axis=1, out=before[:, 1:])  # exclusive, across segments: integers, so exact
+        offset = self.loglik[:, keys] - before[:, starts]  # restarts each segment at its bucket's carried sum
+        ends = np.append(starts[1:], b.size) - 1
+        self.loglik[:, keys] = before[:, ends] + mine[:, ends] + offset
+        before += np.repeat(offset, lengths, axis=1)
+        top_w = np.maximum(before.max(axis=0), 0)  # alpha = 0's log-weight is 0
+        before -= top_w
+        w = np.exp(before.astype(np.float32) * np.float32(1.0 / ADAPTIVE_FIXED_POINT))
+        num = np.zeros(b.size, np.float32)
+        den = np.exp(-top_w.astype(np.float32) * np.float32(1.0 / ADAPTIVE_FIXED_POINT))
+        for g in range(self.grid.size):  # a fixed order of additions per target, whatever the call's size
+            num += w[g] * self.grid[g]
+            den += w[g]
+        alpha = np.empty(b.size)
+        alpha[order] = num / den
+        return alpha * conf
 
 
 # ======== Compiled functions: one builder for all of them ============================================================
@@ -2392,6 +2519,7 @@ class Run:
     val_split: dict = None  # SUBMISSION_DIR: what the validation split is (val_split_facts)
     last_step_from_ms: float = 0.0  # train time when the last step began: a track's limit binds it (unfinished_reason)
     train_data: dict = None  # SUBMISSION_DIR: how much training data DATA_PATH holds (train_data_facts)
+    mixer_stats: dict = field(default_factory=dict)  # the n-gram mixer's statistics of the split, counted once
 
     @property
     def graph(self) -> "Compiled":
@@ -3129,7 +3257,7 @@ def log_step(r: Run, loss: float, capped: bool):
 def periodic_eval(r: Run, final: bool):
     """The val line of the baseline's log."""
     loss, bpb, _ = run_eval(r.hp, r.model, r.opt, r.graph, r.val_tokens, r.tables, r.log,
-                            "val", final=final, seq=r.hp.train_seq_len, group=r.group)
+                            "val", final=final, seq=r.hp.train_seq_len, group=r.group, cache=r.mixer_stats)
     r.pre_quant = (loss, bpb)
     r.log(f"step:{r.step}/{r.hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
           f"train_time:{r.train_ms:.0f}ms step_avg:{r.train_ms / max(r.step, 1):.2f}ms")
@@ -3139,29 +3267,44 @@ def periodic_eval(r: Run, final: bool):
 def log_eval_config(hp: Hyperparameters, trained_seq: int, log):
     eval_seq = hp.eval_seq_len or trained_seq
     ttt = ",".join(f"{f.name[4:]}={getattr(hp, f.name)}" for f in env_fields() if f.name.startswith("ttt_"))
+    if hp.ngram_alpha_mode == "adaptive":
+        weight = (f"adaptive/grid{hp.ngram_alpha_grid}/prior_zero{hp.ngram_prior_zero}/"
+                  f"bins{hp.ngram_conf_bins}x{hp.ngram_entropy_bins}")
+    else:
+        weight = f"{hp.ngram_alpha_mode}/alpha{hp.ngram_alpha}"
     log(f"final_eval: seq_len:{eval_seq} stride:{hp.eval_stride_resolved or eval_seq} "
         f"batch_seqs:{hp.eval_batch_seqs or eval_batch_seqs(hp, eval_seq)} mixer:" + (
-            f"order{hp.ngram_max_order}/{hp.ngram_alpha_mode}/alpha{hp.ngram_alpha}/cap{hp.ngram_max_memory_mb}MiB"
+            f"order{hp.ngram_max_order}/{weight}/cap{hp.ngram_max_memory_mb}MiB"
             if hp.ngram_mixer_enabled else "off") + f" ttt:{ttt if hp.ttt_enabled else 'off'}")
 
 
-def make_mixer(hp: Hyperparameters, vocab: int, tokens: np.ndarray, log, group=None):
+def make_mixer(hp: Hyperparameters, vocab: int, tokens: np.ndarray, log, group=None, cache: dict | None = None):
     """The mixer, its statistics started from the tokens alone (a worker thread on one process), so they
-    are ready by the time the model's first scores arrive."""
+    are ready by the time the model's first scores arrive. `cache` (one per run) keeps them: the pre-quant
+    and the round-trip evaluations of a run count the same split once."""
     mixer = BackoffNgramMixer(vocab, hp.ngram_max_order, hp.ngram_alpha, hp.ngram_alpha_mode,
-                              hp.ngram_max_memory_mb, group)
+                              hp.ngram_max_memory_mb, group, hp.ngram_alpha_grid, hp.ngram_prior_zero,
+                              hp.ngram_conf_bins, hp.ngram_entropy_bins)
+    key = (vocab, hp.ngram_max_order, tokens.size)
+    if cache is not None and key in cache:
+        log(f"ngram_mixer: the per-token statistics of this split's {tokens.size} tokens, counted once per run")
+        mixer.prepare(tokens, like=cache[key])
+        return mixer
     need = mixer.peak_nbytes(tokens.size) / 2**20
     W = 1 if group is None else group.size()
     log(f"ngram_mixer: per-token statistics for {tokens.size} tokens, peak {need:.0f} MiB "
         f"(cap NGRAM_MAX_MEMORY_MB={hp.ngram_max_memory_mb}), " + (
             f"counting split over {W} ranks by last token" if W > 1 else "in a worker thread"))
     mixer.prepare(tokens, background=True)
+    if cache is not None:
+        cache[key] = mixer
     return mixer
 
 
-def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, group=None):
+def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, group=None, cache=None):
     """Evaluate the weights that would be saved (the EMA when it is on). Final evaluations use the
-    configured sliding window and n-gram mixer; periodic ones the cheap standard eval."""
+    configured sliding window and n-gram mixer (its statistics kept in `cache` for the run's next final
+    evaluation); periodic ones the cheap standard eval."""
     t0 = time.perf_counter()
     raw = None
     if opt is not None and opt.ema and label == "val":
@@ -3177,12 +3320,12 @@ def run_eval(hp, model, opt, fns, val_tokens, tables, log, label, final, seq, gr
         if hp.ttt_enabled and hp.ttt_mode == "doc_lora":  # its own loop; the mixer reads its queue's stream
             return run_doc_eval(hp, model, opt, val_tokens, tables, log, label, eval_seq, group, raw, t0)
         if hp.ngram_mixer_enabled:
-            mixer = make_mixer(hp, model.cfg.vocab_size, val_tokens, log, group)
+            mixer = make_mixer(hp, model.cfg.vocab_size, val_tokens, log, group, cache)
         if hp.ttt_enabled:  # adapts the weights evaluated here (the EMA when on); close() restores them
             ttt = TestTimeTrainer(model, hp, eval_seq, hp.eval_stride_resolved or eval_seq, group)
             fns = Compiled(model, opt or Optimizers(model, hp), ttt=ttt)
             ttt.prime(fns.ttt_step)
-    fn = fns.token_stats if mixer and hp.ngram_alpha_mode == "entropy" else fns.token_nll
+    fn = fns.token_stats if mixer and mixer.needs_entropy else fns.token_nll
     try:
         loss, bpb, nll = evaluate(fn, val_tokens, tables=tables, mixer=mixer, log=log, label=label, group=group,
                                   ttt=ttt, **kw)
@@ -3296,7 +3439,7 @@ def write_and_prove_artifact(r: Run):
         fns = Compiled(model, Optimizers(model, hp))
     load_flat_into(model, flat)
     loss, bpb, ms = run_eval(hp, model, opt, fns, r.val_tokens, r.tables, log, "roundtrip",
-                             final=True, seq=hp.train_seq_len, group=r.group)
+                             final=True, seq=hp.train_seq_len, group=r.group, cache=r.mixer_stats)
     tag = f"final_int{hp.quant_bits}_{header['codec']}_roundtrip"
     log(f"{tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")

@@ -25,10 +25,11 @@ def load_script(rel: str):
     return mod
 
 
-def mixer_distribution(mix, tokens, j: int, p_model) -> np.ndarray:
+def mixer_distribution(mix, tokens, j: int, p_model, lp=None, H=None) -> np.ndarray:
     """Full mixed distribution [V] (float64) the mixer assigns to target j: its p_ngram for every
     candidate y is the statistics of tokens[:j] + [y] (target j's statistics read nothing after it),
-    and its weight a reads no target, so it is the same for every candidate."""
+    and its weight a reads no target, so it is the same for every candidate. Adaptive mode: lp and H are
+    the model's log-prob of every target and entropy (index i-1 for target i); only targets < j are read."""
     from train_gpt_mlx import mixer_stats
     head = np.asarray(tokens[:j + 1]).astype(np.int64)
     p = np.empty(mix.V)
@@ -37,9 +38,40 @@ def mixer_distribution(mix, tokens, j: int, p_model) -> np.ndarray:
         p[y] = mixer_stats(head, mix.V, mix.K)[0][j]
     conf = mixer_stats(head, mix.V, mix.K)[1][j]
     pm = np.array(p_model, np.float64)
-    H = -(pm * np.log(np.maximum(pm, 1e-30))).sum()
-    a = mix.alpha * conf * (min(1.0, H / math.log(mix.V)) if mix.mode == "entropy" else 1.0)
+    if mix.mode == "adaptive":
+        a = adaptive_alpha_reference(mix, tokens, lp, H, j) * conf
+    else:
+        H_row = -(pm * np.log(np.maximum(pm, 1e-30))).sum()
+        a = mix.alpha * conf * (min(1.0, H_row / math.log(mix.V)) if mix.mode == "entropy" else 1.0)
     return (1.0 - a) * pm + a * p
+
+
+def adaptive_alpha_reference(mix, tokens, lp, H, j: int) -> float:
+    """Posterior-mean alpha at target j, one target at a time in plain Python floats: per bucket (highest
+    seen order, confidence bin, entropy bin) each grid value's log-likelihood over targets 1..j-1."""
+    from train_gpt_mlx import mixer_stats
+    A = mix.adaptive
+    grid = [0.0] + [float(g) for g in A.grid]
+    prior = [A.prior_zero] + [(1.0 - A.prior_zero) / (len(grid) - 1)] * (len(grid) - 1)
+    p, conf, top = mixer_stats(np.asarray(tokens[:j + 1]).astype(np.int64), mix.V, mix.K)
+    lp = [float(v) for v in np.asarray(lp, np.float64)]
+    H = [float(v) for v in np.asarray(H, np.float64)]
+
+    def bucket(i):
+        cb = min(A.conf_bins - 1, math.floor(conf[i] * A.conf_bins))
+        eb = min(A.entropy_bins - 1, max(0, math.floor(H[i - 1] / math.log(mix.V) * A.entropy_bins)))
+        return int(top[i]), cb, eb
+
+    loglik = {}
+    for i in range(1, j):
+        pm = math.exp(lp[i - 1])
+        row = loglik.setdefault(bucket(i), [0.0] * len(grid))
+        for g, al in enumerate(grid):
+            row[g] += math.log((1 - al * conf[i]) * pm + al * conf[i] * p[i]) - lp[i - 1]
+    row = loglik.get(bucket(j), [0.0] * len(grid))
+    top_w = max(row[g] + math.log(prior[g]) for g in range(len(grid)))
+    w = [math.exp(row[g] + math.log(prior[g]) - top_w) for g in range(len(grid))]
+    return sum(wg * al for wg, al in zip(w, grid)) / sum(w)
 
 
 def generated_docs(n: int, seed: int = 0) -> list[str]:

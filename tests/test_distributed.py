@@ -88,8 +88,9 @@ def test_two_ranks_make_a_new_out_dir(data, tmp_path):
 
 
 def test_eval_only_on_two_ranks_writes_the_same_nll_dump(data, tmp_path):
-    """Ranks score disjoint batches (7 batches over 2 ranks: unequal shares); the gathered stream,
-    mixed in order, is bit-identical to one process's, and so is val_bpb."""
+    """Ranks score disjoint batches (7 batches over 2 ranks: unequal shares); the gathered stream (NLL and
+    entropy), mixed in order by the default (adaptive) mixer, is bit-identical to one process's, and so is
+    val_bpb."""
     env = tiny_env(data, tmp_path, ITERATIONS=3, VAL_MAX_TOKENS=2500)
     assert T.main(env) == 0
     art = str(tmp_path / "tiny_model.int6.ptz")

@@ -3,6 +3,7 @@ every earlier target): legality (CHALLENGE.md C1-C4: normalized, causal, score-f
 once), equality with a plain-Python per-token dict reference at orders 1-6, the sort's two paths,
 the split over ranks, the worker thread, the memory bound and its check before work."""
 import math
+import re
 import threading
 import tracemalloc
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import train_gpt_mlx as T
-from conftest import mixer_distribution, tiny_env
+from conftest import adaptive_alpha_reference, mixer_distribution, tiny_env
 from train_gpt_mlx import BackoffNgramMixer, mixer_stats
 
 
@@ -53,33 +54,35 @@ def zipf_stream(n, V, seed=0):
 
 def reference_stats(toks, V, K):
     """Plain-Python Witten-Bell over a dict per exact context tuple, one token at a time: score target
-    j with the counts of targets 1..j-1, then count it. (p_ngram, confidence) per target, index j."""
+    j with the counts of targets 1..j-1, then count it. (p_ngram, confidence, highest seen order) per
+    target, index j."""
     toks = [int(t) for t in toks]
     rows = [dict() for _ in range(K + 1)]
     u = [0] * V
     U = 0
-    p_out, conf_out = [math.nan], [math.nan]
+    p_out, conf_out, top_out = [math.nan], [math.nan], [0]
     for j in range(1, len(toks)):
         y = toks[j]
-        p, conf = (u[y] + 1) / (U + V), U / (U + V)
+        p, conf, top = (u[y] + 1) / (U + V), U / (U + V), 0
         for m in range(1, min(K, j) + 1):
             row = rows[m].get(tuple(toks[j - m:j]))
             if row:
                 C, Tn = sum(row.values()), len(row)
-                p, conf = (row.get(y, 0) + Tn * p) / (C + Tn), C / (C + Tn)
+                p, conf, top = (row.get(y, 0) + Tn * p) / (C + Tn), C / (C + Tn), m
         p_out.append(p)
         conf_out.append(conf)
+        top_out.append(top)
         for m in range(1, min(K, j) + 1):
             row = rows[m].setdefault(tuple(toks[j - m:j]), {})
             row[y] = row.get(y, 0) + 1
         u[y] += 1
         U += 1
-    return np.array(p_out), np.array(conf_out)
+    return np.array(p_out), np.array(conf_out), np.array(top_out)
 
 
 def reference_probs(toks, lp, H, V, K, alpha, mode):
     """The mixed probability of every target from the reference statistics."""
-    p, conf = reference_stats(toks, V, K)
+    p, conf, _ = reference_stats(toks, V, K)
     lp, H = np.array(lp, np.float64), np.array(H, np.float64)
     a = alpha * conf[1:] * (np.minimum(1.0, H / math.log(V)) if mode == "entropy" else 1.0)
     return (1 - a) * np.exp(lp) + a * p[1:]
@@ -91,10 +94,11 @@ def test_matches_per_token_dict_reference(K, V, mode):
     """Statistics within 1e-9 of the per-token dict reference on random streams; mixed NLLs to float32."""
     n = 1500
     toks = repetitive_stream(n, V, seed=11 + K)
-    p, conf = mixer_stats(toks, V, K)
-    rp, rconf = reference_stats(toks, V, K)
+    p, conf, top = mixer_stats(toks, V, K)
+    rp, rconf, rtop = reference_stats(toks, V, K)
     np.testing.assert_allclose(p[1:], rp[1:], rtol=0, atol=1e-9)
     np.testing.assert_allclose(conf[1:], rconf[1:], rtol=0, atol=1e-9)
+    assert np.array_equal(top[1:], rtop[1:])
     lp, H = cheap_outputs(toks, seed=K)
     got = np.exp(-np.array(BackoffNgramMixer(V, K, 0.6, mode).nll(toks, 1, lp, H), np.float64))
     np.testing.assert_allclose(got, reference_probs(toks, lp, H, V, K, 0.6, mode), rtol=1e-6, atol=1e-7)
@@ -106,10 +110,11 @@ def test_matches_per_token_dict_reference_on_sample(data, K):
     several nll calls of uneven length as evaluate() makes them."""
     V = data["vocab_size"]
     toks = T.load_validation_tokens(data["data_path"], 0, V)[:20001]
-    p, conf = mixer_stats(toks, V, K)
-    rp, rconf = reference_stats(toks, V, K)
+    p, conf, top = mixer_stats(toks, V, K)
+    rp, rconf, rtop = reference_stats(toks, V, K)
     np.testing.assert_allclose(p[1:], rp[1:], rtol=0, atol=1e-9)
     np.testing.assert_allclose(conf[1:], rconf[1:], rtol=0, atol=1e-9)
+    assert np.array_equal(top[1:], rtop[1:])
     lp, H = cheap_outputs(toks, seed=K)
     m = BackoffNgramMixer(V, K, 0.5, "entropy")
     cuts = [1, 4000, 4100, 12345, toks.size]
@@ -355,3 +360,171 @@ def test_env_vars():
         T.Hyperparameters.from_env(dict(NGRAM_MIXER_ENABLED="1", NGRAM_CHUNK="2048"))
     with pytest.raises(T.ConfigError, match="NGRAM_MAX_MEMORY_MB"):
         T.Hyperparameters.from_env(dict(NGRAM_MAX_MEMORY_MB="0"))
+
+
+# ---- NGRAM_ALPHA_MODE=adaptive: the posterior-mean alpha per bucket, learned from the targets already scored
+def adaptive(V, K=4, **kw):
+    return BackoffNgramMixer(V, K, 0.7, "adaptive", **kw)
+
+
+def bits(nll) -> float:
+    """Total bits of a run of per-target NLLs (nats)."""
+    return float(np.sum(np.asarray(nll, np.float64))) / math.log(2)
+
+
+def test_adaptive_rows_sum_to_one_and_match_the_plain_reference():
+    """At random positions the full mixed row over all V candidates sums to 1 within 1e-9, every entry is
+    positive, and the mixer's NLL is the row's entry at the target; the row's weight comes from a plain
+    one-target-at-a-time posterior (conftest) over the earlier targets, through uneven calls."""
+    V, n, K = 32, 900, 3
+    toks = repetitive_stream(n, V, seed=5)
+    P, lp, H = model_outputs(toks, V, seed=4)
+    m = adaptive(V, K, conf_bins=2, entropy_bins=2)
+    cuts = [1, 2, 300, 301, 777, n]
+    out = np.concatenate([np.array(m.nll(toks, a, lp[a - 1:b - 1], H[a - 1:b - 1])) for a, b in zip(cuts, cuts[1:])])
+    for j in (1, 2, 3, 150, 301, 302, 600, n - 1):
+        pm = np.array(P[j - 1], np.float64)
+        d = mixer_distribution(adaptive(V, K, conf_bins=2, entropy_bins=2), toks, j, pm / pm.sum(), lp, H)
+        assert abs(d.sum() - 1.0) < 1e-9 and d.min() > 0
+        assert math.isclose(math.exp(-out[j - 1]), d[int(toks[j])], rel_tol=2e-5), j
+
+
+def test_adaptive_causal_under_a_token_change_at_or_after_the_target():
+    """Changing token k leaves every NLL of a target before k bit-identical (the model's outputs held)."""
+    V, n = 64, 1500
+    a = repetitive_stream(n, V)
+    _, lp, H = model_outputs(a, V)
+    ref = np.array(adaptive(V).nll(a, 1, lp, H))
+    for pos in (700, 2, n - 1):
+        b = a.copy()
+        b[pos] = (b[pos] + 1) % V
+        out = np.array(adaptive(V).nll(b, 1, lp, H))
+        assert np.array_equal(ref[:pos - 1], out[:pos - 1])
+        assert not np.array_equal(ref[pos - 1:], out[pos - 1:])
+
+
+def test_adaptive_weight_reads_only_earlier_targets():
+    """Changing the model's probability of target k leaves the weight a of every target <= k bit-identical
+    (target k's own weight too) and every NLL before k; later weights do move (they learn from it)."""
+    V, n, k = 64, 400, 200  # short: the posterior is not yet sure of one alpha
+    toks = repetitive_stream(n, V, seed=2)
+    _, lp, H = model_outputs(toks, V)
+    p, conf, top = mixer_stats(toks, V, 4)
+
+    def run(lp):
+        lp = np.array(lp, np.float64)
+        a = adaptive(V).adaptive.weights(lp, p[1:], conf[1:], top[1:], np.array(H, np.float64))
+        return a, adaptive(V).nll(toks, 1, mx.array(lp), H)
+
+    a_ref, nll_ref = run(lp)
+    lp2 = np.array(lp)
+    lp2[k - 1] = math.log(0.999)  # the model now gives target k almost all its mass
+    a_new, nll_new = run(lp2)
+    assert np.array_equal(a_ref[:k], a_new[:k])
+    assert np.array_equal(np.array(nll_ref)[:k - 1], np.array(nll_new)[:k - 1])
+    assert not np.array_equal(a_ref[k:], a_new[k:])
+
+
+def test_adaptive_independent_of_how_calls_cut_the_stream():
+    """One call or many uneven ones (TTT chunks, a batch size): bit-identical NLLs."""
+    V = 128
+    toks = zipf_stream(30000, V, seed=3)
+    lp, H = cheap_outputs(toks, seed=3)
+    whole = np.array(adaptive(V, 5).nll(toks, 1, lp, H))
+    m = adaptive(V, 5)
+    cuts = [1, 2, 3, 1000, 1001, 4097, 20000, toks.size]
+    parts = np.concatenate([np.array(m.nll(toks, a, lp[a - 1:b - 1], H[a - 1:b - 1])) for a, b in zip(cuts, cuts[1:])])
+    assert np.array_equal(whole, parts)
+
+
+def test_adaptive_each_target_once_in_order():
+    V, n = 32, 300
+    toks = repetitive_stream(n, V)
+    _, lp, H = model_outputs(toks, V)
+    m = adaptive(V, 3)
+    m.nll(toks, 1, lp[:100], H[:100])
+    for bad in (1, 50, 102):
+        with pytest.raises(RuntimeError, match="continue in order"):
+            m.nll(toks, bad, lp[100:110], H[100:110])
+    m.nll(toks, 101, lp[100:], H[100:])
+
+
+def true_model_source(n, V, seed=0):
+    """Tokens drawn from a sharp distribution that changes at every position, and the model that knows
+    it: the model is the true distribution, so no cache can help (it only knows the past's marginals)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2.5, size=(n, V))
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    P = np.exp(logp)
+    toks = (P.cumsum(1) < rng.uniform(size=(n, 1))).sum(1).clip(0, V - 1).astype(np.int32)
+    H = -(P * logp).sum(1)
+    return toks, mx.array(logp[np.arange(1, n), toks[1:]].astype(np.float32)), mx.array(H[1:].astype(np.float32))
+
+
+def test_adaptive_is_the_model_when_the_model_is_the_truth():
+    """Model = true distribution: the adaptive mixer is within 1e-4 bits per target (so per byte: a token
+    is >= 1 byte) of the model alone at the default settings, on 250k targets (the bound: 18 buckets x 1 bit);
+    fixed alpha = 0.7 (the old default) loses more than 0.05 bits per target."""
+    V, n = 32, 250_001
+    toks, lp, H = true_model_source(n, V)
+    model = bits(-np.array(lp))
+    hp = T.Hyperparameters.from_env({})
+    mix = BackoffNgramMixer(V, hp.ngram_max_order, hp.ngram_alpha, hp.ngram_alpha_mode, grid=hp.ngram_alpha_grid,
+                            prior_zero=hp.ngram_prior_zero, conf_bins=hp.ngram_conf_bins,
+                            entropy_bins=hp.ngram_entropy_bins)
+    got = bits(mix.nll(toks, 1, lp, H))
+    fixed = bits(BackoffNgramMixer(V, 5, 0.7, "fixed").nll(toks, 1, lp, H))
+    assert (got - model) / (n - 1) < 1e-4, (got - model) / (n - 1)
+    assert (fixed - model) / (n - 1) > 0.05, (fixed - model) / (n - 1)
+
+
+def test_adaptive_beats_every_fixed_alpha_of_its_grid_on_repeated_spans():
+    """A weak model on a source with repeated spans, where the cache helps a lot: the adaptive mixer's total
+    loss is no worse than the best fixed alpha of its grid plus the bound (ln(1/prior) per bucket used)."""
+    V, n, K = 256, 60_000, 4
+    toks = repetitive_stream(n, V, seed=7)
+    lp, H = cheap_outputs(toks, seed=7)
+    m = adaptive(V, K)
+    got = bits(m.nll(toks, 1, lp, H))
+    grid = T.parse_alpha_grid(T.NGRAM_ALPHA_GRID)
+    fixed = {al: bits(BackoffNgramMixer(V, K, al, "fixed").nll(toks, 1, lp, H)) for al in grid}
+    best = min(fixed.values())
+    used = int((m.adaptive.loglik != m.adaptive.log_prior).any(axis=0).sum())
+    bound = used * math.log((len(grid) - 1) / (1 - m.adaptive.prior_zero)) / math.log(2)
+    assert got <= best + bound, (got, best, bound)
+    assert got < fixed[0.0] - 0.2 * (n - 1)  # and far better than the model alone
+
+
+def test_statistics_counted_once_per_run(data, tmp_path, monkeypatch):
+    """A run's pre-quant and round-trip final evaluations both mix in the cache, but count the split once;
+    the round trip's mixed score is what a fresh count gives (EVAL_ONLY of the artifact: same number)."""
+    from conftest import tiny_env
+    calls = []
+    real = T.mixer_stats
+    monkeypatch.setattr(T, "mixer_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    env = tiny_env(data, tmp_path, NGRAM_MIXER_ENABLED=1, EVAL_MODE="sliding", EVAL_STRIDE=32, ITERATIONS=6,
+                   VAL_MAX_TOKENS=3000)
+    assert T.main(env) == 0
+    log = (tmp_path / "tiny.txt").read_text()
+    assert len(calls) == 1
+    assert log.count("ngram_mixer: per-token statistics for") == 1
+    assert log.count("counted once per run") == 1
+    run_bpb = re.search(r"roundtrip_exact val_loss:\S+ val_bpb:(\S+)", log)[1]
+    art = next(tmp_path.glob("*.ptz"))
+    assert T.main(dict(env, EVAL_ONLY="1", LOAD_ARTIFACT=str(art), RUN_ID="again")) == 0
+    assert len(calls) == 2  # a new run counts afresh
+    assert re.search(r"eval_only_exact val_loss:\S+ val_bpb:(\S+)", (tmp_path / "again.txt").read_text())[1] == run_bpb
+
+
+def test_adaptive_env_vars():
+    hp = T.Hyperparameters.from_env({})
+    assert hp.ngram_alpha_mode == "adaptive" and not hp.ngram_mixer_enabled
+    hp = T.Hyperparameters.from_env(dict(NGRAM_ALPHA_GRID="0, 0.5,1", NGRAM_PRIOR_ZERO="0.9", NGRAM_ENTROPY_BINS="3"))
+    assert T.parse_alpha_grid(hp.ngram_alpha_grid) == (0.0, 0.5, 1.0)
+    for bad in ("0.1,0.5", "0,0.5,0.4", "0,2", "0", "0,a"):
+        with pytest.raises(T.ConfigError, match="NGRAM_ALPHA_GRID"):
+            T.Hyperparameters.from_env(dict(NGRAM_ALPHA_GRID=bad))
+    with pytest.raises(T.ConfigError, match="NGRAM_PRIOR_ZERO"):
+        T.Hyperparameters.from_env(dict(NGRAM_PRIOR_ZERO="1"))
+    with pytest.raises(T.ConfigError, match="NGRAM_ENTROPY_BINS"):
+        T.Hyperparameters.from_env(dict(NGRAM_ENTROPY_BINS="0"))

@@ -59,8 +59,8 @@ def plain_eval(setup, toks, stride=16, mixer=None, batch=8):
                       mixer=mixer)[2]
 
 
-def mixer(V):
-    return T.BackoffNgramMixer(V, 3, 0.3, "entropy")
+def mixer(V, mode="entropy"):
+    return T.BackoffNgramMixer(V, 3, 0.3, mode)
 
 
 @pytest.mark.parametrize("mode,stride,chunk", [("lora", 16, 256), ("full", 0, 512), ("full", 16, 128)])
@@ -74,18 +74,18 @@ def test_lr_zero_is_plain_evaluation_exactly(setup, mode, stride, chunk):
     assert np.array_equal(c[:first], b[:first]) and not np.array_equal(c[first:], b[first:])
 
 
-@pytest.mark.parametrize("mode,with_mixer", [("lora", False), ("full", False), ("lora", True)])
+@pytest.mark.parametrize("mode,with_mixer", [("lora", None), ("full", None), ("lora", "entropy"), ("lora", "adaptive")])
 def test_causal_each_target_once_first_pass(setup, mode, with_mixer):
     """Changing the token at p leaves the NLL of every target before p bit-identical, TTT on (C1, C3): its
     prediction, and every adaptation made before it was scored, saw only earlier tokens."""
     toks, V = setup[3], setup[0].cfg.vocab_size
     kw = dict(TTT_MODE=mode, TTT_LR=0.03, TTT_CHUNK=256, TTT_EPOCHS=2)
-    nll = ttt_eval(setup, toks, mixer=mixer(V) if with_mixer else None, **kw)
+    nll = ttt_eval(setup, toks, mixer=mixer(V, with_mixer) if with_mixer else None, **kw)
     assert nll.size == toks.size - 1 and np.isfinite(nll).all()
     for p in (306, 1000):  # 2 past the first chunk (targets 1..304), and after several chunks were trained on
         toks2 = toks.copy()
         toks2[p] = (toks2[p] + 5) % V
-        nll2 = ttt_eval(setup, toks2, mixer=mixer(V) if with_mixer else None, **kw)
+        nll2 = ttt_eval(setup, toks2, mixer=mixer(V, with_mixer) if with_mixer else None, **kw)
         assert np.array_equal(nll[:p - 1], nll2[:p - 1]) and nll[p - 1] != nll2[p - 1]  # nll[j]: target j + 1
 
 
