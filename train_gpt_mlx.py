@@ -355,15 +355,16 @@ RECIPES = {  # RECIPE=name sets these defaults; any variable set explicitly wins
     # Its depth-dependent values (RECUR_LAYERS, PARALLEL_START_LAYER, XSA_LAST_N) come from recipe_values().
     "baseline": {},
     "sp1024_record": dict(
-        NUM_LAYERS="9", MLP_MULT="3", SMEAR_GATE="1", BIGRAM_HASH_SIZE="2816", BIGRAM_DIM="112",
+        NUM_LAYERS="11", MLP_MULT="3", SMEAR_GATE="1", BIGRAM_HASH_SIZE="2816", BIGRAM_DIM="112",
         ROPE_DIMS="16", LN_SCALE="1", LEAKY_RELU_SLOPE="0.5", RECUR_START_FRAC="0.5",
         MATRIX_LR="0.03", TIED_EMBED_LR="0.035", SCALAR_LR="0.025", GRAD_CLIP_NORM="0.3", MUON_MOMENTUM="0.99",
         MUON_MOMENTUM_WARMUP_START="0.92", MUON_MOMENTUM_WARMUP_STEPS="1500", MUON_WEIGHT_DECAY="0.04",
         EMA_DECAY="0.997", WARMDOWN_FRAC="0.56", ENGRAM_LITE_ENABLED="1", ENGRAM_HASH_SIZE="2048", ENGRAM_DIM="64",
-        QUANT_BITS_ATTN="6", QUANT_BITS_MLP="5", QUANT_BITS_EMBED="8", GPTQ_LITE="1", COMPRESSOR="auto",
+        QUANT_BITS_ATTN="6", QUANT_BITS_MLP="6", QUANT_BITS_EMBED="7", QUANT_METHOD="gptq", QUANT_CLIP="sdclip",
+        COMPRESSOR="brotli",
     ),
 }
-# The recipe's depth-dependent values, derived from NUM_LAYERS unless set (9 layers: the records' 3,4 / 5 / 11).
+# The recipe's depth-dependent values, derived from NUM_LAYERS unless set (11 layers: 4,5 / 6 / 13).
 RECIPE_DEPTH_RULES = ("RECUR_LAYERS", "PARALLEL_START_LAYER", "XSA_LAST_N")
 
 
@@ -1467,10 +1468,10 @@ def pack_state(flat: dict, bits, gptq_lite: bool = False, spec: QuantSpec | None
 # Compressed bits per value of a b-bit per-row quantized Gaussian matrix (GPTQ-lite, lzma; zstd-22 is within
 # 2%), measured on 1536 x 512 rows: the stand-in tests/bench_artifact_size.py uses for trained weights.
 COMPRESSED_BITS = {5: 4.47, 6: 5.47, 7: 6.46, 8: 7.46, 16: 16.0}
-# SDClip: compressed bits per value above the entropy of a Gaussian row's codes (sdclip_entropy), lzma-9 on 1536 x
-# 512 Gaussian rows at int5-8 and k 8-20 (+0.09..0.15); zstd-22 and brotli-11 are ~0.1 below it, Student-t(5) and
-# uniform rows lower still (tests/bench_quant.py --part size).
-SDCLIP_OVERHEAD_BITS = 0.15
+# SDClip: compressed bits per value above the entropy of a Gaussian row's codes (sdclip_entropy), the most over
+# 1536 x 512 Gaussian rows at int5-8 and k 8-20, per codec (auto: its smallest); Student-t(5) and uniform rows
+# compress below the Gaussian entropy (README "Artifact size and quantization").
+SDCLIP_OVERHEAD_BITS = {"zstd": 0.11, "lzma": 0.20, "brotli": 0.08, "auto": 0.08}
 
 
 def sdclip_entropy(bits: int, k: float) -> float:
@@ -1484,10 +1485,10 @@ def sdclip_entropy(bits: int, k: float) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def estimate_model_bytes(model, plan, spec: QuantSpec | None = None) -> int:
+def estimate_model_bytes(model, plan, spec: QuantSpec | None = None, codec: str = "zstd") -> int:
     """The artifact's model bytes before training, from the shapes alone (nothing is evaluated): at the max-abs
     clip within ~3% of bench_artifact_size's Gaussian stand-ins, which are pessimistic for trained weights; under
-    SDClip the Gaussian codes' entropy plus SDCLIP_OVERHEAD_BITS; LQER factors at a byte per stored value."""
+    SDClip the Gaussian codes' entropy plus the codec's SDCLIP_OVERHEAD_BITS; LQER factors at a byte a value."""
     sd = spec is not None and spec.clip == "sdclip"
     bits = 0.0
     sizes = []
@@ -1499,8 +1500,10 @@ def estimate_model_bytes(model, plan, spec: QuantSpec | None = None) -> int:
         if b == 16:
             bits += 16 * p.size
             continue
-        per = (sdclip_entropy(b, spec.k[tensor_group(name)]) + SDCLIP_OVERHEAD_BITS if sd and not is_gate(name)
-               else COMPRESSED_BITS[b])
+        if sd and not is_gate(name):
+            per = sdclip_entropy(b, spec.k[tensor_group(name)]) + SDCLIP_OVERHEAD_BITS[codec]
+        else:
+            per = COMPRESSED_BITS[b]
         bits += p.size * per + 16 * p.shape[0]
         sizes.append(p.shape)
     if spec is not None and spec.lqer_top_k:  # the largest matrices stand in for the worst-quantized ones
@@ -2686,7 +2689,7 @@ def check_artifact_estimate(r: Run):
     """A recipe whose artifact cannot fit is refused before any training (its estimate is pessimistic, so
     a refused depth is over); any other configuration is warned."""
     hp = r.hp
-    total = r.code_bytes + estimate_model_bytes(r.model, quant_plan(hp), QuantSpec.from_hparams(hp))
+    total = r.code_bytes + estimate_model_bytes(r.model, quant_plan(hp), QuantSpec.from_hparams(hp), hp.compressor)
     r.log(f"artifact_estimate: ~{total} bytes with code (cap {ARTIFACT_CAP_BYTES}; from the shapes, with random "
           "stand-in weights: trained ones usually compress a little better)")
     if total <= ARTIFACT_CAP_BYTES:
