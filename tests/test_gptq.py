@@ -239,3 +239,14 @@ def test_tiny_run_with_gptq_writes_and_rescores_its_artifact(data, tmp_path):
     again = float(re.search(r"^eval_only_exact val_loss:[\d.]+ val_bpb:([\d.]+)",
                             (tmp_path / "ev.txt").read_text(), re.M)[1])
     assert again == pytest.approx(post, abs=1e-6)
+
+
+def test_an_indefinite_hessian_falls_back_to_the_plain_rounding():
+    w = np.random.default_rng(6).standard_normal((6, 2)).astype(np.float32)
+    H = np.array([[1.0, 5.0], [5.0, 1.0]], np.float32)  # not a sum of XᵀX: damping cannot make it definite
+    with pytest.raises(np.linalg.LinAlgError):
+        T.upper_cholesky_of_inverse(T.gptq_order(H, 0.01)[1])
+    q, s = T.quantize_matrix("m.weight", w, 6, T.QuantSpec(method="gptq", clip="sdclip", k=dict(other=3.0),
+                                                           hessians={"m.weight": H}))
+    q0, s0 = T.quantize_rows(w, 6, T.sdclip(w, 3.0))
+    assert np.array_equal(q, q0) and np.array_equal(s, s0)
