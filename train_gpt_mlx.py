@@ -419,8 +419,8 @@ ENV_NOTES = {  # variables other scripts read that this one does not need
 }
 ENV_FAMILIES = ("ENGRAM_", "NGRAM_", "EVAL_", "SKIPGRAM_", "COMPLEMENT_", "QAT_", "EMA_", "MUON_", "TRAIN_",
                 "VAL_", "WARMDOWN_", "CHECKPOINT_", "TIED_", "QUANT_", "TTT_", "DIST_", "SUBMISSION_",
-                "RECIPE", "SMEAR", "BIGRAM_", "XSA_", "ROPE_", "LN_", "LEAKY_", "PARALLEL_", "RECUR_", "GPTQ_", "SDCLIP_",
-                "LQER_")
+                "RECIPE", "SMEAR", "BIGRAM_", "XSA_", "ROPE_", "LN_", "LEAKY_", "PARALLEL_", "RECUR_", "GPTQ_",
+                "SDCLIP_", "LQER_")
 
 
 def env_fields() -> list:
