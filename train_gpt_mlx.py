@@ -361,7 +361,7 @@ RECIPES = {  # RECIPE=name sets these defaults; any variable set explicitly wins
         MUON_MOMENTUM_WARMUP_START="0.92", MUON_MOMENTUM_WARMUP_STEPS="1500", MUON_WEIGHT_DECAY="0.04",
         EMA_DECAY="0.997", WARMDOWN_FRAC="0.56", ENGRAM_LITE_ENABLED="1", ENGRAM_HASH_SIZE="2048", ENGRAM_DIM="64",
         QUANT_BITS_ATTN="6", QUANT_BITS_MLP="6", QUANT_BITS_EMBED="7", QUANT_METHOD="gptq", QUANT_CLIP="sdclip",
-        COMPRESSOR="brotli",
+        COMPRESSOR="brotli", MLX_MAX_MICROBATCH_TOKENS="4096",
     ),
 }
 # The recipe's depth-dependent values, derived from NUM_LAYERS unless set (11 layers: 4,5 / 6 / 13).
