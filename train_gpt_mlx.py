@@ -180,11 +180,21 @@ class Hyperparameters:
     recur_start_frac: float = _env(0.0, 0.0, 1.0)
     attn_doc_isolated: bool = _env(False)
     # mixed-precision artifact: bits per tensor group (0 = QUANT_BITS; 16 = fp16), clip search, codec
-    quant_bits_attn: int = _env(0, choices=(0, 5, 6, 8, 16))
-    quant_bits_mlp: int = _env(0, choices=(0, 5, 6, 8, 16))
-    quant_bits_embed: int = _env(0, choices=(0, 5, 6, 8, 16))
+    quant_bits_attn: int = _env(0, choices=(0, 5, 6, 7, 8, 16))
+    quant_bits_mlp: int = _env(0, choices=(0, 5, 6, 7, 8, 16))
+    quant_bits_embed: int = _env(0, choices=(0, 5, 6, 7, 8, 16))
     gptq_lite: bool = _env(False)
-    compressor: str = _env("zstd", choices=("auto", "zstd", "lzma"))
+    compressor: str = _env("zstd", choices=("auto", "zstd", "lzma", "brotli"))
+    # full-Hessian GPTQ, SDClip and LQER (issue 22; README "Artifact size and quantization")
+    quant_method: str = _env("rtn", choices=("rtn", "gptq_lite", "gptq"))
+    quant_clip: str = _env("maxabs", choices=("maxabs", "sdclip"))
+    sdclip_k_attn: float = _env(13.0, 0.1, 1000.0)
+    sdclip_k_mlp: float = _env(11.5, 0.1, 1000.0)
+    sdclip_k_embed: float = _env(14.0, 0.1, 1000.0)
+    gptq_calibration_tokens: int = _env(1_572_864, 0)
+    gptq_reserve_seconds: float = _env(8.0, 0.0)
+    lqer_top_k: int = _env(0, 0, 1024)
+    lqer_rank: int = _env(4, 1, 64)
     # test-time training at evaluation (score a chunk, then train on it; README "Test-time training")
     ttt_enabled: bool = _env(False)
     ttt_mode: str = _env("lora", choices=("lora", "full", "doc_lora"))
@@ -283,6 +293,11 @@ class Hyperparameters:
         return replace(self, **values, resume_notes=tuple(notes))
 
     @property
+    def quant_method_resolved(self) -> str:
+        """QUANT_METHOD, with the older GPTQ_LITE=1 meaning gptq_lite."""
+        return "gptq_lite" if self.gptq_lite and self.quant_method == "rtn" else self.quant_method
+
+    @property
     def eval_stride_resolved(self) -> int:
         """EVAL_MODE=sliding without EVAL_STRIDE means the records' stride 64; 0 = standard."""
         return 64 if self.eval_mode == "sliding" and not self.eval_stride else self.eval_stride
@@ -316,6 +331,10 @@ class Hyperparameters:
              f"EMA_WARMUP={self.ema_warmup} must be 0 (off) or > 1 (decay (1+t)/(W+t) must stay below 1)"),
             (self.eval_only and not self.load_artifact, "EVAL_ONLY=1 needs LOAD_ARTIFACT=path/to/artifact"),
             (alpha_grid_error(self.ngram_alpha_grid), alpha_grid_error(self.ngram_alpha_grid)),
+            (self.quant_method_resolved == "gptq_lite" and self.quant_clip == "sdclip",
+             "QUANT_CLIP=sdclip fixes the clip GPTQ-lite would search: use it with QUANT_METHOD=rtn or gptq"),
+            (self.gptq_lite and self.quant_method == "gptq",
+             "GPTQ_LITE=1 means QUANT_METHOD=gptq_lite: unset one of GPTQ_LITE=1 and QUANT_METHOD=gptq"),
             (self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id),
              f"RUN_ID={self.run_id!r} must be a plain name: letters, digits, '.', '_', '-' "
              "(it names files in OUT_DIR)"),
@@ -367,15 +386,16 @@ RECIPES = {  # RECIPE=name sets these defaults; any variable set explicitly wins
     # Its depth-dependent values (RECUR_LAYERS, PARALLEL_START_LAYER, XSA_LAST_N) come from recipe_values().
     "baseline": {},
     "sp1024_record": dict(
-        NUM_LAYERS="9", MLP_MULT="3", SMEAR_GATE="1", BIGRAM_HASH_SIZE="2816", BIGRAM_DIM="112",
+        NUM_LAYERS="11", MLP_MULT="3", SMEAR_GATE="1", BIGRAM_HASH_SIZE="2816", BIGRAM_DIM="112",
         ROPE_DIMS="16", LN_SCALE="1", LEAKY_RELU_SLOPE="0.5", RECUR_START_FRAC="0.5",
         MATRIX_LR="0.03", TIED_EMBED_LR="0.035", SCALAR_LR="0.025", GRAD_CLIP_NORM="0.3", MUON_MOMENTUM="0.99",
         MUON_MOMENTUM_WARMUP_START="0.92", MUON_MOMENTUM_WARMUP_STEPS="1500", MUON_WEIGHT_DECAY="0.04",
         EMA_DECAY="0.997", WARMDOWN_FRAC="0.56", ENGRAM_LITE_ENABLED="1", ENGRAM_HASH_SIZE="2048", ENGRAM_DIM="64",
-        QUANT_BITS_ATTN="6", QUANT_BITS_MLP="5", QUANT_BITS_EMBED="8", GPTQ_LITE="1", COMPRESSOR="auto",
+        QUANT_BITS_ATTN="6", QUANT_BITS_MLP="6", QUANT_BITS_EMBED="7", QUANT_METHOD="gptq", QUANT_CLIP="sdclip",
+        COMPRESSOR="brotli", MLX_MAX_MICROBATCH_TOKENS="4096",
     ),
 }
-# The recipe's depth-dependent values, derived from NUM_LAYERS unless set (9 layers: the records' 3,4 / 5 / 11).
+# The recipe's depth-dependent values, derived from NUM_LAYERS unless set (11 layers: 4,5 / 6 / 13).
 RECIPE_DEPTH_RULES = ("RECUR_LAYERS", "PARALLEL_START_LAYER", "XSA_LAST_N")
 
 
@@ -430,7 +450,8 @@ ENV_NOTES = {  # variables other scripts read that this one does not need
 }
 ENV_FAMILIES = ("ENGRAM_", "NGRAM_", "EVAL_", "SKIPGRAM_", "COMPLEMENT_", "QAT_", "EMA_", "MUON_", "TRAIN_",
                 "VAL_", "WARMDOWN_", "CHECKPOINT_", "TIED_", "QUANT_", "TTT_", "DIST_", "SUBMISSION_",
-                "RECIPE", "SMEAR", "BIGRAM_", "XSA_", "ROPE_", "LN_", "LEAKY_", "PARALLEL_", "RECUR_")
+                "RECIPE", "SMEAR", "BIGRAM_", "XSA_", "ROPE_", "LN_", "LEAKY_", "PARALLEL_", "RECUR_", "GPTQ_",
+                "SDCLIP_", "LQER_")
 
 
 def env_fields() -> list:
@@ -722,6 +743,35 @@ def rms_norm(x):
     return mx.fast.rms_norm(x, None, 1e-6)
 
 
+class HessianCapture:
+    """GPTQ calibration: while `on`, every Linear (and the tied head, via `add`) sums XᵀX of its inputs in float32
+    under its weight's name, so any Linear is covered and a looped layer sums over every pass. Only eager
+    (uncompiled) forwards see it: compiled graphs were traced with it off."""
+    on = False
+    names = {}  # id(module) -> weight name
+    sums = {}  # weight name -> mx.array [din, din]
+
+    @classmethod
+    def start(cls, model):
+        cls.names = {id(m): f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, Linear)}
+        cls.sums = {}
+        cls.on = True
+
+    @classmethod
+    def add(cls, name: str, x):
+        x2 = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        h = x2.T @ x2
+        cls.sums[name] = cls.sums[name] + h if name in cls.sums else h
+
+    @classmethod
+    def stop(cls) -> dict:
+        cls.on = False
+        out = cls.sums
+        cls.sums = {}
+        cls.names = {}
+        return out
+
+
 class Linear(nn.Module):
     """fp32 master weight; the matmul runs in the activations' dtype."""
 
@@ -731,6 +781,8 @@ class Linear(nn.Module):
         self.weight = mx.zeros((dout, din)) if zero_init else mx.random.uniform(-s, s, (dout, din))
 
     def __call__(self, x):
+        if HessianCapture.on and id(self) in HessianCapture.names:
+            HessianCapture.add(HessianCapture.names[id(self)], x)
         return x @ self.weight.astype(x.dtype).T
 
 
@@ -1030,6 +1082,8 @@ class GPT(nn.Module):
             if i < n_enc:
                 skips.append(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5)
         x = rms_norm(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5)
+        if HessianCapture.on:  # the head's input: GPTQ of the tied embedding (#1394) or of lm_head
+            HessianCapture.add("tok_emb.weight" if cfg.tie_embeddings else "lm_head.weight", x)
         w = self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
         logits = x @ w.astype(x.dtype).T
         if ad is not None:
@@ -1237,6 +1291,15 @@ def warmdown_steps(hp: Hyperparameters) -> float:
     return min(hp.warmdown_iters, hp.iterations / 2)
 
 
+def train_budget_ms(hp: Hyperparameters) -> float:
+    """Training's share of MAX_WALLCLOCK_SECONDS (0 = no cap): less GPTQ_RESERVE_SECONDS when QUANT_METHOD=gptq,
+    whose calibration reads training data and so must end inside the cap (RECORDS.md §7: #1060, #1394, #1868)."""
+    cap_ms = hp.max_wallclock_seconds * 1000.0
+    if cap_ms > 0 and hp.quant_method_resolved == "gptq":
+        return max(cap_ms - hp.gptq_reserve_seconds * 1000.0, 1.0)
+    return cap_ms
+
+
 def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
     """The warmdown's multiplier, never below MIN_LR (the sp8192 records' floor: their last steps still learn)."""
     mul = warmdown_multiplier(step, elapsed_ms, hp)
@@ -1246,7 +1309,7 @@ def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
 def warmdown_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
     """Linear warmdown to 0 at ITERATIONS or the wall-clock cap: over WARMDOWN_FRAC of the run, else the
     last warmdown_steps() steps, timed at most half the budget (else a slow machine starts decayed)."""
-    cap_ms = hp.max_wallclock_seconds * 1000.0
+    cap_ms = train_budget_ms(hp)
     if hp.warmdown_frac > 0:
         progress = max(step / max(hp.iterations, 1), elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
         return min(1.0, max(1.0 - progress, 0.0) / hp.warmdown_frac)
@@ -1327,13 +1390,23 @@ def quant_plan(hp: Hyperparameters):
     return hp.quant_bits if set(plan.values()) == {hp.quant_bits} else dict(plan, other=hp.quant_bits)
 
 
-def tensor_bits(name: str, plan) -> int:
+def tensor_group(name: str) -> str:
     """attn: blocks' c_q/c_k/c_v/proj; mlp: their fc/proj and the untied recurrence MLPs'; embed: tok_emb, lm_head
-    and the hashed `.tables.` (embeddings too; int8 in the records); other (hashed features' projections):
-    QUANT_BITS. 16 = fp16."""
-    group = ("attn" if ".attn." in name else "mlp" if ".mlp" in name or name.startswith("recur_mlps.") else
-             "embed" if name in ("tok_emb.weight", "lm_head.weight") or ".tables." in name else "other")
-    return plan if isinstance(plan, int) else plan[group]
+    and the hashed `.tables.` (embeddings too; int8 in the records); other: hashed features' projections."""
+    return ("attn" if ".attn." in name else "mlp" if ".mlp" in name or name.startswith("recur_mlps.") else
+            "embed" if name in ("tok_emb.weight", "lm_head.weight") or ".tables." in name else "other")
+
+
+def is_gate(name: str) -> bool:
+    """A small gate matrix (its name says `gate`): int8 per row at the max-abs clip, never GPTQ'd (records §5)."""
+    return "gate" in name
+
+
+def tensor_bits(name: str, plan) -> int:
+    """The group's bits (tensor_group; other: QUANT_BITS; 16 = fp16); gates 8."""
+    if is_gate(name):
+        return 8
+    return plan if isinstance(plan, int) else plan[tensor_group(name)]
 
 
 def quantize_rows(w: np.ndarray, bits: int, clip: np.ndarray | None = None):
@@ -1359,6 +1432,165 @@ def gptq_lite_rows(w: np.ndarray, bits: int):
     return min(tries, key=lambda t: float(np.square(dequantize_rows(t[0], t[1]) - w).mean()))  # a tie: the first
 
 
+def sdclip(w: np.ndarray, k: float) -> np.ndarray:
+    """SDClip (#1394): each row's clip is k standard deviations of the row, so scale = k*std(row)/qmax. Larger k:
+    a coarser grid, fewer distinct codes, fewer compressed bits (about b - log2 k + const per weight)."""
+    return (k * w.astype(np.float64).std(axis=1)).astype(np.float32)
+
+
+def weighted_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, H: np.ndarray) -> float:
+    """tr(E H Eᵀ), E = w - dequantized: the summed squared output error over the calibration inputs (H = ΣXᵀX)."""
+    e = w - dequantize_rows(q, scale)
+    return float(np.sum((e @ H) * e))
+
+
+def gptq_order(H: np.ndarray, damp: float):
+    """GPTQ's preparation: dead inputs (H_jj = 0) get H_jj = 1, damping adds damp*mean(diag H), columns go by
+    descending diag(H). -> (permutation, damped H in that order, float64, dead mask)"""
+    H = H.astype(np.float64)
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices_from(H)] += damp * np.mean(np.diag(H))
+    perm = np.argsort(-np.diag(H), kind="stable")
+    return perm, H[np.ix_(perm, perm)], dead
+
+
+def upper_cholesky_of_inverse(H: np.ndarray) -> np.ndarray:
+    """U upper triangular with H⁻¹ = UᵀU, float32: Cholesky of H, the inverse from that factor, Cholesky again, on
+    MLX's CPU stream (~1.3 n³ flops; numpy's inv + cholesky take ~3 n³, and ~3x longer here). MLX does not raise
+    when H is not positive definite, so one random probe checks L Lᵀ = H (Cholesky is backward stable: a good
+    factor's residual is ~n·eps·‖H‖, a failed one's ~‖H‖) -> LinAlgError."""
+    H = H.astype(np.float32)
+    L = mx.linalg.cholesky(mx.array(H), stream=mx.cpu)
+    U = np.array(mx.linalg.cholesky(mx.linalg.cholesky_inv(L, stream=mx.cpu), upper=True, stream=mx.cpu))
+    L = np.array(L)
+    v = np.random.default_rng(0).standard_normal(H.shape[0]).astype(np.float32)
+    residual = np.linalg.norm(L @ (L.T @ v) - H @ v)
+    if not (np.isfinite(U).all() and residual <= 1e-3 * np.linalg.norm(H) * np.linalg.norm(v)):
+        raise np.linalg.LinAlgError("the damped Hessian is not positive definite")
+    return U
+
+
+def gptq_rows(w: np.ndarray, bits: int, H: np.ndarray, scale: np.ndarray, block: int = 128,
+              damp: float = 0.01) -> np.ndarray:
+    """Full-Hessian GPTQ (Frantar et al.; RECORDS.md §7) at fixed per-row scales: quantize one column at a time and
+    push its error (w - q*s)/U_jj onto the columns not yet quantized, U the upper Cholesky factor of H⁻¹; within a
+    128-column block the push is immediate, to later blocks one matmul per block. -> q int8"""
+    qmax = 2 ** (bits - 1) - 1
+    perm, Hp, dead = gptq_order(H, damp)
+    W = w.astype(np.float32).copy()
+    W[:, dead] = 0.0
+    W = W[:, perm]
+    U = upper_cholesky_of_inverse(Hp)
+    s = scale.astype(np.float32)
+    n = W.shape[1]
+    Q = np.zeros(W.shape, np.int8)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1 = W[:, i1:i2]
+        E1 = np.zeros_like(W1)
+        for j in range(i2 - i1):
+            q = np.clip(np.round(W1[:, j] / s), -qmax, qmax)
+            Q[:, i1 + j] = q
+            E1[:, j] = (W1[:, j] - q * s) / U[i1 + j, i1 + j]
+            W1[:, j + 1:] -= np.outer(E1[:, j], U[i1 + j, i1 + j + 1:i2])
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return Q[:, np.argsort(perm)]
+
+
+LQER_A_LEVELS = (-2, 1)  # int2, one fp16 scale |A|max/1.5 per matrix (#1797)
+LQER_B_LEVELS = (-8, 7)  # int4, one fp16 scale max|group|/7.5 per group of 64 values of B, flattened
+LQER_GROUP = 64
+
+
+def lqer_factors(E: np.ndarray, rank: int):
+    """LQER (#1797): E ≈ A·B by truncated SVD, A = U_r diag(S_r) [rows, r], B = V_rᵀ [r, cols], stored small.
+    -> (qa int8 [rows, r], sa fp16 [1], qb int8 [groups, 64], sb fp16 [groups])"""
+    U, S, Vt = np.linalg.svd(E.astype(np.float64), full_matrices=False)
+    r = min(rank, S.size)
+    A = (U[:, :r] * S[:r]).astype(np.float32)
+    b = Vt[:r].astype(np.float32).reshape(-1)
+    sa = np.array([max(np.abs(A).max() / 1.5, 2.0 ** -24)], np.float16)
+    qa = np.clip(np.round(A / sa.astype(np.float32)), *LQER_A_LEVELS).astype(np.int8)
+    groups = np.concatenate([b, np.zeros(-b.size % LQER_GROUP, np.float32)]).reshape(-1, LQER_GROUP)
+    sb = np.maximum(np.abs(groups).max(axis=1) / 7.5, 2.0 ** -24).astype(np.float16)
+    qb = np.clip(np.round(groups / sb.astype(np.float32)[:, None]), *LQER_B_LEVELS).astype(np.int8)
+    return qa, sa, qb, sb
+
+
+def lqer_correction(qa, sa, qb, sb, cols: int) -> np.ndarray:
+    """Â·B̂ [rows, cols], added to the dequantized matrix."""
+    r = qa.shape[1]
+    A = qa.astype(np.float32) * np.float32(sa.astype(np.float32)[0])
+    B = (qb.astype(np.float32) * sb.astype(np.float32)[:, None]).reshape(-1)[:r * cols].reshape(r, cols)
+    return A @ B
+
+
+@dataclass
+class QuantSpec:
+    """How each matrix becomes ints beyond its bits: the method (rtn, gptq_lite, gptq), the clip rule (maxabs,
+    sdclip with k per group), GPTQ's calibration Hessians (weight name -> ΣXᵀX), LQER's top-k and rank."""
+    method: str = "rtn"
+    clip: str = "maxabs"
+    k: dict = field(default_factory=dict)
+    hessians: dict = field(default_factory=dict)
+    lqer_top_k: int = 0
+    lqer_rank: int = 4
+
+    @classmethod
+    def from_hparams(cls, hp: Hyperparameters, hessians: dict | None = None) -> "QuantSpec":
+        k = {g: getattr(hp, f"sdclip_k_{g}") for g in ("attn", "mlp", "embed")}
+        return cls(hp.quant_method_resolved, hp.quant_clip, dict(k, other=hp.sdclip_k_mlp), hessians or {},
+                   hp.lqer_top_k, hp.lqer_rank)
+
+    def header(self) -> dict | None:
+        """What the artifact header says about it; None for rtn/gptq_lite at the max-abs clip (older headers)."""
+        if self.method != "gptq" and self.clip == "maxabs" and not self.lqer_top_k:
+            return None
+        out = dict(method=self.method, clip=self.clip, gptq_hessians=len(self.hessians))
+        if self.clip == "sdclip":
+            out["sdclip_k"] = self.k
+        if self.lqer_top_k:
+            out["lqer"] = dict(top_k=self.lqer_top_k, rank=self.lqer_rank)
+        return out
+
+
+def quantize_matrix(name: str, w: np.ndarray, bits: int, spec: QuantSpec):
+    """One matrix -> (q, scale) by spec. GPTQ starts from the clip's scales (GPTQ-lite's at maxabs) and keeps
+    whichever of its result and the plain rounding has the smaller output error on the calibration data, so it
+    is never worse than them; a matrix without a Hessian (a lookup table) gets the plain rounding."""
+    if is_gate(name):
+        return quantize_rows(w, bits)
+    if spec.clip == "sdclip":
+        q, scale = quantize_rows(w, bits, sdclip(w, spec.k[tensor_group(name)]))
+    elif spec.method in ("gptq_lite", "gptq"):
+        q, scale = gptq_lite_rows(w, bits)[:2]
+    else:
+        q, scale = quantize_rows(w, bits)
+    H = spec.hessians.get(name) if spec.method == "gptq" else None
+    if H is None:
+        return q, scale
+    H = np.asarray(H, np.float32)
+    try:
+        q2 = gptq_rows(w, bits, H, scale)
+    except np.linalg.LinAlgError:  # H not positive definite even after damping: keep the plain rounding
+        return q, scale
+    return (q2, scale) if weighted_error(w, q2, scale, H) <= weighted_error(w, q, scale, H) else (q, scale)
+
+
+def lqer_arrays(flat: dict, packed: list, spec: QuantSpec) -> list:
+    """The LQER factors of the top-k quantized matrices by ‖W - Ŵ‖_F (gates excluded)."""
+    q = {n: a for n, role, a in packed if role == "q" and not is_gate(n)}
+    scales = {n: a for n, role, a in packed if role == "scale"}
+    errs = {n: flat[n] - dequantize_rows(q[n], scales[n]) for n in q}
+    top = sorted(errs, key=lambda n: -float(np.linalg.norm(errs[n])))[:spec.lqer_top_k]
+    out = []
+    for n in sorted(top):
+        qa, sa, qb, sb = lqer_factors(errs[n], spec.lqer_rank)
+        out += [(n, "lqer_a", qa), (n, "lqer_a_scale", sa), (n, "lqer_b", qb), (n, "lqer_b_scale", sb)]
+    return out
+
+
 def fake_quant(w: mx.array, bits: int) -> mx.array:
     """QAT: forward = exactly dequantize_rows(quantize_rows(w)) (or the fp16 cast); gradient = identity."""
     if bits == 16:
@@ -1370,8 +1602,10 @@ def fake_quant(w: mx.array, bits: int) -> mx.array:
     return mx.stop_gradient(deq) + (w - mx.stop_gradient(w))
 
 
-def pack_state(flat: dict, bits, gptq_lite: bool = False) -> list:
-    """name -> float32 array  ==>  [(name, role, array)]: 2-D weights per row at tensor_bits (16: fp16)."""
+def pack_state(flat: dict, bits, gptq_lite: bool = False, spec: QuantSpec | None = None) -> list:
+    """name -> float32 array  ==>  [(name, role, array)]: 2-D weights per row at tensor_bits (16: fp16), by spec
+    (default: GPTQ-lite when gptq_lite, else plain rounding at the max-abs clip); LQER factors last."""
+    spec = spec or QuantSpec(method="gptq_lite" if gptq_lite else "rtn")
     out = []
     for name in sorted(flat):
         w = np.asarray(flat[name], dtype=np.float32)
@@ -1384,26 +1618,58 @@ def pack_state(flat: dict, bits, gptq_lite: bool = False) -> list:
         if b in (0, 16):
             out.append((name, "raw", w.astype(np.float16) if b else w))
         else:
-            q, scale = gptq_lite_rows(w, b)[:2] if gptq_lite else quantize_rows(w, b)
+            q, scale = quantize_matrix(name, w, b, spec)
             out += [(name, "q", q), (name, "scale", scale)]
+    if spec.lqer_top_k:
+        out += lqer_arrays({n: np.asarray(a, np.float32) for n, a in flat.items()}, out, spec)
     return out
 
 
 # Compressed bits per value of a b-bit per-row quantized Gaussian matrix (GPTQ-lite, lzma; zstd-22 is within
 # 2%), measured on 1536 x 512 rows: the stand-in tests/bench_artifact_size.py uses for trained weights.
-COMPRESSED_BITS = {5: 4.47, 6: 5.47, 8: 7.46, 16: 16.0}
+COMPRESSED_BITS = {5: 4.47, 6: 5.47, 7: 6.46, 8: 7.46, 16: 16.0}
+# SDClip: compressed bits per value above the entropy of a Gaussian row's codes (sdclip_entropy), the most over
+# 1536 x 512 Gaussian rows at int5-8 and k 8-20, per codec (auto: its smallest); Student-t(5) and uniform rows
+# compress below the Gaussian entropy (README "Artifact size and quantization").
+SDCLIP_OVERHEAD_BITS = {"zstd": 0.11, "lzma": 0.20, "brotli": 0.08, "auto": 0.08}
 
 
-def estimate_model_bytes(model, plan) -> int:
-    """The artifact's model bytes before training, from the shapes alone (nothing is evaluated): within ~3%
-    of bench_artifact_size's Gaussian stand-ins, which are pessimistic for trained weights."""
+def sdclip_entropy(bits: int, k: float) -> float:
+    """Entropy (bits per value) of the codes of a Gaussian row under SDClip: a grid step of k/qmax standard
+    deviations, everything beyond ±qmax steps clipped onto the end codes."""
+    qmax = 2 ** (bits - 1) - 1
+    step = k / qmax
+    edges = np.array([math.erf((i + 0.5) * step / math.sqrt(2)) for i in range(-qmax, qmax)]) * 0.5 + 0.5
+    p = np.diff(np.concatenate([[0.0], edges, [1.0]]))
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def estimate_model_bytes(model, plan, spec: QuantSpec | None = None, codec: str = "zstd") -> int:
+    """The artifact's model bytes before training, from the shapes alone (nothing is evaluated): at the max-abs
+    clip within ~3% of bench_artifact_size's Gaussian stand-ins, which are pessimistic for trained weights; under
+    SDClip the Gaussian codes' entropy plus the codec's SDCLIP_OVERHEAD_BITS; LQER factors at a byte a value."""
+    sd = spec is not None and spec.clip == "sdclip"
     bits = 0.0
+    sizes = []
     for name, p in tree_flatten(model.parameters()):
-        if is_quantized(name, p.shape):
-            b = tensor_bits(name, plan)
-            bits += p.size * COMPRESSED_BITS[b] + (16 * p.shape[0] if b != 16 else 0)
-        else:
+        if not is_quantized(name, p.shape):
             bits += 32 * p.size
+            continue
+        b = tensor_bits(name, plan)
+        if b == 16:
+            bits += 16 * p.size
+            continue
+        if sd and not is_gate(name):
+            per = sdclip_entropy(b, spec.k[tensor_group(name)]) + SDCLIP_OVERHEAD_BITS[codec]
+        else:
+            per = COMPRESSED_BITS[b]
+        bits += p.size * per + 16 * p.shape[0]
+        sizes.append(p.shape)
+    if spec is not None and spec.lqer_top_k:  # the largest matrices stand in for the worst-quantized ones
+        for rows, cols in sorted(sizes, key=lambda s: -s[0] * s[1])[:spec.lqer_top_k]:
+            r = min(spec.lqer_rank, rows, cols)
+            bits += 8 * r * (rows + cols) + 16 * (1 + math.ceil(r * cols / LQER_GROUP))
     return int(bits / 8)
 
 
@@ -1421,9 +1687,42 @@ def atomic_write(path: str, data: bytes):
         raise
 
 
-def write_container(path: str, magic: bytes, header: dict, arrays: list, level: int, codec: str = "zstd") -> int:
-    """magic + zstd|xz(u32 header length, JSON header, raw LE arrays) -> bytes; xz: magic ends in L; auto: smaller."""
+def byte_shuffle(data: bytes) -> bytes:
+    """All even bytes, then all odd ones (a trailing odd byte stays last): the high and low bytes of fp16 values
+    and of neighbouring int8 codes land in separate runs, which brotli models better (#1089)."""
+    a = np.frombuffer(data, np.uint8)
+    m = a.size - a.size % 2
+    return a[0:m:2].tobytes() + a[1:m:2].tobytes() + a[m:].tobytes()
+
+
+def byte_unshuffle(data: bytes) -> bytes:
+    a = np.frombuffer(data, np.uint8)
+    m = a.size - a.size % 2
+    out = np.empty_like(a)
+    out[0:m:2] = a[:m // 2]
+    out[1:m:2] = a[m // 2:m]
+    out[m:] = a[m:]
+    return out.tobytes()
+
+
+def compress_all(payload: bytes, magic: bytes, level: int, codec: str) -> list:
+    """The payload under codec (auto: every codec), each file behind its magic: zstd magic, xz ...L, brotli
+    (2-byte shuffle, quality 11, window 2^24) ...B followed by the payload's CRC-32."""
     import zstandard
+    files = []
+    if codec in ("zstd", "auto"):
+        files.append(magic + zstandard.ZstdCompressor(level=level, write_checksum=True).compress(payload))
+    if codec in ("lzma", "auto"):
+        files.append(magic[:7] + b"L" + lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME))
+    if codec in ("brotli", "auto"):
+        import brotli
+        crc = struct.pack("<I", zlib.crc32(payload))  # brotli has no checksum of its own
+        files.append(magic[:7] + b"B" + crc + brotli.compress(byte_shuffle(payload), quality=11, lgwin=24))
+    return files
+
+
+def write_container(path: str, magic: bytes, header: dict, arrays: list, level: int, codec: str = "zstd") -> int:
+    """magic + zstd|xz|brotli(u32 header length, JSON header, raw LE arrays) -> bytes; auto: the smallest."""
     table = []
     chunks = []
     off = 0
@@ -1436,34 +1735,49 @@ def write_container(path: str, magic: bytes, header: dict, arrays: list, level: 
         off += arr.nbytes
     hjson = json.dumps(dict(header, tensors=table, blob_bytes=off)).encode()
     payload = struct.pack("<I", len(hjson)) + hjson + b"".join(chunks)
-    zst = zstandard.ZstdCompressor(level=level, write_checksum=True)
-    files = [] if codec == "lzma" else [magic + zst.compress(payload)]
-    if codec != "zstd":
-        files.append(magic[:7] + b"L" + lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME))
-    data = min(files, key=len)
+    data = min(compress_all(payload, magic, level, codec), key=len)
     atomic_write(path, data)
     return len(data)
 
 
-def read_container(path: str, magic: bytes, what: str):
-    """(header, {(name, role): array}); raises ArtifactError for anything but an intact file."""
+def decompress_payload(path: str, body: bytes, codec: str) -> bytes:
+    """The payload behind the magic; ArtifactError unless the stream is intact, complete and alone."""
     import zstandard
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
-    codec = "zstd" if data.startswith(magic) else "lzma" if data.startswith(magic[:7] + b"L") else None
-    if codec is None:
-        raise ArtifactError(f"{path}: not a parameter-golf-mlx {what} (bad magic bytes)")
+    if codec == "brotli":
+        import brotli
+        dec = brotli.Decompressor()
+        try:
+            out = byte_unshuffle(dec.process(body[4:]))
+        except brotli.error as e:
+            raise ArtifactError(f"{path}: compressed payload is truncated or corrupted ({e})") from None
+        if not dec.is_finished():
+            raise ArtifactError(f"{path}: compressed payload is truncated or corrupted (stream incomplete)")
+        if body[:4] != struct.pack("<I", zlib.crc32(out)):
+            raise ArtifactError(f"{path}: compressed payload is corrupted (CRC-32 mismatch)")
+        return out
     dec = zstandard.ZstdDecompressor().decompressobj() if codec == "zstd" else lzma.LZMADecompressor(lzma.FORMAT_XZ)
     try:
-        payload = dec.decompress(data[len(magic):])
+        payload = dec.decompress(body)
     except (zstandard.ZstdError, lzma.LZMAError) as e:
         raise ArtifactError(f"{path}: compressed payload is truncated or corrupted ({e})") from None
     if not dec.eof:
         raise ArtifactError(f"{path}: compressed payload is truncated or corrupted (frame incomplete)")
     if dec.unused_data:
         raise ArtifactError(f"{path}: {len(dec.unused_data)} unexpected bytes after the compressed payload")
+    return payload
+
+
+def read_container(path: str, magic: bytes, what: str):
+    """(header, {(name, role): array}); raises ArtifactError for anything but an intact file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    codecs = {magic: "zstd", magic[:7] + b"L": "lzma", magic[:7] + b"B": "brotli"}
+    codec = codecs.get(data[:len(magic)])
+    if codec is None:
+        raise ArtifactError(f"{path}: not a parameter-golf-mlx {what} (bad magic bytes)")
+    payload = decompress_payload(path, data[len(magic):], codec)
     try:
         (hlen,) = struct.unpack_from("<I", payload, 0)
         header = json.loads(payload[4:4 + hlen].decode())
@@ -1492,15 +1806,45 @@ def read_container(path: str, magic: bytes, what: str):
     return header, arrays
 
 
+def collect_hessians(model: GPT, stream: TokenStream, n_tokens: int, seq_len: int, batch_tokens: int) -> dict:
+    """GPTQ's calibration: H = ΣXᵀX (float32) of every Linear's inputs and the head's (final-norm outputs) over
+    n_tokens tokens of `stream`, forwarded eagerly in batches of batch_tokens. -> {weight name: numpy [din, din]}"""
+    n_seqs = n_tokens // seq_len
+    per = max(1, batch_tokens // seq_len)
+    HessianCapture.start(model)
+    try:
+        done = 0
+        while done < n_seqs:
+            b = min(per, n_seqs - done)
+            x = stream.take(b * seq_len).astype(np.int32).reshape(b, seq_len)
+            model(mx.array(x))  # the logits are not needed: evaluating the sums runs the forward
+            mx.eval(list(HessianCapture.sums.values()))
+            done += b
+    finally:
+        sums = HessianCapture.stop()
+    return {n: np.array(h) for n, h in sums.items()}
+
+
 def write_artifact(path: str, flat: dict, cfg: ModelConfig, bits, meta: dict | None = None,
-                   gptq_lite: bool = False, codec: str = "zstd") -> int:
-    """Quantize (bits: int or quant_plan), compress (codec; zstd level 22), write atomically -> bytes. Record-base
-    fields at their off values stay out of the header, so baseline artifacts stay byte-identical with older ones."""
+                   gptq_lite: bool = False, codec: str = "zstd", spec: QuantSpec | None = None,
+                   timings: dict | None = None) -> int:
+    """Quantize (bits: int or quant_plan; spec: how, else GPTQ-lite or plain rounding), compress (codec; zstd level
+    22), write atomically -> bytes; timings (if given) gets quantize_s and compress_s. Record-base fields at their
+    off values stay out of the header, so baseline artifacts stay byte-identical with older ones."""
+    spec = spec or QuantSpec(method="gptq_lite" if gptq_lite else "rtn")
     config = {k: v for k, v in asdict(cfg).items() if k not in RECORD_BASE_OFF or RECORD_BASE_OFF[k] != v}
     header = dict(format="parameter-golf-mlx", version=1, quant_bits=bits, config=config, meta=meta or {})
-    if gptq_lite:
+    if spec.method == "gptq_lite":
         header["gptq_lite"] = list(GPTQ_LITE_PCTS)
-    return write_container(path, ARTIFACT_MAGIC, header, pack_state(flat, bits, gptq_lite), 22, codec)
+    if spec.header():
+        header["quant"] = spec.header()
+    t0 = time.perf_counter()
+    arrays = pack_state(flat, bits, spec=spec)
+    t1 = time.perf_counter()
+    n = write_container(path, ARTIFACT_MAGIC, header, arrays, 22, codec)
+    if timings is not None:
+        timings.update(quantize_s=t1 - t0, compress_s=time.perf_counter() - t1)
+    return n
 
 
 def read_artifact(path: str):
@@ -1510,6 +1854,10 @@ def read_artifact(path: str):
         cfg = ModelConfig(**{**RECORD_BASE_OFF, **header["config"]})
         flat = {name: a.astype(np.float32) if role == "raw" else dequantize_rows(a, arrays[(name, "scale")])
                 for (name, role), a in arrays.items() if role in ("raw", "q")}
+        for (name, role), qa in arrays.items():
+            if role == "lqer_a":
+                flat[name] = flat[name] + lqer_correction(qa, arrays[(name, "lqer_a_scale")], arrays[(name, "lqer_b")],
+                                                          arrays[(name, "lqer_b_scale")], flat[name].shape[1])
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"{path}: malformed artifact header ({type(e).__name__}: {e})") from None
     return cfg, flat, header
@@ -2501,6 +2849,7 @@ class Run:
     micro_seqs: int = 1
     step: int = 0
     train_ms: float = 0.0
+    calib_ms: float = 0.0  # GPTQ's calibration on training tokens (counts toward the cap with train_ms)
     qat_on: bool = False
     recur_on: bool = True  # False until RECUR_START_FRAC
     phase: str = "setup"
@@ -2938,7 +3287,7 @@ def check_artifact_estimate(r: Run):
     """A recipe whose artifact cannot fit is refused before any training (its estimate is pessimistic, so
     a refused depth is over); any other configuration is warned."""
     hp = r.hp
-    total = r.code_bytes + estimate_model_bytes(r.model, quant_plan(hp))
+    total = r.code_bytes + estimate_model_bytes(r.model, quant_plan(hp), QuantSpec.from_hparams(hp), hp.compressor)
     r.log(f"artifact_estimate: ~{total} bytes with code (cap {ARTIFACT_CAP_BYTES}; from the shapes, with random "
           "stand-in weights: trained ones usually compress a little better)")
     if total <= ARTIFACT_CAP_BYTES:
@@ -3167,7 +3516,7 @@ def stop_now(r: Run) -> bool:
 
 def train_loop(r: Run):
     hp = r.hp
-    max_ms = hp.max_wallclock_seconds * 1000.0
+    max_ms = train_budget_ms(hp)
     t_last = time.perf_counter()
     r.phase = "training"
     while True:
@@ -3249,7 +3598,7 @@ def log_step(r: Run, loss: float, capped: bool):
         avg = r.train_ms / step
         left = hp.iterations - step
         if hp.max_wallclock_seconds > 0:
-            left = min(left, max(hp.max_wallclock_seconds * 1000 - r.train_ms, 0) / avg)
+            left = min(left, max(train_budget_ms(hp) - r.train_ms, 0) / avg)
         r.log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} train_time:{r.train_ms:.0f}ms "
               f"step_avg:{avg:.2f}ms tok_s:{hp.train_batch_tokens / (avg / 1000):.0f} eta:{left * avg / 1000:.0f}s")
 
@@ -3408,16 +3757,21 @@ def write_and_prove_artifact(r: Run):
             "artifact holds the plain layer order the model was trained in")
     path = r.path(f"_model.int{hp.quant_bits}.ptz") if not r.group.rank() else os.path.join(  # ranks > 0: a private
         tempfile.gettempdir(), f"{r.run_id}_rank{r.group.rank()}.ptz")  # copy to round-trip
-    log(f"writing artifact {path} (bits {quant_plan(hp)} gptq_lite:{int(hp.gptq_lite)} {hp.compressor})...")
+    spec = QuantSpec.from_hparams(hp, calibrate(r) if hp.quant_method_resolved == "gptq" else None)
+    log(f"writing artifact {path} (bits {quant_plan(hp)} quant:{spec.method} clip:{spec.clip} "
+        f"lqer_top_k:{spec.lqer_top_k} {hp.compressor})...")
     r.phase = "writing the artifact"
+    timings = {}
     with on_every_rank(r):  # a rank that cannot write stops them all, before the round-trip's collectives
         try:
             model_bytes = write_artifact(path, flat, cfg, quant_plan(hp),
                                          dict(run_id=r.run_id, step=r.step, train_seq_len=hp.train_seq_len),
-                                         hp.gptq_lite, hp.compressor)
+                                         codec=hp.compressor, spec=spec, timings=timings)
         except OSError as e:
             r.model.update(tree_unflatten(list(raw.items())))
             raise OSError(f"cannot write the artifact {path} ({e.strerror or e}); {rescue_weights(r)}") from None
+    log(f"artifact_time: quantize:{timings['quantize_s']:.1f}s compress:{timings['compress_s']:.1f}s "
+        "(after training, reading no data)")
     _, flat, header = read_artifact(path)
     total = r.code_bytes + model_bytes
     source = readable_source()
@@ -3445,6 +3799,31 @@ def write_and_prove_artifact(r: Run):
     log(f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if hp.submission_dir and not r.group.rank():
         write_submission(r, loss, bpb, ms, model_bytes)
+
+
+def calibrate(r: Run) -> dict:
+    """GPTQ's Hessians from a fresh read of the training shards (never validation tokens): GPTQ_CALIBRATION_TOKENS,
+    but never more than the run trained on, so a short run does not calibrate for minutes. Its time counts toward
+    the cap with training's (GPTQ_RESERVE_SECONDS left room for it)."""
+    hp = r.hp
+    seq = hp.train_seq_len
+    n = min(hp.gptq_calibration_tokens, r.step * hp.train_batch_tokens) // seq * seq
+    t0 = time.perf_counter()
+    stream = TokenStream(shard_files(hp.data_path, "train"), r.model.cfg.vocab_size)
+    r.model.recur_on = r.recur_on  # the order the artifact holds (plain_order when recurrence never started)
+    try:
+        hessians = collect_hessians(r.model, stream, n, seq, max(hp.mlx_max_microbatch_tokens, seq))
+    finally:
+        r.model.recur_on = True
+    r.calib_ms = (time.perf_counter() - t0) * 1000
+    cap_ms = hp.max_wallclock_seconds * 1000
+    r.log(f"gptq: calibration on {n} train tokens ({len(hessians)} Hessians) in {r.calib_ms / 1000:.1f}s" + (
+        f"; training + calibration {(r.train_ms + r.calib_ms) / 1000:.1f}s of the {cap_ms / 1000:g}s cap"
+        if cap_ms > 0 else ""))
+    if cap_ms > 0 and r.train_ms + r.calib_ms > cap_ms:
+        r.log("WARNING: training + GPTQ calibration ran past MAX_WALLCLOCK_SECONDS: raise GPTQ_RESERVE_SECONDS or "
+              "lower GPTQ_CALIBRATION_TOKENS")
+    return hessians
 
 
 def plain_order(flat: dict, cfg: ModelConfig):
@@ -3775,7 +4154,7 @@ def unfinished_reason(r: Run, eval_ms: float) -> str:
     hp = r.hp
     if r.interrupted:
         return f"the run was interrupted ({signal_label(r.stop_signal)}) at step {r.step} of ITERATIONS={hp.iterations}"
-    capped = hp.max_wallclock_seconds > 0 and r.train_ms >= hp.max_wallclock_seconds * 1000
+    capped = hp.max_wallclock_seconds > 0 and r.train_ms >= train_budget_ms(hp)
     if r.step < hp.iterations and not capped:
         return f"training stopped at step {r.step} of ITERATIONS={hp.iterations}"
     if Path(hp.submission_dir).parent.name != "track_10min_16mb":
@@ -3784,6 +4163,10 @@ def unfinished_reason(r: Run, eval_ms: float) -> str:
     if r.last_step_from_ms > TRACK_LIMIT_S * 1000:
         return (f"training took {r.train_ms / 1000:.1f}s and its last step began at {r.last_step_from_ms / 1000:.1f}s, "
                 f"past track_10min_16mb's {TRACK_LIMIT_S:.0f}s")
+    if r.train_ms + r.calib_ms > TRACK_LIMIT_S * 1000:  # GPTQ's calibration reads training data: inside the cap
+        return (f"training and GPTQ calibration took {(r.train_ms + r.calib_ms) / 1000:.1f}s, over "
+                f"track_10min_16mb's {TRACK_LIMIT_S:.0f}s (raise GPTQ_RESERVE_SECONDS or lower "
+                "GPTQ_CALIBRATION_TOKENS)")
     if eval_ms > TRACK_LIMIT_S * 1000:
         return f"evaluation took {eval_ms / 1000:.1f}s, over track_10min_16mb's {TRACK_LIMIT_S:.0f}s"
     return ""
@@ -3900,10 +4283,11 @@ def mlx_requirement() -> str:
 
 def requirements_text() -> str:
     """What train_gpt.py imports beyond the standard library, at the versions this run used."""
+    import brotli
     import sentencepiece
     import zstandard
     return "\n".join([mlx_requirement(), f"numpy=={np.__version__}", f"sentencepiece=={sentencepiece.__version__}",
-                      f"zstandard=={zstandard.__version__}"]) + "\n"
+                      f"zstandard=={zstandard.__version__}", f"brotli=={brotli.__version__}"]) + "\n"
 
 
 def seed_log(r: Run) -> bytes:

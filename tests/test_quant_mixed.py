@@ -163,22 +163,24 @@ def test_gptq_lite_artifact_roundtrip(tmp_path):
             np.testing.assert_array_equal(back[n], T.dequantize_rows(q, s))
 
 
-@pytest.mark.parametrize("codec", ["zstd", "lzma", "auto"])
+@pytest.mark.parametrize("codec", ["zstd", "lzma", "brotli", "auto"])
 def test_codecs_roundtrip_and_say_which_they_used(tmp_path, codec):
     hp = hp_of(COMPRESSOR=codec)
     cfg = T.ModelConfig.from_hparams(hp)
     flat = random_flat(hp)
     path = write(tmp_path, flat, cfg, hp)
     raw = open(path, "rb").read()
-    sizes = {c: T.write_artifact(str(tmp_path / c), flat, cfg, 6, dict(step=1), codec=c) for c in ("zstd", "lzma")}
+    sizes = {c: T.write_artifact(str(tmp_path / c), flat, cfg, 6, dict(step=1), codec=c)
+             for c in ("zstd", "lzma", "brotli")}
     chosen = min(sizes, key=sizes.get) if codec == "auto" else codec
-    assert raw[:8] == (T.ARTIFACT_MAGIC if chosen == "zstd" else b"PGMLXv1L") and len(raw) == sizes[chosen]
+    magic = {"zstd": T.ARTIFACT_MAGIC, "lzma": b"PGMLXv1L", "brotli": b"PGMLXv1B"}[chosen]
+    assert raw[:8] == magic and len(raw) == sizes[chosen]
     _, back, header = T.read_artifact(path)
     _, ref, _ = T.read_artifact(str(tmp_path / "zstd"))
     assert header["codec"] == chosen and all(np.array_equal(back[n], ref[n]) for n in ref)
 
 
-@pytest.mark.parametrize("codec", ["zstd", "lzma"])
+@pytest.mark.parametrize("codec", ["zstd", "lzma", "brotli"])
 def test_both_codecs_reject_damaged_files(tmp_path, codec):
     hp = hp_of()
     cfg = T.ModelConfig.from_hparams(hp)
@@ -187,7 +189,8 @@ def test_both_codecs_reject_damaged_files(tmp_path, codec):
     flipped = bytearray(raw)
     flipped[len(raw) // 2] ^= 0xFF
     cases = {"trunc": (raw[:-7], "truncated or corrupted"), "flip": (bytes(flipped), "corrupted"),
-             "trailing": (raw + b"\0junk", "unexpected bytes"), "magic": (b"PGMLXv1Z" + raw[8:], "bad magic")}
+             "trailing": (raw + b"\0junk", "corrupted" if codec == "brotli" else "unexpected bytes"),
+             "magic": (b"PGMLXv1Z" + raw[8:], "bad magic")}
     for name, (content, needle) in cases.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(T.ArtifactError, match=needle):
@@ -200,8 +203,9 @@ def test_both_codecs_reject_damaged_files(tmp_path, codec):
 
 
 def test_bad_values_name_the_variable():
-    for var, bad in (("QUANT_BITS_MLP", "7"), ("QUANT_BITS_EMBED", "4"), ("COMPRESSOR", "brotli"),
-                     ("GPTQ_LITE", "maybe")):
+    for var, bad in (("QUANT_BITS_MLP", "9"), ("QUANT_BITS_EMBED", "4"), ("COMPRESSOR", "xz"),
+                     ("GPTQ_LITE", "maybe"), ("QUANT_METHOD", "awq"), ("QUANT_CLIP", "pct"), ("SDCLIP_K_MLP", "0"),
+                     ("LQER_TOP_K", "-1")):
         with pytest.raises(T.ConfigError, match=var):
             hp_of(**{var: bad})
 
@@ -212,7 +216,7 @@ def test_tiny_run_with_mixed_bits_gptq_lite_auto_codec_and_qat(data, tmp_path):
     assert T.main(env) == 0
     log = (tmp_path / "tiny.txt").read_text()
     assert "qat:on step:4 (bits {'attn': 6, 'mlp': 5, 'embed': 8, 'other': 6}" in log
-    codec = re.search(r"^artifact: .* codec:(zstd|lzma)$", log, re.M)[1]
+    codec = re.search(r"^artifact: .* codec:(zstd|lzma|brotli)$", log, re.M)[1]
     pre = float(re.search(r"^step:8/8 val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M)[1])
     post = float(re.search(rf"^final_int6_{codec}_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M)[1])
     assert abs(post - pre) < 0.05

@@ -151,8 +151,10 @@ def test_artifact_round_trip_keeps_the_pieces(tmp_path):
 
 def test_recipe_resolves_and_explicit_values_win():
     hp = T.Hyperparameters.from_env(dict(RECIPE="sp1024_record", MLP_MULT="2"))
-    assert (hp.num_layers, hp.mlp_mult, hp.muon_weight_decay, hp.ema_decay, hp.recur_layers) == (9, 2, 0.04, 0.997,
-                                                                                                "3,4")
+    assert (hp.num_layers, hp.mlp_mult, hp.muon_weight_decay, hp.ema_decay, hp.recur_layers) == (11, 2, 0.04, 0.997,
+                                                                                                "4,5")
+    assert (hp.quant_method, hp.quant_clip, hp.quant_bits_mlp, hp.quant_bits_embed, hp.compressor) == (
+        "gptq", "sdclip", 6, 7, "brotli")
     assert T.Hyperparameters.from_env({}) == T.Hyperparameters.from_env(dict(RECIPE="baseline"))
     known = {T.env_name(f) for f in T.env_fields()}
     assert all(set(r) <= known for r in T.RECIPES.values())

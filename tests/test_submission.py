@@ -108,7 +108,7 @@ def test_two_seeds_make_a_folder_whose_train_gpt_rescores_from_inside_it(data, r
     assert sub["bytes_total"] == max(sub["seed_results"][s]["artifact_bytes"] for s in ("1", "2"))
     reqs = (folder / "requirements.txt").read_text().split()
     assert reqs[0].startswith(("mlx==", "mlx[cpu]==", "mlx[cuda12]==", "mlx[cuda13]=="))
-    assert [r.split("==")[0] for r in reqs[1:]] == ["numpy", "sentencepiece", "zstandard"]
+    assert [r.split("==")[0] for r in reqs[1:]] == ["numpy", "sentencepiece", "zstandard", "brotli"]
     readme = (folder / "README.md").read_text()
     assert "UNOFFICIAL DATA" in readme and sub["hardware"] in readme and "cached_challenge_fineweb.py" in readme
     assert "`train_gpt.py` (" in readme and "is the counted code" in readme and f"{bpbs[1]:.8f}" in readme

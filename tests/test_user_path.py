@@ -115,13 +115,18 @@ def test_recipe_runs_at_any_depth(data, tmp_path, layers):
 
 
 def test_recipe_depth_over_the_cap_is_refused_before_training(data, tmp_path, capsys):
-    env = tiny_env(data, tmp_path, RECIPE="sp1024_record", NUM_LAYERS="11")
+    """The recipe's 11 layers fit with GPTQ + SDClip + brotli (issue 22); 16 do not."""
+    env = tiny_env(data, tmp_path, RECIPE="sp1024_record")
     for k in ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS"):  # the recipe at full width
         env.pop(k, None)
-    env["NUM_LAYERS"] = "11"
+    hp = T.Hyperparameters.from_env(env)
+    model = T.GPT(T.ModelConfig.from_hparams(hp))
+    assert hp.num_layers == 11 and T.estimate_model_bytes(model, T.quant_plan(hp), T.QuantSpec.from_hparams(hp),
+                                                          hp.compressor) < 15_000_000
+    env["NUM_LAYERS"] = "16"
     assert T.main(env) == 2
     log = (tmp_path / "tiny.txt").read_text()
-    assert re.search(r"RECIPE=sp1024_record at NUM_LAYERS=11: the artifact would be about 1[67]\.\d MB", log)
+    assert re.search(r"RECIPE=sp1024_record at NUM_LAYERS=16: the artifact would be about 17\.\d MB", log)
     assert "warmup_step" not in log and "step:1/" not in log
 
 
