@@ -4163,7 +4163,7 @@ def unfinished_reason(r: Run, eval_ms: float) -> str:
     if r.last_step_from_ms > TRACK_LIMIT_S * 1000:
         return (f"training took {r.train_ms / 1000:.1f}s and its last step began at {r.last_step_from_ms / 1000:.1f}s, "
                 f"past track_10min_16mb's {TRACK_LIMIT_S:.0f}s")
-    if r.train_ms + r.calib_ms > TRACK_LIMIT_S * 1000:  # GPTQ's calibration reads training data: inside the cap
+    if r.calib_ms and r.train_ms + r.calib_ms > TRACK_LIMIT_S * 1000:  # GPTQ's calibration reads training data: inside the cap
         return (f"training and GPTQ calibration took {(r.train_ms + r.calib_ms) / 1000:.1f}s, over "
                 f"track_10min_16mb's {TRACK_LIMIT_S:.0f}s (raise GPTQ_RESERVE_SECONDS or lower "
                 "GPTQ_CALIBRATION_TOKENS)")
