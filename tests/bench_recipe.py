@@ -10,6 +10,13 @@ optimizer values alone, the recipe scaled to 2 layers, the recipe minus each pie
 moonshot training piece, val_bpb after the round trip. depth: the recipe with only NUM_LAYERS set (its depth
 values derived) vs the baseline at that depth. wallclock: 4 x 128, seq 256, baseline vs recipe variants for the same training seconds, interleaved.
 overhead: compiled step time of each piece at equal shape, interleaved with the baseline, as ratios.
+
+    python tests/bench_recipe.py sp8192      [--seeds 1337 1338] [--steps 120] [--reps 5] [--only NAME ...]
+    python tests/bench_recipe.py sp8192_cost [--reps 3]
+
+sp8192 (issue 23): 3 x 96, seq 128, each sp8192 piece alone and RECIPE=sp8192_record (3 layers) minus each piece,
+at equal steps and at equal wall clock (each config's step time measured interleaved, converted to steps).
+sp8192_cost: the two recipes at their full shapes, step time per 1024-token microbatch and the memory estimate.
 """
 import argparse
 import re
@@ -61,6 +68,25 @@ WALLCLOCK = {"baseline": {}, "recipe (4 layers)": RECIPE4,  # recurrence from 50
              # what the 2-layer ablation says pays at CPU scale: the recipe without SmearGate, recurrence, tuned values
              "recipe (4 layers) at CPU scale": dict(RECIPE4, SMEAR_GATE=0, RECUR_LAYERS="off", RECUR_START_FRAC=0,
                                                     XSA_LAST_N=4, **BASE_OPT)}
+
+# sp8192 (issue 23): the records' later pieces at 3 x 96, each alone on the baseline and each taken out of
+# RECIPE=sp8192_record at 3 layers (its depth values derived: loop 1,1 run three times, sp8192 lanes from layer 2,
+# XSA on all 5 virtual layers), RoPE on 8 of the 24 head dims, EMA scaled to a short run (0.9965 would keep ~60% of
+# the init weights after 150 steps)
+S8_PIECES = {"skip gates": dict(SKIP_GATES=1),
+             "loop 1,1 x3 from 35%": dict(RECUR_LAYERS="1,1", RECUR_PASSES=2, RECUR_START_FRAC=0.35),
+             "sp8192 lanes from layer 2": dict(PARALLEL_START_LAYER=2, PARALLEL_FORM="sp8192"),
+             "input SmearGate": dict(SMEAR_GATE=1, SMEAR_MODE="input"), "attention gate": dict(ATTN_GATE=1),
+             "mlp x4": dict(MLP_MULT=4), "qk gain 5": dict(QK_GAIN_INIT=5.0)}
+S8_RECIPE = dict(RECIPE="sp8192_record", ROPE_DIMS=8, EMA_DECAY=0.95)
+S8_BASE_OPT = dict(BASE_OPT, BETA2=0.95, MUON_MOMENTUM_WARMUP_START=0.85, MUON_ROW_NORMALIZE=0,
+                   MUON_NS_COEFFS="quintic", MIN_LR=0, EMBED_WD=0, ADAM_WD=0)
+S8_OFF = {"skip gates": dict(SKIP_GATES=0), "loop": dict(RECUR_LAYERS="off", XSA_LAST_N=3),
+          "sp8192 lanes": dict(PARALLEL_START_LAYER=0), "input SmearGate": dict(SMEAR_GATE=0, SMEAR_MODE="channel"),
+          "attention gate": dict(ATTN_GATE=0), "mlp x4": dict(MLP_MULT=2), "qk gain 5": dict(QK_GAIN_INIT=1.5),
+          "optimizer values": S8_BASE_OPT}
+S8_CONFIGS = {"baseline": {}, **S8_PIECES, "recipe (3 layers)": S8_RECIPE,
+              **{f"recipe without {k}": dict(S8_RECIPE, **v) for k, v in S8_OFF.items()}}
 
 
 def table(res, base_name="baseline"):
@@ -146,9 +172,113 @@ def overhead(a):
         print(f"| {name} | {statistics.median(ts):.1f} | {statistics.median(ts) / b - 1:+.0%} |")
 
 
+def s8_base(a, data) -> dict:
+    return dict(ablation_base(a, data), NUM_LAYERS="3", MODEL_DIM="96")
+
+
+def s8_step_ms(base: dict, configs: dict, reps: int) -> dict:
+    """Compiled step time of each config at its shape, interleaved; a delayed loop is weighted by the share of
+    the run it is on for (RECUR_START_FRAC)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 1024, (16, 129)).astype(np.int32)
+    fns = {}
+    for name, over in configs.items():
+        hp = T.Hyperparameters.from_env(dict(base, **{k: str(v) for k, v in over.items()}))
+        model = T.GPT(T.ModelConfig.from_hparams(hp), hp.dtype())
+        opt = T.Optimizers(model, hp)
+        frac = hp.recur_start_frac if model.span else 0.0
+        fns[name] = [(T.Compiled(model, opt, recur=rec), w) for rec, w in ((False, frac), (True, 1 - frac)) if w]
+        for f, _ in fns[name]:
+            mx.eval(T.train_step(f, x[:, :-1], x[:, 1:], 16, 1.0, 0.95))  # compile
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, graphs in fns.items():
+            ms = 0.0
+            for f, w in graphs:
+                t = time.perf_counter()
+                for _ in range(3):
+                    mx.eval(T.train_step(f, x[:, :-1], x[:, 1:], 16, 1.0, 0.95))
+                ms += w * (time.perf_counter() - t) / 3 * 1000
+            times[name].append(ms)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def s8_reference(name: str) -> str:
+    return "recipe (3 layers)" if name.startswith("recipe without") else "baseline"
+
+
+def sp8192(a, tmp, data):
+    """Equal steps, then equal wall clock as steps: a config whose step costs r times its reference's runs
+    steps / r (a rerun only where that differs by > 3%)."""
+    base = s8_base(a, data)
+    configs = {k: S8_CONFIGS[k] for k in a.only} if a.only else S8_CONFIGS
+    ms = s8_step_ms(base, configs, a.reps)
+    print(f"# step ms: {ms}", file=sys.stderr, flush=True)
+    same = run_configs(base, configs, a.seeds, tmp, "s")
+    timed = {}
+    for seed in a.seeds:
+        for i, (name, over) in enumerate(configs.items()):
+            ref = s8_reference(name)
+            n = round(a.steps * ms.get(ref, ms[name]) / ms[name])
+            if abs(n - a.steps) <= 0.03 * a.steps:
+                timed.setdefault(name, []).append(dict(same[name][a.seeds.index(seed)], steps=a.steps))
+                continue
+            b = dict(base, ITERATIONS=str(n), WARMDOWN_ITERS=str(n // 3))
+            timed.setdefault(name, []).append(dict(run_one(b, over, seed, tmp, f"t{seed}_{i}"), steps=n))
+            print(f"# {name} seed {seed} ({n} steps): {timed[name][-1]}", file=sys.stderr, flush=True)
+    s8_table(a, configs, ms, same, timed)
+
+
+def s8_table(a, configs, ms, same, timed):
+    print(f"\n3 x 96, seq 128, 2048 tokens/step, {a.steps} steps (equal wall clock: steps x the reference's step "
+          f"time / the config's), seeds {a.seeds}, {mx.default_device()}; Δ paired by seed vs the reference "
+          "(pieces: the baseline; 'recipe without': the recipe), mean ± half-range\n")
+    print("| config | step time vs ref | val_bpb, equal steps | Δ equal steps | steps at equal time | Δ equal time |")
+    print("|---|---|---|---|---|---|")
+    for name in configs:
+        ref = s8_reference(name)
+        row = [name, f"{ms[name] / ms.get(ref, ms[name]):.2f}×"]
+        for res in (same, timed):
+            d = [r["bpb"] - b["bpb"] for r, b in zip(res[name], same.get(ref, res[name]))]  # ref at its steps
+            bp = [r["bpb"] for r in res[name]]
+            if res is same:
+                row.append(f"{statistics.mean(bp):.4f} ± {(max(bp) - min(bp)) / 2:.4f}")
+            else:
+                row.append("/".join(str(r["steps"]) for r in res[name]))
+            row.append("—" if name == ref else f"{statistics.mean(d):+.4f} ± {(max(d) - min(d)) / 2:.4f}")
+        print("| " + " | ".join(row) + " |")
+
+
+def s8_cost(a):
+    """RECIPE=sp8192_record vs sp1024_record: compiled step time per microbatch at the full shapes (one row of
+    1024 tokens, looped graphs), interleaved, and the memory estimate at the recipes' own batch."""
+    rows = {}
+    for name, v in (("sp1024_record", 1024), ("sp8192_record", 8192)):
+        env = dict(RECIPE=name, VOCAB_SIZE=str(v), TRAIN_SEQ_LEN="1024")
+        hp = T.Hyperparameters.from_env(env)
+        model = T.GPT(T.ModelConfig.from_hparams(hp), hp.dtype())
+        full = T.Hyperparameters.from_env(dict(RECIPE=name, VOCAB_SIZE=str(v)))
+        need = T.memory_needs(full, T.ModelConfig.from_hparams(full), T.micro_tokens(full, 1))
+        x = np.random.default_rng(0).integers(0, v, (1, 1025)).astype(np.int32)
+        rows[name] = dict(fn=T.Compiled(model, T.Optimizers(model, hp)), x=x, ms=[], params=T.count_params(model),
+                          mem=T.memory_total(need), micro=T.micro_tokens(full, 1))
+        mx.eval(T.train_step(rows[name]["fn"], x[:, :-1], x[:, 1:], 1, 1.0, 0.95))
+    for _ in range(a.reps):
+        for r in rows.values():
+            t = time.perf_counter()
+            mx.eval(T.train_step(r["fn"], r["x"][:, :-1], r["x"][:, 1:], 1, 1.0, 0.95))
+            r["ms"].append((time.perf_counter() - t) * 1000)
+    b = statistics.median(rows["sp1024_record"]["ms"])
+    print("\n| recipe (full shape, 1024 tokens/microbatch, compiled, CPU) | params | median ms | vs sp1024_record | "
+          "memory estimate (its batch) |\n|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['params']:,} | {statistics.median(r['ms']):.0f} | {statistics.median(r['ms']) / b:.2f}× | "
+              f"{r['mem'] / 2**30:.2f} GiB ({r['micro']} tokens/microbatch) |")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("ablation", "depth", "wallclock", "overhead"))
+    p.add_argument("part", choices=("ablation", "depth", "wallclock", "overhead", "sp8192", "sp8192_cost"))
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seconds", type=float, default=90)
@@ -159,7 +289,9 @@ if __name__ == "__main__":
     a = p.parse_args()
     if a.part == "overhead":
         overhead(a)
+    elif a.part == "sp8192_cost":
+        s8_cost(a)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            dict(ablation=ablation, depth=depth, wallclock=wallclock)[a.part](a, tmp, make_data(tmp))
+            dict(ablation=ablation, depth=depth, wallclock=wallclock, sp8192=sp8192)[a.part](a, tmp, make_data(tmp))
