@@ -86,7 +86,10 @@ S8_OFF = {"skip gates": dict(SKIP_GATES=0), "loop": dict(RECUR_LAYERS="off", XSA
           "attention gate": dict(ATTN_GATE=0), "mlp x4": dict(MLP_MULT=2), "qk gain 5": dict(QK_GAIN_INIT=1.5),
           "optimizer values": S8_BASE_OPT}
 S8_CONFIGS = {"baseline": {}, **S8_PIECES, "recipe (3 layers)": S8_RECIPE,
-              **{f"recipe without {k}": dict(S8_RECIPE, **v) for k, v in S8_OFF.items()}}
+              **{f"recipe without {k}": dict(S8_RECIPE, **v) for k, v in S8_OFF.items()},
+              "sp1024_record (3 layers)": dict(RECIPE="sp1024_record", ROPE_DIMS=8, EMA_DECAY=0.95,
+                                               BIGRAM_HASH_SIZE=2048, BIGRAM_DIM=32, ENGRAM_HASH_SIZE=2048,
+                                               ENGRAM_DIM=32)}
 
 
 def table(res, base_name="baseline"):
