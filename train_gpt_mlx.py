@@ -332,7 +332,8 @@ class Hyperparameters:
             # RECUR_LAYERS=off (say, under a recipe) turns these off with it; unset, they are a mistake
             (self.recur_untied_mlp and not self.recur_layers, "RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b"),
             (self.recur_start_frac and not self.recur_layers, "RECUR_START_FRAC > 0 needs RECUR_LAYERS=a,b"),
-            (self.recur_passes > 1 and not self.recur_layers, f"RECUR_PASSES={self.recur_passes} needs RECUR_LAYERS=a,b"),
+            (self.recur_passes > 1 and not self.recur_layers,
+             f"RECUR_PASSES={self.recur_passes} needs RECUR_LAYERS=a,b"),
             (self.recur_passes > 1 and self.recur_untied_mlp, f"RECUR_PASSES={self.recur_passes} shares the MLPs "
              "across passes (the sp8192 records' loop): RECUR_UNTIED_MLP=1 needs RECUR_PASSES=1"),
             (self.smear_mode != "channel" and not self.smear_gate,
