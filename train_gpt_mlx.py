@@ -78,6 +78,7 @@ class Hyperparameters:
     warmup_steps: int = _env(20, 0)
     warmdown_iters: int = _env(1200, 0)
     warmdown_frac: float = _env(0.0, 0.0, 1.0)
+    min_lr: float = _env(0.0, 0.0, 1.0)
     max_wallclock_seconds: float = _env(600.0, 0.0)
     # evaluation / logging
     val_batch_size: int = _env(524_288, 1)
@@ -113,6 +114,10 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = _env(500, 0)
     muon_backend_steps: int = _env(5, 1, 20)
     muon_weight_decay: float = _env(0.0, 0.0, 1.0)
+    muon_row_normalize: bool = _env(False)
+    muon_ns_coeffs: str = _env("quintic", choices=("quintic", "polar_express"))
+    embed_wd: float = _env(0.0, 0.0, 1.0)
+    adam_wd: float = _env(0.0, 0.0, 1.0)
     grad_clip_norm: float = _env(0.0, 0.0)
     # artifact
     quant_bits: int = _env(6, choices=(6, 8))
@@ -1085,27 +1090,56 @@ def param_group(name: str, p: mx.array, proj_optimizer: dict | None = None) -> s
     return "scalar"
 
 
-def newton_schulz(g, steps: int):
+QUINTIC_NS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025, as the sp8192 records use it): one (a, b, c) per iteration, each the optimal
+# odd quintic for the singular values the previous ones leave, so 5 steps get closer to orthogonal than fixed ones.
+POLAR_EXPRESS_NS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def ns_coefficients(kind: str, steps: int) -> list:
+    """The (a, b, c) of each of `steps` iterations. Polar Express has five tuples: fewer steps use the first
+    ones, more steps repeat the last (the tuple tuned for singular values already near 1)."""
+    if kind == "quintic":
+        return [QUINTIC_NS] * steps
+    return [POLAR_EXPRESS_NS[min(i, len(POLAR_EXPRESS_NS) - 1)] for i in range(steps)]
+
+
+def newton_schulz(g, steps: int, kind: str = "quintic"):
     """Approximately orthogonalise g (quintic Newton-Schulz iteration, as in Muon)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
     tall = g.shape[0] > g.shape[1]  # iterate on the wide side: x @ x.T is then the smaller Gram matrix
     x = (g.T if tall else g) / (mx.sqrt(mx.sum(g * g)) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in ns_coefficients(kind, steps):
         s = x @ x.T
         x = a * x + (b * s + c * (s @ s)) @ x
     return x.T if tall else x
+
+
+def normalize_rows(u):
+    """MuonEq-R: every row (one output unit, norm over the inputs) scaled to unit L2 norm, in float32, so no
+    unit's update dominates the Newton-Schulz input; a zero row stays zero."""
+    norm = mx.sqrt(mx.sum(u * u, axis=1, keepdims=True))
+    return u / mx.maximum(norm, 1e-7)
 
 
 class Muon(optim.Optimizer):
     """Muon: Nesterov momentum orthogonalised by Newton-Schulz; momentum (a state entry) and decoupled
     weight decay compile into the step like the learning rate."""
 
-    def __init__(self, learning_rate: float, momentum: float, backend_steps: int, weight_decay: float):
+    def __init__(self, learning_rate: float, momentum: float, backend_steps: int, weight_decay: float,
+                 row_normalize: bool = False, ns_coeffs: str = "quintic"):
         super().__init__()
         self._maybe_schedule("learning_rate", learning_rate)
         self._maybe_schedule("momentum", momentum)
         self.backend_steps = backend_steps
         self.weight_decay = weight_decay
+        self.row_normalize = row_normalize
+        self.ns_coeffs = ns_coeffs
 
     def init_single(self, parameter: mx.array, state: dict):
         state["buf"] = mx.zeros_like(parameter)
@@ -1114,8 +1148,11 @@ class Muon(optim.Optimizer):
         lr = self.learning_rate
         mom = self.state["momentum"]
         state["buf"] = buf = mom * state["buf"] + gradient
-        ortho = newton_schulz((gradient + mom * buf).astype(mx.bfloat16 if _on_gpu() else mx.float32),
-                              self.backend_steps).astype(mx.float32)
+        update = gradient + mom * buf
+        if self.row_normalize:
+            update = normalize_rows(update.astype(mx.float32))
+        ortho = newton_schulz(update.astype(mx.bfloat16 if _on_gpu() else mx.float32), self.backend_steps,
+                              self.ns_coeffs).astype(mx.float32)
         scale = math.sqrt(max(1.0, parameter.shape[0] / parameter.shape[1]))
         return parameter * (1 - lr * self.weight_decay) - (lr * scale) * ortho
 
@@ -1131,12 +1168,21 @@ class Optimizers:
         self.group = {n: param_group(n, p, proj) for n, p in params.items()}
         self.base_lr = {"muon": hp.matrix_lr, "scalar": hp.scalar_lr, "head": hp.head_lr, "table": hp.tied_embed_lr,
                         "embed": hp.tied_embed_lr if model.cfg.tie_embeddings else hp.embed_lr}
-        self.opts = {g: Muon(self.base_lr[g], hp.muon_momentum, hp.muon_backend_steps, hp.muon_weight_decay)
-                     if g == "muon" else optim.Adam(self.base_lr[g], [hp.beta1, hp.beta2], hp.adam_eps,
-                                                    bias_correction=True)
-                     for g in sorted(set(self.group.values()))}
+        self.opts = {g: self.make(g) for g in sorted(set(self.group.values()))}
         self.ema: dict = {}
         self.reset(params)
+
+    def make(self, g: str) -> optim.Optimizer:
+        """Group g's optimizer. An Adam group with a weight decay (EMBED_WD: the embedding; ADAM_WD: the others)
+        is AdamW: p <- p (1 - lr_t wd), then the Adam step; without one, plain Adam (the same arithmetic)."""
+        hp = self.hp
+        if g == "muon":
+            return Muon(self.base_lr[g], hp.muon_momentum, hp.muon_backend_steps, hp.muon_weight_decay,
+                        hp.muon_row_normalize, hp.muon_ns_coeffs)
+        wd = hp.embed_wd if g == "embed" else hp.adam_wd
+        if wd > 0:
+            return optim.AdamW(self.base_lr[g], [hp.beta1, hp.beta2], hp.adam_eps, wd, bias_correction=True)
+        return optim.Adam(self.base_lr[g], [hp.beta1, hp.beta2], hp.adam_eps, bias_correction=True)
 
     @property
     def state(self) -> list:
@@ -1211,6 +1257,12 @@ def warmdown_steps(hp: Hyperparameters) -> float:
 
 
 def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
+    """The warmdown's multiplier, never below MIN_LR (the sp8192 records' floor: their last steps still learn)."""
+    mul = warmdown_multiplier(step, elapsed_ms, hp)
+    return max(mul, hp.min_lr) if hp.min_lr > 0 else mul
+
+
+def warmdown_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
     """Linear warmdown to 0 at ITERATIONS or the wall-clock cap: over WARMDOWN_FRAC of the run, else the
     last warmdown_steps() steps, timed at most half the budget (else a slow machine starts decayed)."""
     cap_ms = hp.max_wallclock_seconds * 1000.0
@@ -1229,8 +1281,9 @@ def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
 
 def describe_warmdown(hp: Hyperparameters) -> str:
     """The schedule the run will use, for the startup log, with the reason when WARMDOWN_ITERS was shortened."""
+    floor = f", the multiplier never below {hp.min_lr:g} (MIN_LR)" if hp.min_lr > 0 else ""
     if hp.warmdown_frac > 0:
-        return f"last {hp.warmdown_frac:g} of the run (WARMDOWN_FRAC)"
+        return f"last {hp.warmdown_frac:g} of the run (WARMDOWN_FRAC){floor}"
     steps = warmdown_steps(hp)
     text = f"last {steps:g} steps"
     if steps < hp.warmdown_iters:
@@ -1238,7 +1291,7 @@ def describe_warmdown(hp: Hyperparameters) -> str:
                  "shortened to the last half, so the run trains at its peak LR first)")
     if hp.max_wallclock_seconds > 0:
         text += f", or their time if the {hp.max_wallclock_seconds:g}s cap comes first (at most half of it)"
-    return text
+    return text + floor
 
 
 def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
