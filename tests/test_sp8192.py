@@ -318,3 +318,22 @@ def test_pieces_off_keep_the_header_and_parameters():
                                                                   "smear_mode", "attn_gate", "attn_gate_scale"))
     names = {n for n, _ in tree_flatten(T.GPT(cfg).parameters())}
     assert not any("gate" in n or "lambda" in n or "lane_" in n for n in names)
+
+
+def test_memory_estimate_counts_the_extra_passes():
+    one, two = (T.ModelConfig.from_hparams(hp_of(NUM_LAYERS=4, RECUR_LAYERS="1,2", RECUR_PASSES=p)) for p in (1, 2))
+    layer = (16 + 4 * 2) * 32 + 2 * 4 * 128  # activation_floats' per-layer term at this shape, seq 128
+    assert T.activation_floats(two, 128, True) - T.activation_floats(one, 128, True) == 2 * layer  # 2 more layers
+
+
+def test_a_run_stopped_before_the_loop_keeps_the_plain_order():
+    """plain_order drops the extra passes and cuts the skip gates with the skip weights; the result loads."""
+    model = live_model(hp_of(NUM_LAYERS=3, RECUR_LAYERS="1,1", RECUR_PASSES=2, SKIP_GATES=1, XSA_LAST_N=5))
+    assert model.skip_gates.shape[0] == 2
+    flat, cfg = T.plain_order(T.flat_numpy(model), model.cfg)
+    assert (cfg.recur_layers, cfg.recur_passes, cfg.xsa_last_n) == ("", 1, 3) and flat["skip_gates"].shape[0] == 1
+    back = T.GPT(cfg)
+    T.load_flat_into(back, flat)
+    model.recur_on = False
+    ids = mx.array(np.random.default_rng(4).integers(0, 64, (1, 16)), mx.int32)
+    np.testing.assert_allclose(np.array(back(ids)), np.array(model(ids)), rtol=1e-5, atol=1e-5)
