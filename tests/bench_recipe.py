@@ -11,14 +11,18 @@ moonshot training piece, val_bpb after the round trip. depth: the recipe with on
 values derived) vs the baseline at that depth. wallclock: 4 x 128, seq 256, baseline vs recipe variants for the same training seconds, interleaved.
 overhead: compiled step time of each piece at equal shape, interleaved with the baseline, as ratios.
 
-    python tests/bench_recipe.py sp8192      [--seeds 1337 1338] [--steps 120] [--reps 5] [--only NAME ...]
-    python tests/bench_recipe.py sp8192_cost [--reps 3]
+    python tests/bench_recipe.py sp8192_ms     [--reps 3] [--out ms.json]
+    python tests/bench_recipe.py sp8192        [--seeds 1337 1338] [--steps 60] [--only NAME ...] [--ms ms.json]
+                                               [--out part.json]   (several at once, each with its own --only/--out)
+    python tests/bench_recipe.py sp8192_report --files part*.json --ms ms.json [--steps 60] [--seeds ...]
+    python tests/bench_recipe.py sp8192_cost   [--reps 3]
 
 sp8192 (issue 23): 3 x 96, seq 128, each sp8192 piece alone and RECIPE=sp8192_record (3 layers) minus each piece,
 at equal steps and at equal wall clock (each config's step time measured interleaved, converted to steps).
 sp8192_cost: the two recipes at their full shapes, step time per 1024-token microbatch and the memory estimate.
 """
 import argparse
+import json
 import re
 import statistics
 import sys
@@ -176,11 +180,12 @@ def overhead(a):
 
 
 def s8_base(a, data) -> dict:
-    return dict(ablation_base(a, data), NUM_LAYERS="3", MODEL_DIM="96")
+    return dict(ablation_base(a, data), NUM_LAYERS="3", MODEL_DIM="96", VAL_MAX_TOKENS="16384")
 
 
 def s8_step_ms(base: dict, configs: dict, reps: int) -> dict:
-    """Compiled step time of each config at its shape, interleaved; a delayed loop is weighted by the share of
+    """CPU milliseconds per compiled step of each config at its shape, interleaved (process time: the machine is
+    shared, and wall time under other people's load measured noise); a delayed loop is weighted by the share of
     the run it is on for (RECUR_START_FRAC)."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 1024, (16, 129)).astype(np.int32)
@@ -198,10 +203,10 @@ def s8_step_ms(base: dict, configs: dict, reps: int) -> dict:
         for name, graphs in fns.items():
             ms = 0.0
             for f, w in graphs:
-                t = time.perf_counter()
+                t = time.process_time()
                 for _ in range(3):
                     mx.eval(T.train_step(f, x[:, :-1], x[:, 1:], 16, 1.0, 0.95))
-                ms += w * (time.perf_counter() - t) / 3 * 1000
+                ms += w * (time.process_time() - t) / 3 * 1000
             times[name].append(ms)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -210,50 +215,70 @@ def s8_reference(name: str) -> str:
     return "recipe (3 layers)" if name.startswith("recipe without") else "baseline"
 
 
+def sp8192_ms(a, tmp, data):
+    """Step times of every sp8192 config, one process, written to --out (the runs' equal-time steps read it)."""
+    ms = s8_step_ms(s8_base(a, data), S8_CONFIGS, a.reps)
+    Path(a.out).write_text(json.dumps(ms, indent=1))
+    print(ms)
+
+
 def sp8192(a, tmp, data):
     """Equal steps, then equal wall clock as steps: a config whose step costs r times its reference's runs
-    steps / r (a rerun only where that differs by > 3%)."""
+    steps / r (a rerun only where that differs by > 3%). Results go to --out after every run (sp8192_report
+    merges the files of several such processes); the step times come from --ms (sp8192_ms), waited for."""
     base = s8_base(a, data)
     configs = {k: S8_CONFIGS[k] for k in a.only} if a.only else S8_CONFIGS
-    ms = s8_step_ms(base, configs, a.reps)
-    print(f"# step ms: {ms}", file=sys.stderr, flush=True)
-    same = run_configs(base, configs, a.seeds, tmp, "s")
-    timed = {}
+    res = dict(same={k: [] for k in configs}, timed={k: [] for k in configs}, steps=a.steps, seeds=a.seeds)
     for seed in a.seeds:
         for i, (name, over) in enumerate(configs.items()):
-            ref = s8_reference(name)
-            n = round(a.steps * ms.get(ref, ms[name]) / ms[name])
+            res["same"][name].append(dict(run_one(base, over, seed, tmp, f"s{seed}_{i}"), steps=a.steps))
+            print(f"# {name} seed {seed}: {res['same'][name][-1]}", file=sys.stderr, flush=True)
+            Path(a.out).write_text(json.dumps(res, indent=1))
+    while not Path(a.ms).exists():
+        time.sleep(10)
+    ms = json.loads(Path(a.ms).read_text())
+    for seed in a.seeds:
+        for i, (name, over) in enumerate(configs.items()):
+            n = round(a.steps * ms[s8_reference(name)] / ms[name])
             if abs(n - a.steps) <= 0.03 * a.steps:
-                timed.setdefault(name, []).append(dict(same[name][a.seeds.index(seed)], steps=a.steps))
+                res["timed"][name].append(res["same"][name][a.seeds.index(seed)])
                 continue
             b = dict(base, ITERATIONS=str(n), WARMDOWN_ITERS=str(n // 3))
-            timed.setdefault(name, []).append(dict(run_one(b, over, seed, tmp, f"t{seed}_{i}"), steps=n))
-            print(f"# {name} seed {seed} ({n} steps): {timed[name][-1]}", file=sys.stderr, flush=True)
-    s8_table(a, configs, ms, same, timed)
+            res["timed"][name].append(dict(run_one(b, over, seed, tmp, f"t{seed}_{i}"), steps=n))
+            print(f"# {name} seed {seed} ({n} steps): {res['timed'][name][-1]}", file=sys.stderr, flush=True)
+            Path(a.out).write_text(json.dumps(res, indent=1))
 
 
-def s8_table(a, configs, ms, same, timed):
-    print(f"\n3 x 96, seq 128, 2048 tokens/step, {a.steps} steps (equal wall clock: steps x the reference's step "
-          f"time / the config's), seeds {a.seeds}, {mx.default_device()}; Δ paired by seed vs the reference "
-          "(pieces: the baseline; 'recipe without': the recipe), mean ± half-range\n")
+def sp8192_report(a):
+    """The table from sp8192's --out files (and sp8192_ms's step times): missing runs show as —."""
+    same, timed = {}, {}
+    for f in a.files:
+        r = json.loads(Path(f).read_text())
+        same.update({k: v for k, v in r["same"].items() if v})
+        timed.update({k: v for k, v in r["timed"].items() if v})
+    ms = json.loads(Path(a.ms).read_text())
+    print(f"\n3 x 96, seq 128, 2048 tokens/step, {a.steps} steps (equal wall clock: steps x the reference's CPU "
+          f"time per step / the config's), seeds {a.seeds}, {mx.default_device()}; Δ paired by seed vs the "
+          "reference (pieces: the baseline; 'recipe without': the recipe), mean ± half-range\n")
     print("| config | step time vs ref | val_bpb, equal steps | Δ equal steps | steps at equal time | Δ equal time |")
     print("|---|---|---|---|---|---|")
-    for name in configs:
+    for name in S8_CONFIGS:
         ref = s8_reference(name)
-        row = [name, f"{ms[name] / ms.get(ref, ms[name]):.2f}×"]
+        row = [name, f"{ms[name] / ms[ref]:.2f}×" if name in ms and ref in ms else "—"]
         for res in (same, timed):
-            d = [r["bpb"] - b["bpb"] for r, b in zip(res[name], same.get(ref, res[name]))]  # ref at its steps
+            if name not in res:
+                row += ["—", "—"]
+                continue
             bp = [r["bpb"] for r in res[name]]
-            if res is same:
-                row.append(f"{statistics.mean(bp):.4f} ± {(max(bp) - min(bp)) / 2:.4f}")
-            else:
-                row.append("/".join(str(r["steps"]) for r in res[name]))
-            row.append("—" if name == ref else f"{statistics.mean(d):+.4f} ± {(max(d) - min(d)) / 2:.4f}")
+            row.append(f"{statistics.mean(bp):.4f} ± {(max(bp) - min(bp)) / 2:.4f}" if res is same
+                       else "/".join(str(r["steps"]) for r in res[name]))
+            d = [r["bpb"] - b["bpb"] for r, b in zip(res[name], same.get(ref, []))]  # the ref at equal steps
+            row.append("—" if name == ref or not d else f"{statistics.mean(d):+.4f} ± {(max(d) - min(d)) / 2:.4f}")
         print("| " + " | ".join(row) + " |")
 
 
 def s8_cost(a):
-    """RECIPE=sp8192_record vs sp1024_record: compiled step time per microbatch at the full shapes (one row of
+    """RECIPE=sp8192_record vs sp1024_record: compiled CPU time per microbatch at the full shapes (one row of
     1024 tokens, looped graphs), interleaved, and the memory estimate at the recipes' own batch."""
     rows = {}
     for name, v in (("sp1024_record", 1024), ("sp8192_record", 8192)):
@@ -268,11 +293,11 @@ def s8_cost(a):
         mx.eval(T.train_step(rows[name]["fn"], x[:, :-1], x[:, 1:], 1, 1.0, 0.95))
     for _ in range(a.reps):
         for r in rows.values():
-            t = time.perf_counter()
+            t = time.process_time()  # CPU time: the machine is shared
             mx.eval(T.train_step(r["fn"], r["x"][:, :-1], r["x"][:, 1:], 1, 1.0, 0.95))
-            r["ms"].append((time.perf_counter() - t) * 1000)
+            r["ms"].append((time.process_time() - t) * 1000)
     b = statistics.median(rows["sp1024_record"]["ms"])
-    print("\n| recipe (full shape, 1024 tokens/microbatch, compiled, CPU) | params | median ms | vs sp1024_record | "
+    print("\n| recipe (full shape, 1024 tokens/microbatch, compiled, CPU) | params | median CPU ms | vs sp1024_record | "
           "memory estimate (its batch) |\n|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['params']:,} | {statistics.median(r['ms']):.0f} | {statistics.median(r['ms']) / b:.2f}× | "
@@ -281,7 +306,8 @@ def s8_cost(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("ablation", "depth", "wallclock", "overhead", "sp8192", "sp8192_cost"))
+    p.add_argument("part", choices=("ablation", "depth", "wallclock", "overhead", "sp8192", "sp8192_ms",
+                                     "sp8192_report", "sp8192_cost"))
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seconds", type=float, default=90)
@@ -289,12 +315,18 @@ if __name__ == "__main__":
     p.add_argument("--layers", type=int, default=3, help="depth: NUM_LAYERS")
     p.add_argument("--dim", type=int, default=96, help="depth: MODEL_DIM")
     p.add_argument("--only", nargs="*", default=None, help="exact config names (ablation, wallclock), in this order")
+    p.add_argument("--out", default="sp8192.json", help="sp8192, sp8192_ms: the results file")
+    p.add_argument("--ms", default="sp8192_ms.json", help="sp8192, sp8192_report: sp8192_ms's step times")
+    p.add_argument("--files", nargs="*", default=[], help="sp8192_report: sp8192's results files")
     a = p.parse_args()
     if a.part == "overhead":
         overhead(a)
     elif a.part == "sp8192_cost":
         s8_cost(a)
+    elif a.part == "sp8192_report":
+        sp8192_report(a)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            dict(ablation=ablation, depth=depth, wallclock=wallclock, sp8192=sp8192)[a.part](a, tmp, make_data(tmp))
+            parts = dict(ablation=ablation, depth=depth, wallclock=wallclock, sp8192=sp8192, sp8192_ms=sp8192_ms)
+            parts[a.part](a, tmp, make_data(tmp))
