@@ -229,7 +229,7 @@ def sp8192(a, tmp, data):
     base = s8_base(a, data)
     configs = {k: S8_CONFIGS[k] for k in a.only} if a.only else S8_CONFIGS
     res = dict(same={k: [] for k in configs}, timed={k: [] for k in configs}, steps=a.steps, seeds=a.seeds)
-    for seed in a.seeds:
+    for seed in a.seeds if not a.timed_only else ():
         for i, (name, over) in enumerate(configs.items()):
             res["same"][name].append(dict(run_one(base, over, seed, tmp, f"s{seed}_{i}"), steps=a.steps))
             print(f"# {name} seed {seed}: {res['same'][name][-1]}", file=sys.stderr, flush=True)
@@ -240,7 +240,7 @@ def sp8192(a, tmp, data):
     for seed in a.seeds:
         for i, (name, over) in enumerate(configs.items()):
             ratio = ms[name] / ms[s8_reference(name)]
-            if abs(ratio - 1) <= a.noise:  # within the step-time noise: equal cost, the equal-steps run stands
+            if abs(ratio - 1) <= a.noise and not a.timed_only:  # within the step-time noise: equal cost, the equal-steps run stands
                 res["timed"][name].append(res["same"][name][a.seeds.index(seed)])
                 continue
             n = round(a.steps / ratio)
@@ -319,6 +319,7 @@ if __name__ == "__main__":
     p.add_argument("--out", default="sp8192.json", help="sp8192, sp8192_ms: the results file")
     p.add_argument("--ms", default="sp8192_ms.json", help="sp8192, sp8192_report: sp8192_ms's step times")
     p.add_argument("--files", nargs="*", default=[], help="sp8192_report: sp8192's results files")
+    p.add_argument("--timed-only", action="store_true", help="sp8192: only the equal-time reruns")
     p.add_argument("--noise", type=float, default=0.07, help="sp8192: step-time ratios within 1 +- this count as "
                    "equal (CPU time under shared load: QK gain 5, identical work, measured 1.04x and 1.07x)")
     a = p.parse_args()
