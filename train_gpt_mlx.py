@@ -166,8 +166,9 @@ class Hyperparameters:
     submission_blurb: str = _env("")
     submission_unofficial_data: bool = _env(False)
     # record base (issue 8): the sp1024 records' model pieces, each off by default; RECIPE bundles them
-    recipe: str = _env("baseline", choices=("baseline", "sp1024_record"))
+    recipe: str = _env("baseline", choices=("baseline", "sp1024_record", "sp8192_record"))
     smear_gate: bool = _env(False)
+    smear_mode: str = _env("channel", choices=("channel", "input"))
     bigram_hash_size: int = _env(0, 0, 2**20)
     bigram_dim: int = _env(128, 1, 4096)
     xsa_last_n: int = _env(0, 0, 256)
@@ -179,6 +180,12 @@ class Hyperparameters:
     recur_untied_mlp: bool = _env(False)
     recur_start_frac: float = _env(0.0, 0.0, 1.0)
     attn_doc_isolated: bool = _env(False)
+    # the sp8192 records' model pieces (issue 23; RECORDS_SP8192.md sections 3-5), each off by default
+    skip_gates: bool = _env(False)
+    recur_passes: int = _env(1, 1, 16)
+    parallel_form: str = _env("sp1024", choices=("sp1024", "sp8192"))
+    attn_gate: bool = _env(False)
+    attn_gate_scale: float = _env(0.5, 0.0, 100.0)
     # mixed-precision artifact: bits per tensor group (0 = QUANT_BITS; 16 = fp16), clip search, codec
     quant_bits_attn: int = _env(0, choices=(0, 5, 6, 7, 8, 16))
     quant_bits_mlp: int = _env(0, choices=(0, 5, 6, 7, 8, 16))
@@ -244,8 +251,8 @@ class Hyperparameters:
                 errors.append(f"{env_name(f)}={raw!r}: {e}")
         if errors:
             raise ConfigError("invalid environment:\n  " + "\n  ".join(blame_recipe(errors, recipe)))
-        for name in ("data_path", "tokenizer_path"):  # unset: the repository's data/, from anywhere inside it
-            if env.get(ENV_NAMES[name]) is None:
+        for name in ("data_path", "tokenizer_path"):  # unset (or RECIPE's): the repository's data/, from anywhere
+            if name not in explicit:
                 values[name] = find_upward(values[name])
         derived = tuple(sorted(set(recipe) & set(RECIPE_DEPTH_RULES)))
         hp = cls(**values, env_notes=tuple(unknown_env_notes(env)), from_recipe=tuple(sorted(recipe)), derived=derived)
@@ -362,7 +369,7 @@ class Hyperparameters:
         except ValueError as e:
             span = None
             recur_err = f"RECUR_LAYERS={self.recur_layers!r}: {e}"
-        n = virtual_depth(L, span)
+        n = virtual_depth(L, span, self.recur_passes)
         return [msg for bad, msg in (
             (self.recipe != "baseline" and L < 2,
              f"RECIPE={self.recipe} needs NUM_LAYERS >= 2 (its recurrence repeats the two hinge layers)"),
@@ -374,7 +381,16 @@ class Hyperparameters:
              f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={L} (0 = off)"),
             # RECUR_LAYERS=off (say, under a recipe) turns these off with it; unset, they are a mistake
             (self.recur_untied_mlp and not self.recur_layers, "RECUR_UNTIED_MLP=1 needs RECUR_LAYERS=a,b"),
-            (self.recur_start_frac and not self.recur_layers, "RECUR_START_FRAC > 0 needs RECUR_LAYERS=a,b")) if bad]
+            (self.recur_start_frac and not self.recur_layers, "RECUR_START_FRAC > 0 needs RECUR_LAYERS=a,b"),
+            (self.recur_passes > 1 and not self.recur_layers,
+             f"RECUR_PASSES={self.recur_passes} needs RECUR_LAYERS=a,b"),
+            (self.recur_passes > 1 and self.recur_untied_mlp, f"RECUR_PASSES={self.recur_passes} shares the MLPs "
+             "across passes (the sp8192 records' loop): RECUR_UNTIED_MLP=1 needs RECUR_PASSES=1"),
+            (self.smear_mode != "channel" and not self.smear_gate,
+             f"SMEAR_MODE={self.smear_mode} needs SMEAR_GATE=1 (it picks the SmearGate's form)"),
+            ((self.attn_gate or self.smear_gate and self.smear_mode == "input") and self.model_dim < GATE_WINDOW,
+             f"ATTN_GATE=1 and SMEAR_MODE=input read the first {GATE_WINDOW} channels: MODEL_DIM="
+             f"{self.model_dim} must be >= {GATE_WINDOW}")) if bad]
 
     def dtype(self):
         if self.compute_dtype == "auto":  # bf16 matmul is ~30x slower than fp32 on CPU
@@ -385,6 +401,24 @@ class Hyperparameters:
 RECIPES = {  # RECIPE=name sets these defaults; any variable set explicitly wins. Sources: README's recipe table.
     # Its depth-dependent values (RECUR_LAYERS, PARALLEL_START_LAYER, XSA_LAST_N) come from recipe_values().
     "baseline": {},
+    # sp8192: RECORDS_SP8192.md section 14 (#1855). Quantization names are issue 22's, the optimizer's issue 23's
+    # (MUON_ROW_NORMALIZE ...): a name this script does not read yet is only noted (unknown_env_notes).
+    "sp8192_record": dict(
+        DATA_PATH="./data/datasets/fineweb10B_sp8192", TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model",
+        VOCAB_SIZE="8192", NUM_LAYERS="11", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4", MLP_MULT="4",
+        TIE_EMBEDDINGS="1", TIED_EMBED_INIT_STD="0.005", LOGIT_SOFTCAP="30", ROPE_DIMS="16", ROPE_BASE="10000",
+        LN_SCALE="1", LEAKY_RELU_SLOPE="0.5", QK_GAIN_INIT="5.0", SKIP_GATES="1", RECUR_PASSES="2",
+        RECUR_START_FRAC="0.35", PARALLEL_FORM="sp8192", ATTN_GATE="1", ATTN_GATE_SCALE="0.5", SMEAR_GATE="1",
+        SMEAR_MODE="input", TRAIN_SEQ_LEN="2048", TRAIN_BATCH_TOKENS="786432",
+        MATRIX_LR="0.026", TIED_EMBED_LR="0.03", SCALAR_LR="0.02", BETA1="0.9", BETA2="0.99", ADAM_EPS="1e-8",
+        MUON_MOMENTUM="0.97", MUON_MOMENTUM_WARMUP_START="0.92", MUON_MOMENTUM_WARMUP_STEPS="1500",
+        MUON_BACKEND_STEPS="5", MUON_NS_COEFFS="polar_express", MUON_ROW_NORMALIZE="1", MUON_WEIGHT_DECAY="0.095",
+        EMBED_WD="0.085", ADAM_WD="0.02", GRAD_CLIP_NORM="0.3", EMA_DECAY="0.9965", EMA_WARMUP="0",
+        WARMDOWN_FRAC="0.85", MIN_LR="0.10",
+        QUANT_METHOD="gptq", QUANT_CLIP="sdclip", SDCLIP_K_ATTN="13.0", SDCLIP_K_MLP="11.5", SDCLIP_K_EMBED="14.0",
+        QUANT_BITS_ATTN="6", QUANT_BITS_MLP="6", QUANT_BITS_EMBED="7", LQER_TOP_K="3", LQER_RANK="4",
+        COMPRESSOR="brotli",
+    ),
     "sp1024_record": dict(
         NUM_LAYERS="11", MLP_MULT="3", SMEAR_GATE="1", BIGRAM_HASH_SIZE="2816", BIGRAM_DIM="112",
         ROPE_DIMS="16", LN_SCALE="1", LEAKY_RELU_SLOPE="0.5", RECUR_START_FRAC="0.5",
@@ -400,31 +434,46 @@ RECIPE_DEPTH_RULES = ("RECUR_LAYERS", "PARALLEL_START_LAYER", "XSA_LAST_N")
 
 
 def recipe_values(env: dict) -> dict:
-    """The variables RECIPE sets that the environment does not. Its depth-dependent ones follow NUM_LAYERS:
-    recurrence on the U-Net hinge layers (L/2 - 1, L/2), parallel lanes on the last ~45% of the layers, XSA on
-    every virtual layer. Values that cannot be parsed are left to the normal checks."""
+    """The variables RECIPE sets that the environment does not. Its depth-dependent ones follow NUM_LAYERS
+    (depth_layout), XSA on every virtual layer. Values that cannot be parsed are left to the normal checks."""
     name = env.get("RECIPE", "baseline").strip()
     values = {k: v for k, v in RECIPES.get(name, {}).items() if k not in env}
     if name == "baseline":
         return values
+
+    def get(k: str, default: str) -> str:
+        return env.get(k, values.get(k, default)).strip()
+
     try:
-        layers = int(env.get("NUM_LAYERS", values.get("NUM_LAYERS", "9")))
+        layers = int(get("NUM_LAYERS", "9"))
+        passes = int(get("RECUR_PASSES", "1"))
     except ValueError:
         return values
     if layers < 2:  # recurrence needs two hinge layers; the normal checks name the variable
         return values
-    hinge = (layers // 2 - 1, layers // 2)
+    span, par = depth_layout(name, layers)
     if "RECUR_LAYERS" not in env:
-        values["RECUR_LAYERS"] = f"{hinge[0]},{hinge[1]}"
+        values["RECUR_LAYERS"] = f"{span[0]},{span[1]}"
     if "PARALLEL_START_LAYER" not in env:
-        values["PARALLEL_START_LAYER"] = str(max(1, layers - round(0.45 * layers)))
+        values["PARALLEL_START_LAYER"] = str(par)
     if "XSA_LAST_N" not in env:
         try:
-            span = recur_span(env.get("RECUR_LAYERS", values.get("RECUR_LAYERS", "")).strip(), layers)
+            span = recur_span(get("RECUR_LAYERS", ""), layers)
         except ValueError:  # a bad RECUR_LAYERS is reported by its own check
             span = None
-        values["XSA_LAST_N"] = str(virtual_depth(layers, span))
+        values["XSA_LAST_N"] = str(virtual_depth(layers, span, passes))
     return values
+
+
+def depth_layout(recipe: str, layers: int) -> tuple:
+    """((a, b) the looped span, the first parallel layer) at this depth. sp1024: the U-Net hinge layers
+    (L/2 - 1, L/2), lanes on the last ~45% (9 layers: 3,4 / 5). sp8192: the span 3..5 and lanes from 8 of 11,
+    scaled (round(3L/11), two more), the span kept before the lanes (3 layers: 1,1 / 2; 2 layers: 0,0 / 1)."""
+    if recipe == "sp1024_record":
+        return (layers // 2 - 1, layers // 2), max(1, layers - round(0.45 * layers))
+    par = max(1, min(layers - 1, round(8 * layers / 11)))
+    a = min(round(3 * layers / 11), par - 1)
+    return (a, min(a + 2, par - 1)), par
 
 
 def blame_recipe(errors: list, recipe) -> list:
@@ -451,7 +500,7 @@ ENV_NOTES = {  # variables other scripts read that this one does not need
 ENV_FAMILIES = ("ENGRAM_", "NGRAM_", "EVAL_", "SKIPGRAM_", "COMPLEMENT_", "QAT_", "EMA_", "MUON_", "TRAIN_",
                 "VAL_", "WARMDOWN_", "CHECKPOINT_", "TIED_", "QUANT_", "TTT_", "DIST_", "SUBMISSION_",
                 "RECIPE", "SMEAR", "BIGRAM_", "XSA_", "ROPE_", "LN_", "LEAKY_", "PARALLEL_", "RECUR_", "GPTQ_",
-                "SDCLIP_", "LQER_")
+                "SDCLIP_", "LQER_", "SKIP_", "ATTN_")
 
 
 def env_fields() -> list:
@@ -518,7 +567,7 @@ def alpha_grid_error(text: str):
 
 
 def recur_span(text: str, num_layers: int):
-    """'a,b' -> (a, b): physical layers a..b run twice (depth recurrence); '' or 'off' -> None."""
+    """'a,b' -> (a, b): physical layers a..b run 1 + RECUR_PASSES times (depth recurrence); '' or 'off' -> None."""
     if text in ("", "off"):
         return None
     try:
@@ -530,9 +579,9 @@ def recur_span(text: str, num_layers: int):
     return a, b
 
 
-def virtual_depth(num_layers: int, span) -> int:
-    """Layers a forward pass runs: recur_span's layers a..b run twice."""
-    return num_layers + (span[1] - span[0] + 1 if span else 0)
+def virtual_depth(num_layers: int, span, passes: int = 1) -> int:
+    """Layers a forward pass runs: recur_span's layers a..b run 1 + passes times."""
+    return num_layers + (passes * (span[1] - span[0] + 1) if span else 0)
 
 
 def _parse(raw: str, f):
@@ -790,7 +839,7 @@ class Attention(nn.Module):
     """Grouped-query attention: RMS-normed q/k, RoPE (on the first rope_dims of each head: partial
     RoPE leaves the rest position-free), a learned per-head query gain, optional XSA."""
 
-    def __init__(self, dim, heads, kv_heads, rope_base, qk_gain, rope_dims=0):
+    def __init__(self, dim, heads, kv_heads, rope_base, qk_gain, rope_dims=0, gate_scale=0.0):
         super().__init__()
         self.heads = heads
         self.kv_heads = kv_heads
@@ -802,6 +851,9 @@ class Attention(nn.Module):
         self.c_v = Linear(dim, kv_heads * self.hd)
         self.proj = Linear(dim, dim, zero_init=True)
         self.q_gain = mx.full((heads,), qk_gain)
+        if gate_scale:  # ATTN_GATE: zero-init, so every head starts at half its output (sigmoid(0))
+            self.gate_w = mx.zeros((heads, GATE_WINDOW))
+            self.gate_scale = gate_scale
 
     def __call__(self, x, xsa=False, mask="causal", ad=None):
         """mask: "causal", or doc_mask()'s boolean array; ad: per-document adapters (TTT_MODE=doc_lora)."""
@@ -816,8 +868,20 @@ class Attention(nn.Module):
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.hd ** -0.5, mask=mask)
         if xsa:
             y = exclusive(y, v)
+        if "gate_w" in self:
+            y = y * attn_gate(x, self.gate_w, self.gate_scale)
         out = self.proj(y.transpose(0, 2, 1, 3).reshape(B, T, D))
         return out if ad is None else out + ad("o", x)
+
+
+GATE_WINDOW = 12  # the sp8192 records' small gates read the first 12 channels of their input
+
+
+def attn_gate(x, w, scale: float):
+    """The sparse attention-output gate (#1787/#1855): head h's output at t times sigmoid(scale w_h . x_t[:12]),
+    x the attention's (normed) input; a per-head, per-token gate for 12 weights a head. [B, H, T, 1]."""
+    g = mx.sigmoid(scale * (x[..., :GATE_WINDOW] @ w.astype(x.dtype).T))
+    return g.transpose(0, 2, 1)[..., None]
 
 
 def exclusive(y, v):
@@ -947,19 +1011,30 @@ class Adapters:
         return (x @ a.swapaxes(1, 2)) @ b.swapaxes(1, 2) * self.scale
 
 
+def smear_input(e, ids, w, lam):
+    """SmearGate, the sp8192 records' form (#1667, BOS mask #1851): e_t + lam sigmoid(w . e_t[:12]) e_{t-1} on the
+    raw embedding, the gate input-dependent (one scalar per token); 0 where token t is BOS."""
+    g = mx.sigmoid(e[..., :GATE_WINDOW] @ w.astype(e.dtype).T) * (ids != BOS_ID)[..., None].astype(e.dtype)
+    prev = mx.concatenate([mx.zeros_like(e[:, :1]), e[:, :-1]], axis=1)
+    return e + lam.astype(e.dtype) * g * prev
+
+
 class Block(nn.Module):
     """Pre-norm block, learned output scales and mix with x0. Parallel residuals (#1204): attention reads
-    lane 0, the MLP lane 1, each writes both through learned weights (lane_r: keep, lane_p: write)."""
+    lane 0, the MLP lane 1, each writes both through learned weights (lane_r: keep, lane_p: write); parallel
+    "sp8192" is the records' later form (two_lanes)."""
 
-    def __init__(self, dim, heads, kv_heads, mlp_mult, rope_base, qk_gain, rope_dims=0, slope=0.0, parallel=False):
+    def __init__(self, dim, heads, kv_heads, mlp_mult, rope_base, qk_gain, rope_dims=0, slope=0.0, parallel="",
+                 gate_scale=0.0):
         super().__init__()
-        self.attn = Attention(dim, heads, kv_heads, rope_base, qk_gain, rope_dims)
+        self.attn = Attention(dim, heads, kv_heads, rope_base, qk_gain, rope_dims, gate_scale)
         self.mlp = MLP(dim, mlp_mult, slope)
         self.attn_scale = mx.ones((dim,))
         self.mlp_scale = mx.ones((dim,))
         self.resid_mix = mx.stack([mx.ones((dim,)), mx.zeros((dim,))])
-        if parallel:
-            self.lane_r = mx.full((2,), math.sqrt(1.1))
+        self.form = parallel
+        if parallel:  # r: 1.1 in the sp8192 form (#1530), sqrt(1.1) in #1204's
+            self.lane_r = mx.full((2,), 1.1 if parallel == "sp8192" else math.sqrt(1.1))
             self.lane_p = mx.ones((2, 2))
 
     def __call__(self, lanes, x0, s=1.0, mlp=None, xsa=False, mask="causal", ad=None):
@@ -970,12 +1045,24 @@ class Block(nn.Module):
             x = mix[0] * lanes[0] + mix[1] * x0
             x = x + self.attn_scale.astype(x.dtype) * self.attn(rms_norm(x) * s, xsa, mask, ad)
             return [x + self.mlp_scale.astype(x.dtype) * feed(mlp, rms_norm(x) * s, ad)]
+        if self.form == "sp8192":
+            return self.two_lanes(lanes, x0, s, mlp, xsa, mask, ad)
         r = self.lane_r.astype(x0.dtype)
         p = self.lane_p.astype(x0.dtype)
         a = self.attn_scale.astype(x0.dtype) * self.attn(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * s, xsa, mask, ad)
         lanes = [r[0] * h + p[0, k] * a for k, h in enumerate(lanes)]
         m = self.mlp_scale.astype(x0.dtype) * feed(mlp, rms_norm(mix[0] * lanes[1] + mix[1] * x0) * s, ad)
         return [r[1] * h + p[1, k] * m for k, h in enumerate(lanes)]
+
+    def two_lanes(self, lanes, x0, s, mlp, xsa, mask, ad):
+        """The sp8192 form (#1530-#1855): attention reads lane 0 (mixed with x0), the MLP reads lane 1 as it came
+        in (no resid_mix); both write both lanes at once: lane_k <- r_k lane_k + p_0k a + p_1k m."""
+        mix = self.resid_mix.astype(x0.dtype)
+        r = self.lane_r.astype(x0.dtype)
+        p = self.lane_p.astype(x0.dtype)
+        a = self.attn_scale.astype(x0.dtype) * self.attn(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * s, xsa, mask, ad)
+        m = self.mlp_scale.astype(x0.dtype) * feed(mlp, rms_norm(lanes[1]) * s, ad)
+        return [r[k] * h + p[0, k] * a + p[1, k] * m for k, h in enumerate(lanes)]
 
 
 def feed(mlp, n, ad):
@@ -986,7 +1073,7 @@ def feed(mlp, n, ad):
 # ======== Model ======================================================================================================
 RECORD_BASE_FIELDS = ("smear_gate", "bigram_hash_size", "bigram_dim", "xsa_last_n", "rope_dims", "ln_scale",
                       "leaky_relu_slope", "parallel_start_layer", "recur_layers", "recur_untied_mlp",
-                      "attn_doc_isolated")
+                      "attn_doc_isolated", "smear_mode", "skip_gates", "recur_passes", "parallel_form", "attn_gate", "attn_gate_scale")
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
                 "tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "engram_lite_enabled",
                 "engram_mode", "engram_hash_size", "engram_dim", "engram_heads", "skipgram_hash_size", "skipgram_dim",
@@ -1015,8 +1102,10 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.tok_emb.weight = mx.random.normal((cfg.vocab_size, d)) * cfg.tied_embed_init_std
         par = cfg.parallel_start_layer or cfg.num_layers
+        gate = cfg.attn_gate_scale if cfg.attn_gate else 0.0
         self.blocks = [Block(d, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult, cfg.rope_base, cfg.qk_gain_init,
-                             cfg.rope_dims, cfg.leaky_relu_slope, parallel=i >= par) for i in range(cfg.num_layers)]
+                             cfg.rope_dims, cfg.leaky_relu_slope, cfg.parallel_form if i >= par else "", gate)
+                       for i in range(cfg.num_layers)]
         self.span = recur_span(cfg.recur_layers, cfg.num_layers)
         if self.span and cfg.recur_untied_mlp:  # the second pass's own MLPs (attention stays shared)
             n = self.span[1] - self.span[0] + 1
@@ -1026,6 +1115,8 @@ class GPT(nn.Module):
         self.n_parallel = cfg.num_layers - par
         if n_virtual // 2:  # one row per U-Net skip, sized for the longer (recurrent) order
             self.skip_weights = mx.ones((n_virtual // 2, d))
+        if n_virtual // 2 and cfg.skip_gates:  # sigmoid(0): the skip and the stream start mixed half and half
+            self.skip_gates = mx.zeros((n_virtual // 2, d))
         if not cfg.tie_embeddings:
             self.lm_head = Linear(d, cfg.vocab_size, zero_init=True)
         if cfg.engram_lite_enabled:
@@ -1036,16 +1127,20 @@ class GPT(nn.Module):
                                          parse_patterns(cfg.skipgram_patterns), cfg.vocab_size)
         if cfg.bigram_hash_size:  # the records' BigramHash: EngramLite with order 2 only, 1 head
             self.bigram = EngramLite(cfg.bigram_hash_size, cfg.bigram_dim, 1, d, orders=(2,))
-        if cfg.smear_gate:
+        if cfg.smear_gate and cfg.smear_mode == "input":  # lambda = 0: identity at init
+            self.smear_gate_w = mx.zeros((1, GATE_WINDOW))
+            self.smear_lambda = mx.zeros((1,))
+        elif cfg.smear_gate:
             self.smear_gate = mx.zeros((d,))
 
     def virtual_layers(self) -> list:
-        """(block, keyword arguments) per virtual layer, in order: layers a..b of RECUR_LAYERS run twice
-        (#1204), the second pass with its own MLP copies when untied. LN scale and XSA go by virtual index."""
+        """(block, keyword arguments) per virtual layer, in order: layers a..b of RECUR_LAYERS run 1 + RECUR_PASSES
+        times, [0..a-1] + [a..b] x (1 + passes) + [b+1..L-1] (#1204: one extra pass, the second pass with its own MLP
+        copies when untied; the sp8192 records: two, all shared). LN scale and XSA go by virtual index."""
         cfg = self.cfg
         L = self.cfg.num_layers
         a, b = self.span if self.span and self.recur_on else (L, L - 1)
-        order = list(range(b + 1)) + list(range(a, L))
+        order = list(range(a)) + list(range(a, b + 1)) * (1 + cfg.recur_passes) + list(range(b + 1, L))
         untied = "recur_mlps" in self and self.recur_on
         return [(self.blocks[j], dict(s=(i + 1) ** -0.5 if cfg.ln_scale else 1.0, xsa=i >= len(order) - cfg.xsa_last_n,
                                       mlp=self.recur_mlps[i - b - 1] if untied and b < i <= 2 * b - a + 1
@@ -1066,7 +1161,10 @@ class GPT(nn.Module):
             e = e + self.engram(ids, self.dtype)
         if cfg.bigram_hash_size:
             e = e + self.bigram(ids, self.dtype)
-        x = smear(rms_norm(e), ids, self.smear_gate) if cfg.smear_gate else rms_norm(e)
+        if cfg.smear_gate and cfg.smear_mode == "input":
+            x = rms_norm(smear_input(e, ids, self.smear_gate_w, self.smear_lambda))
+        else:
+            x = smear(rms_norm(e), ids, self.smear_gate) if cfg.smear_gate else rms_norm(e)
         x0 = x
         skips = []
         lanes = [x]
@@ -1074,10 +1172,9 @@ class GPT(nn.Module):
         n_enc = len(layers) // 2
         par_from = len(layers) - self.n_parallel
         for i, (block, kw) in enumerate(layers):
+            lanes = lanes * 2 if i == par_from else lanes  # both lanes start as x
             if i >= n_enc and skips:  # decoder half: add encoder outputs in reverse order
-                skip = self.skip_weights[i - n_enc].astype(x0.dtype) * skips.pop()
-                lanes = [h + skip for h in lanes]
-            lanes = lanes * 2 if i == par_from else lanes
+                lanes = self.add_skip(lanes, skips.pop(), i - n_enc)
             lanes = block(lanes, x0, **kw, mask=mask, ad=None if ad is None else ad.layer(i))
             if i < n_enc:
                 skips.append(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5)
@@ -1095,6 +1192,16 @@ class GPT(nn.Module):
         logits = logits.astype(mx.float32)
         c = cfg.logit_softcap
         return c * mx.tanh(logits / c) if c > 0 else logits
+
+    def add_skip(self, lanes: list, skip, k: int) -> list:
+        """Decoder position k's U-Net skip, w_k skip: added, or with SKIP_GATES the records' lerp
+        sigmoid(g_k) h + (1 - sigmoid(g_k)) w_k skip; into every lane (#1204), or lane 0 only (PARALLEL_FORM=sp8192)."""
+        skip = self.skip_weights[k].astype(skip.dtype) * skip
+        n = 1 if self.cfg.parallel_form == "sp8192" else len(lanes)
+        if "skip_gates" not in self:
+            return [h + skip for h in lanes[:n]] + lanes[n:]
+        g = mx.sigmoid(self.skip_gates[k]).astype(skip.dtype)
+        return [g * h + (1 - g) * skip for h in lanes[:n]] + lanes[n:]
 
     def token_nll(self, ids, targets, ad=None):
         """Per-target negative log-likelihood in nats, [B, T] float32."""
@@ -3187,7 +3294,7 @@ def activation_floats(cfg: ModelConfig, seq: int, backward: bool) -> int:
     d = cfg.model_dim
     V = cfg.vocab_size
     span = recur_span(cfg.recur_layers, cfg.num_layers)
-    virtual = virtual_depth(cfg.num_layers, span)
+    virtual = virtual_depth(cfg.num_layers, span, cfg.recur_passes)
     second_lanes = cfg.num_layers - (cfg.parallel_start_layer or cfg.num_layers)  # GPT.n_parallel
     layer = (16 + 4 * cfg.mlp_mult) * d + 2 * cfg.num_heads * seq
     hashed = 2 * cfg.engram_heads * cfg.engram_dim * cfg.engram_lite_enabled
@@ -3561,7 +3668,8 @@ def switch_modes(r: Run, progress: float, last: bool):
             r.model.update(tree_unflatten(list(copies.items())))
             if r.opt.ema:
                 r.opt.ema.update(copies)
-        r.log(f"recurrence:on step:{r.step} layers {hp.recur_layers} run twice")
+        times = "twice" if hp.recur_passes == 1 else f"{1 + hp.recur_passes} times"
+        r.log(f"recurrence:on step:{r.step} layers {hp.recur_layers} run {times}")
 
 
 def one_step(r: Run) -> float:
@@ -3830,12 +3938,13 @@ def plain_order(flat: dict, cfg: ModelConfig):
     """(weights, config) of the same network without RECUR_LAYERS: the second pass's MLPs dropped, the U-Net skip
     rows cut to the plain order's (it reads only those: rows 0..L//2-1), XSA capped at L (same layers)."""
     L = cfg.num_layers
-    plain = replace(cfg, recur_layers="", recur_untied_mlp=False, xsa_last_n=min(cfg.xsa_last_n, L))
+    plain = replace(cfg, recur_layers="", recur_untied_mlp=False, recur_passes=1, xsa_last_n=min(cfg.xsa_last_n, L))
     flat = {n: a for n, a in flat.items() if not n.startswith("recur_mlps.")}
-    if L // 2:
-        flat["skip_weights"] = flat["skip_weights"][:L // 2]
-    else:
-        flat.pop("skip_weights", None)
+    for name in ("skip_weights", "skip_gates"):
+        if L // 2 and name in flat:
+            flat[name] = flat[name][:L // 2]
+        else:
+            flat.pop(name, None)
     return flat, plain
 
 
