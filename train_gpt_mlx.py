@@ -1739,6 +1739,9 @@ COMPRESSED_BITS = {5: 4.47, 6: 5.47, 7: 6.46, 8: 7.46, 16: 16.0}
 # 1536 x 512 Gaussian rows at int5-8 and k 8-20, per codec (auto: its smallest); Student-t(5) and uniform rows
 # compress below the Gaussian entropy (README "Artifact size and quantization").
 SDCLIP_OVERHEAD_BITS = {"zstd": 0.11, "lzma": 0.20, "brotli": 0.08, "auto": 0.08}
+# How far over the cap an SDClip estimate may be before a recipe is refused: the real artifacts at the full
+# shapes were 4% (zstd) to 10% (brotli) under it; the sp8192 records' shape estimates 3.3% over with brotli.
+SDCLIP_ESTIMATE_SLACK = 0.05
 
 
 def sdclip_entropy(bits: int, k: float) -> float:
@@ -3391,18 +3394,24 @@ def check_memory(need: dict, log, local_ranks: int = 1):
 
 
 def check_artifact_estimate(r: Run):
-    """A recipe whose artifact cannot fit is refused before any training (its estimate is pessimistic, so
-    a refused depth is over); any other configuration is warned."""
+    """A recipe whose artifact cannot fit is refused before any training; any other configuration is warned.
+    Under SDClip the estimate counts Gaussian codes, an upper bound: the real artifact came out 4-10% smaller
+    at the full shapes (README "Artifact size and quantization"), so a recipe within SDCLIP_ESTIMATE_SLACK of
+    the cap is warned, not refused, and the artifact line at the end says whether it fit."""
     hp = r.hp
-    total = r.code_bytes + estimate_model_bytes(r.model, quant_plan(hp), QuantSpec.from_hparams(hp), hp.compressor)
+    spec = QuantSpec.from_hparams(hp)
+    total = r.code_bytes + estimate_model_bytes(r.model, quant_plan(hp), spec, hp.compressor)
     r.log(f"artifact_estimate: ~{total} bytes with code (cap {ARTIFACT_CAP_BYTES}; from the shapes, with random "
           "stand-in weights: trained ones usually compress a little better)")
     if total <= ARTIFACT_CAP_BYTES:
         return
-    why = (f"the artifact would be about {total / 1e6:.1f} MB, over the {ARTIFACT_CAP_BYTES:,}-byte cap; "
+    why = (f"the artifact would be about {total / 1e6:.2f} MB, over the {ARTIFACT_CAP_BYTES:,}-byte cap; "
            "lower NUM_LAYERS, MODEL_DIM or MLP_MULT")
-    if hp.recipe != "baseline":
+    slack = SDCLIP_ESTIMATE_SLACK if spec.clip == "sdclip" else 0.0
+    if hp.recipe != "baseline" and total > ARTIFACT_CAP_BYTES * (1 + slack):
         raise ConfigError(f"RECIPE={hp.recipe} at NUM_LAYERS={hp.num_layers}: {why}")
+    if slack:
+        why += (f" (or raise SDCLIP_K_*); within the estimate's {slack:.0%} margin under SDClip, so it may fit")
     r.log(f"WARNING: {why} (the run goes on: the artifact line at the end has the real size)")
 
 

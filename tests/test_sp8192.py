@@ -337,3 +337,21 @@ def test_a_run_stopped_before_the_loop_keeps_the_plain_order():
     model.recur_on = False
     ids = mx.array(np.random.default_rng(4).integers(0, 64, (1, 16)), mx.int32)
     np.testing.assert_allclose(np.array(back(ids)), np.array(model(ids)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_recipes_full_shape_passes_the_fit_check(data, tmp_path):
+    """11 x 512, MLP x4, V 8192 (the records' shape) must not be refused by its own fit check: the SDClip
+    estimate is an upper bound (3.3% over the cap with brotli; the real artifact is ~14.8 MB), so it is warned
+    within SDCLIP_ESTIMATE_SLACK; 16 layers stays refused."""
+    def check(layers):
+        hp = T.Hyperparameters.from_env(dict(RECIPE="sp8192_record", NUM_LAYERS=str(layers), DATA_PATH=data["data_path"],
+                                             TOKENIZER_PATH=data["tokenizer"], VAL_MAX_TOKENS="4096"))
+        logged = []
+        model = T.GPT(T.ModelConfig.from_hparams(hp))
+        r = T.Run(hp=hp, log=logged.append, run_id="x", code_bytes=45_000, model=model)
+        T.check_artifact_estimate(r)
+        return "\n".join(logged)
+    said = check(11)
+    assert "WARNING" in said and "may fit" in said
+    with pytest.raises(T.ConfigError, match="RECIPE=sp8192_record at NUM_LAYERS=16"):
+        check(16)
