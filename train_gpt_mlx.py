@@ -415,7 +415,7 @@ RECIPES = {  # RECIPE=name sets these defaults; any variable set explicitly wins
         MUON_BACKEND_STEPS="5", MUON_NS_COEFFS="polar_express", MUON_ROW_NORMALIZE="1", MUON_WEIGHT_DECAY="0.095",
         EMBED_WD="0.085", ADAM_WD="0.02", GRAD_CLIP_NORM="0.3", EMA_DECAY="0.9965", EMA_WARMUP="0",
         WARMDOWN_FRAC="0.85", MIN_LR="0.10",
-        QUANT_METHOD="gptq", QUANT_CLIP="sdclip", SDCLIP_K_ATTN="13.0", SDCLIP_K_MLP="11.5", SDCLIP_K_EMBED="14.0",
+        QUANT_METHOD="gptq", QUANT_CLIP="sdclip", SDCLIP_K_ATTN="13.0", SDCLIP_K_MLP="12.0", SDCLIP_K_EMBED="14.0",
         QUANT_BITS_ATTN="6", QUANT_BITS_MLP="6", QUANT_BITS_EMBED="7", LQER_TOP_K="3", LQER_RANK="4",
         COMPRESSOR="brotli",
     ),
@@ -3405,7 +3405,7 @@ def check_artifact_estimate(r: Run):
           "stand-in weights: trained ones usually compress a little better)")
     if total <= ARTIFACT_CAP_BYTES:
         return
-    why = (f"the artifact would be about {total / 1e6:.2f} MB, over the {ARTIFACT_CAP_BYTES:,}-byte cap; "
+    why = (f"the artifact would be about {total / 1e6:.1f} MB, over the {ARTIFACT_CAP_BYTES:,}-byte cap; "
            "lower NUM_LAYERS, MODEL_DIM or MLP_MULT")
     slack = SDCLIP_ESTIMATE_SLACK if spec.clip == "sdclip" else 0.0
     if hp.recipe != "baseline" and total > ARTIFACT_CAP_BYTES * (1 + slack):
