@@ -2869,13 +2869,18 @@ class Compiled:
         self.update = c(update, inputs=state, outputs=state)
         self.token_nll = c(moded(model.token_nll), inputs=state)
         self.token_stats = c(moded(model.token_stats), inputs=state)
+        self.build_ttt(c, moded, state, ttt, doc)
+
+    def build_ttt(self, c, moded, state: list, ttt, doc):
+        """Test-time training's graphs: chunk TTT's step (two graphs around the all-reduce on several ranks) and
+        TTT_MODE=doc_lora's score-then-adapt step and score-only pass."""
         both = state + (ttt.state if ttt else [])
         if ttt and ttt.group is not None and ttt.group.size() > 1:  # the all-reduce runs between the two graphs
             self.ttt_step = partial(ttt.dp_step, c(moded(ttt.grad), inputs=both, outputs=both),
                                     c(ttt.update, inputs=both, outputs=both))
         elif ttt:
             self.ttt_step = c(moded(ttt.step), inputs=both, outputs=both)
-        if doc:  # TTT_MODE=doc_lora: score then adapt, in one graph per window width; score only
+        if doc:  # one graph per window width
             mine = state + doc.state
             self.doc_step = c(moded(doc.step), inputs=mine, outputs=mine)
             self.doc_score = c(moded(doc.score), inputs=mine)
