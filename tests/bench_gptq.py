@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import train_gpt_mlx as T  # noqa: E402
 from bench_ablation import load_script, make_data  # noqa: E402
+from bench_quant import gap_env, score  # noqa: E402
 
 SDCLIP = dict(QUANT_CLIP="sdclip", QUANT_BITS_EMBED=7)  # k: the defaults (attn 13, MLP 11.5, embed 14)
 SETTINGS = {  # name -> env of the artifact knobs; every row int6 blocks
@@ -66,20 +67,10 @@ def train_tiny(base: dict, seed: int, out: Path):
     return caught["flat"], caught["cfg"], caught["hessians"]
 
 
-def score(flat, cfg, hp, val, tables):
-    model = T.GPT(cfg)
-    T.load_flat_into(model, flat)
-    fns = T.Compiled(model, T.Optimizers(model, hp))
-    return T.evaluate(fns.token_nll, val, hp.train_seq_len, 64, tables)[1]
-
-
 def gap_table(seeds, steps):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = dict(make_data(tmp), ITERATIONS=str(steps), TRAIN_BATCH_TOKENS="2048", TRAIN_SEQ_LEN="128",
-                    GRAD_ACCUM_STEPS="1", NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2",
-                    MLP_MULT="3", WARMUP_STEPS="2", WARMDOWN_ITERS=str(steps // 3), MAX_WALLCLOCK_SECONDS="0",
-                    VAL_MAX_TOKENS="32768", VAL_BATCH_SIZE="16384", TRAIN_LOG_EVERY="50")
+        base = gap_env(make_data(tmp), steps)
         hp0 = T.Hyperparameters.from_env(base)
         tables = T.build_byte_tables(T.load_tokenizer(hp0.tokenizer_path), hp0.vocab_size)
         val = T.load_validation_tokens(hp0.data_path, hp0.val_max_tokens, hp0.vocab_size)

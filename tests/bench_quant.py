@@ -62,13 +62,18 @@ def score(flat, cfg, hp, val, tables):
     return T.evaluate(fns.token_nll, val, hp.train_seq_len, 64, tables)[1]
 
 
+def gap_env(data: dict, steps: int) -> dict:
+    """The tiny 2 x 128 (MLP x3, seq 128) run whose weights the gap tables quantize (also bench_gptq's)."""
+    return dict(data, ITERATIONS=str(steps), TRAIN_BATCH_TOKENS="2048", TRAIN_SEQ_LEN="128", GRAD_ACCUM_STEPS="1",
+                NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="3", WARMUP_STEPS="2",
+                WARMDOWN_ITERS=str(steps // 3), MAX_WALLCLOCK_SECONDS="0", VAL_MAX_TOKENS="32768",
+                VAL_BATCH_SIZE="16384", TRAIN_LOG_EVERY="50")
+
+
 def gap_table(seeds, steps):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = dict(make_data(tmp), ITERATIONS=str(steps), TRAIN_BATCH_TOKENS="2048", TRAIN_SEQ_LEN="128",
-                    GRAD_ACCUM_STEPS="1", NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2",
-                    MLP_MULT="3", WARMUP_STEPS="2", WARMDOWN_ITERS=str(steps // 3), MAX_WALLCLOCK_SECONDS="0",
-                    VAL_MAX_TOKENS="32768", VAL_BATCH_SIZE="16384", TRAIN_LOG_EVERY="50")
+        base = gap_env(make_data(tmp), steps)
         hp0 = T.Hyperparameters.from_env(base)
         tables = T.build_byte_tables(T.load_tokenizer(hp0.tokenizer_path), hp0.vocab_size)
         val = T.load_validation_tokens(hp0.data_path, hp0.val_max_tokens, hp0.vocab_size)
