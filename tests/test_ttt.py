@@ -13,14 +13,21 @@ from conftest import tiny_env
 SMALL = dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2")
 
 
-@pytest.fixture(scope="module")
-def setup(data):
+def small_model(data):
+    """The 2 x 32 model with its zero-initialised projections drawn at random (so adapting it has gradients), its
+    environment and the byte tables (also test_ttt_doc's)."""
     env = dict(SMALL, VOCAB_SIZE=str(data["vocab_size"]))
     mx.random.seed(0)
     model = T.GPT(T.ModelConfig.from_hparams(T.Hyperparameters.from_env(env)))
     model.update(tree_unflatten([(n, mx.random.normal(p.shape) * 0.05) for n, p in tree_flatten(model.parameters())
                                  if n.endswith("proj.weight")]))
     tables = T.build_byte_tables(T.load_tokenizer(data["tokenizer"]), data["vocab_size"])
+    return model, env, tables
+
+
+@pytest.fixture(scope="module")
+def setup(data):
+    model, env, tables = small_model(data)
     toks = T.load_validation_tokens(data["data_path"], 1401, data["vocab_size"])
     return model, env, tables, toks
 

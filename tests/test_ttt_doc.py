@@ -6,13 +6,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 import train_gpt_mlx as T
 from conftest import generated_docs, tiny_env
 from test_distributed import LAUNCH, _exact, _launch
+from test_ttt import SMALL, small_model
 
-SMALL = dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2")
 DOC = dict(TTT_ENABLED="1", TTT_MODE="doc_lora", TTT_RANK="4", TTT_LR="0.01", TTT_DOC_CHUNK="16",
            TTT_DOC_BATCH="3", TTT_WEIGHT_DECAY="0.5")
 L = 64
@@ -20,12 +20,7 @@ L = 64
 
 @pytest.fixture(scope="module")
 def setup(data):
-    env = dict(SMALL, VOCAB_SIZE=str(data["vocab_size"]))
-    mx.random.seed(0)
-    model = T.GPT(T.ModelConfig.from_hparams(T.Hyperparameters.from_env(env)))
-    model.update(tree_unflatten([(n, mx.random.normal(p.shape) * 0.05) for n, p in tree_flatten(model.parameters())
-                                 if n.endswith("proj.weight")]))
-    tables = T.build_byte_tables(T.load_tokenizer(data["tokenizer"]), data["vocab_size"])
+    model, env, tables = small_model(data)
     real = T.load_validation_tokens(data["data_path"], 4000, data["vocab_size"])
     return model, env, tables, documents(real[real != T.BOS_ID], LENGTHS)
 
