@@ -646,21 +646,17 @@ def shard_files(data_path: str, split: str) -> list[str]:
     return files
 
 
-def check_train_shards(files: list[str]) -> int:
-    """Every train shard's header, before the first step: the stream reaches a bad one only hours in."""
-    total = 0
+def check_train_shards(files: list[str]) -> list:
+    """[name, tokens] of each train shard, every header read before the first step (the stream reaches a bad
+    one only hours in). A checkpoint keeps them: the stream's state is only a position, which other or shorter
+    shards would continue on other data without a word."""
+    facts = []
     for path in files:
         n = shard_header(path)
         if n == 0:
             raise ValueError(f"{path}: an empty train shard (0 tokens); remove it or rebuild the shards\n{DATA_HELP}")
-        total += n
-    return total
-
-
-def train_shard_facts(files: list[str]) -> list:
-    """[name, tokens] of each train shard. A checkpoint keeps them: the stream's state is only a position, which
-    other or shorter shards would continue on other data without a word."""
-    return [[os.path.basename(path), shard_header(path)] for path in files]
+        facts.append([os.path.basename(path), n])
+    return facts
 
 
 def load_validation_tokens(data_path: str, max_tokens: int, vocab_size: int) -> np.ndarray:
@@ -2979,7 +2975,7 @@ class Run:
     stop_at: int | None = None  # the step where the wall-clock cap was reached: training ends there (checkpointed)
     warned_loss: bool = False  # the loss-above-chance warning is given once
     resumed_from: str = ""  # RUN_ID of the run whose checkpoint this one continued
-    train_shards: list = None  # [name, tokens] of each train shard (train_shard_facts), kept in checkpoints
+    train_shards: list = None  # [name, tokens] of each train shard (check_train_shards), kept in checkpoints
     val_split: dict = None  # SUBMISSION_DIR: what the validation split is (val_split_facts)
     last_step_from_ms: float = 0.0  # train time when the last step began: a track's limit binds it (unfinished_reason)
     train_data: dict = None  # SUBMISSION_DIR: how much training data DATA_PATH holds (train_data_facts)
@@ -3451,8 +3447,8 @@ def setup(r: Run, sp):
     r.tables = build_byte_tables(sp, cfg.vocab_size)
     log(check_tokenizer(sp, hp.data_path, hp.tokenizer_path))
     files = shard_files(hp.data_path, "train")
-    log(f"train_tokens:{check_train_shards(files)} (every train shard's header checked)")
-    r.train_shards = train_shard_facts(files)
+    r.train_shards = check_train_shards(files)
+    log(f"train_tokens:{sum(n for _, n in r.train_shards)} (every train shard's header checked)")
     r.model = GPT(cfg, hp.dtype())
     r.opt = Optimizers(r.model, hp)
     check_artifact_estimate(r)
@@ -4214,8 +4210,8 @@ def official_split_text() -> str:
 
 def train_data_facts(hp: Hyperparameters) -> dict:
     """How much training data DATA_PATH holds: seeds trained on 1 and on 80 shards are not one configuration."""
-    files = shard_files(hp.data_path, "train")
-    return dict(shards=len(files), tokens=check_train_shards(files))
+    facts = check_train_shards(shard_files(hp.data_path, "train"))
+    return dict(shards=len(facts), tokens=sum(n for _, n in facts))
 
 
 def train_data_words(facts: dict) -> str:
